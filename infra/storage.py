@@ -1,0 +1,413 @@
+"""Local paths and s3:// URIs behind one small interface.
+
+Workers receive URIs and byte ranges; this module turns them into bytes. boto3 is
+imported only when an s3:// URI is used, so `workers/` runs where boto3 is absent
+(a GPU box with torch alone).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import threading
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from workers.errors import StorageError
+
+PART_SIZE = 64 * 1024 * 1024  # multipart part size; S3 needs >= 5 MiB except the last part
+
+
+@dataclass(frozen=True)
+class StorageOptions:
+    """Where S3 lives. Credentials are deliberately absent: they come from the
+    standard AWS chain (environment, profile, instance role) and never travel in
+    configs, manifests, logs or Ray task arguments."""
+
+    endpoint_url: str | None = None
+    region: str | None = None
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def join(uri: str, *parts: str) -> str:
+    if is_s3(uri):
+        return "/".join([uri.rstrip("/"), *(p.strip("/") for p in parts)])
+    return str(Path(uri, *parts))
+
+
+def parent(uri: str) -> str:
+    if is_s3(uri):
+        return uri.rstrip("/").rsplit("/", 1)[0]
+    return str(Path(uri).parent)
+
+
+def basename(uri: str) -> str:
+    return uri.rstrip("/").rsplit("/", 1)[-1]
+
+
+def normalize(uri: str) -> str:
+    """Absolute local paths (workers may run elsewhere in the cwd); s3 URIs as given."""
+    return uri.rstrip("/") if is_s3(uri) else str(Path(uri).expanduser().resolve())
+
+
+class RangeReader(Protocol):
+    def read(self, start: int, end: int) -> bytearray: ...
+    def close(self) -> None: ...
+
+
+class Writer(Protocol):
+    """Sequential writer: nothing is visible at the URI until commit()."""
+
+    def write(self, data: bytes | memoryview) -> None: ...
+    def commit(self) -> None: ...
+    def abort(self) -> None: ...
+
+
+class Storage(Protocol):
+    def exists(self, uri: str) -> bool: ...
+    def size(self, uri: str) -> int: ...
+    def fingerprint(self, uri: str) -> str: ...
+    def read_bytes(self, uri: str) -> bytes: ...
+    def write_bytes(self, uri: str, data: bytes) -> None: ...
+    def open_reader(self, uri: str) -> RangeReader: ...
+    def open_writer(self, uri: str) -> Writer: ...
+    def list(self, prefix: str) -> list[str]: ...
+    def delete(self, uri: str) -> None: ...
+    def delete_prefix(self, prefix: str) -> None: ...
+
+
+# --------------------------------------------------------------------- local files
+
+
+class _LocalReader:
+    def __init__(self, path: str):
+        try:
+            self._fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise StorageError(f"{path}: file not found") from None
+        except OSError as e:
+            raise StorageError(f"{path}: cannot open ({e.strerror})") from None
+        self._path = path
+
+    def read(self, start: int, end: int) -> bytearray:
+        buf = bytearray(end - start)
+        view = memoryview(buf)
+        got = 0
+        while got < len(buf):
+            n = os.preadv(self._fd, [view[got:]], start + got)
+            if n == 0:
+                raise StorageError(
+                    f"{self._path}: file ends at byte {start + got}, expected data up to {end} (truncated?)"
+                )
+            got += n
+        return buf
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+class _LocalWriter:
+    """Writes to a hidden temporary file next to the target and renames on commit,
+    so a reader never sees a half-written file under the final name."""
+
+    def __init__(self, path: str):
+        self._path = Path(path)
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        self._tmp = self._path.with_name(f".{self._path.name}.{uuid.uuid4().hex[:8]}.tmp")
+        self._f = open(self._tmp, "wb")
+
+    def write(self, data: bytes | memoryview) -> None:
+        self._f.write(data)
+
+    def commit(self) -> None:
+        self._f.close()
+        os.replace(self._tmp, self._path)
+
+    def abort(self) -> None:
+        self._f.close()
+        self._tmp.unlink(missing_ok=True)
+
+
+class LocalStorage:
+    def exists(self, uri: str) -> bool:
+        return Path(uri).exists()
+
+    def size(self, uri: str) -> int:
+        try:
+            return Path(uri).stat().st_size
+        except FileNotFoundError:
+            raise StorageError(f"{uri}: file not found") from None
+
+    def fingerprint(self, uri: str) -> str:
+        st = Path(uri).stat()
+        return f"{st.st_size}:{st.st_mtime_ns}"
+
+    def read_bytes(self, uri: str) -> bytes:
+        try:
+            return Path(uri).read_bytes()
+        except FileNotFoundError:
+            raise StorageError(f"{uri}: file not found") from None
+
+    def write_bytes(self, uri: str, data: bytes) -> None:
+        w = _LocalWriter(uri)
+        w.write(data)
+        w.commit()
+
+    def open_reader(self, uri: str) -> RangeReader:
+        return _LocalReader(uri)
+
+    def open_writer(self, uri: str) -> Writer:
+        return _LocalWriter(uri)
+
+    def list(self, prefix: str) -> list[str]:
+        root = Path(prefix)
+        if not root.is_dir():
+            return []
+        return sorted(str(p) for p in root.rglob("*") if p.is_file())
+
+    def delete(self, uri: str) -> None:
+        Path(uri).unlink(missing_ok=True)
+
+    def delete_prefix(self, prefix: str) -> None:
+        p = Path(prefix)
+        if p.is_dir():
+            shutil.rmtree(p)
+        else:
+            p.unlink(missing_ok=True)
+
+
+# ------------------------------------------------------------------------------ S3
+
+_clients: dict[StorageOptions, object] = {}
+_clients_lock = threading.Lock()
+
+
+def _split(uri: str) -> tuple[str, str]:
+    rest = uri[len("s3://") :]
+    bucket, _, key = rest.partition("/")
+    if not bucket:
+        raise StorageError(f"{uri}: an s3 URI needs a bucket (s3://BUCKET/KEY)")
+    return bucket, key
+
+
+def _s3_client(options: StorageOptions):
+    with _clients_lock:
+        client = _clients.get(options)
+        if client is None:
+            import boto3
+            from botocore.config import Config
+
+            # boto3 >= 1.36 adds CRC checksums to every request and validates them on
+            # responses; many S3-compatible servers reject or mangle those, so ask for
+            # them only when an operation requires them.
+            config = Config(
+                request_checksum_calculation="when_required",
+                response_checksum_validation="when_required",
+                retries={"max_attempts": 4, "mode": "standard"},
+                max_pool_connections=32,
+                s3={"addressing_style": "path"} if options.endpoint_url else {},
+            )
+            client = boto3.session.Session().client(
+                "s3", endpoint_url=options.endpoint_url, region_name=options.region, config=config
+            )
+            _clients[options] = client
+        return client
+
+
+def _s3_error(uri: str, err: Exception) -> StorageError:
+    """Turn botocore's exceptions into one line that says what to check."""
+    from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+
+    if isinstance(err, NoCredentialsError):
+        return StorageError(f"{uri}: no AWS credentials found (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a profile)")
+    if isinstance(err, EndpointConnectionError):
+        return StorageError(f"{uri}: cannot reach the S3 endpoint ({err.kwargs.get('endpoint_url', '?')}); is the server up?")
+    if isinstance(err, ClientError):
+        code = err.response.get("Error", {}).get("Code", "")
+        status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if code in ("NoSuchBucket",):
+            return StorageError(f"{uri}: bucket does not exist; create it or fix the URI")
+        if code in ("NoSuchKey", "404", "NotFound"):
+            return StorageError(f"{uri}: object not found")
+        if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403") or status == 403:
+            return StorageError(f"{uri}: access denied ({code}); check the AWS credentials and the bucket policy")
+        return StorageError(f"{uri}: S3 request failed ({code or status})")
+    return StorageError(f"{uri}: S3 request failed ({type(err).__name__}: {err})")
+
+
+def _s3_call(uri: str, fn, **kwargs):
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        return fn(**kwargs)
+    except (ClientError, BotoCoreError) as e:
+        raise _s3_error(uri, e) from None
+
+
+class _S3Reader:
+    def __init__(self, client, uri: str):
+        self._client, self._uri = client, uri
+        self._bucket, self._key = _split(uri)
+
+    def read(self, start: int, end: int) -> bytearray:
+        if end <= start:
+            return bytearray()
+        resp = _s3_call(
+            self._uri, self._client.get_object, Bucket=self._bucket, Key=self._key, Range=f"bytes={start}-{end - 1}"
+        )
+        data = bytearray(resp["Body"].read())
+        if len(data) != end - start:
+            raise StorageError(f"{self._uri}: got {len(data)} bytes for range {start}-{end} (object truncated?)")
+        return data
+
+    def close(self) -> None:
+        pass
+
+
+class _S3Writer:
+    """Multipart upload; the object appears only when complete_multipart_upload succeeds."""
+
+    def __init__(self, client, uri: str):
+        self._client, self._uri = client, uri
+        self._bucket, self._key = _split(uri)
+        self._buf = bytearray()
+        self._upload_id: str | None = None
+        self._parts: list[dict] = []
+
+    def write(self, data: bytes | memoryview) -> None:
+        self._buf += data
+        while len(self._buf) >= PART_SIZE:
+            self._flush(bytes(self._buf[:PART_SIZE]))
+            del self._buf[:PART_SIZE]
+
+    def _flush(self, part: bytes) -> None:
+        if self._upload_id is None:
+            resp = _s3_call(self._uri, self._client.create_multipart_upload, Bucket=self._bucket, Key=self._key)
+            self._upload_id = resp["UploadId"]
+        n = len(self._parts) + 1
+        resp = _s3_call(
+            self._uri,
+            self._client.upload_part,
+            Bucket=self._bucket,
+            Key=self._key,
+            UploadId=self._upload_id,
+            PartNumber=n,
+            Body=part,
+        )
+        self._parts.append({"ETag": resp["ETag"], "PartNumber": n})
+
+    def commit(self) -> None:
+        if self._upload_id is None:
+            _s3_call(self._uri, self._client.put_object, Bucket=self._bucket, Key=self._key, Body=bytes(self._buf))
+            return
+        if self._buf:
+            self._flush(bytes(self._buf))
+            self._buf.clear()
+        _s3_call(
+            self._uri,
+            self._client.complete_multipart_upload,
+            Bucket=self._bucket,
+            Key=self._key,
+            UploadId=self._upload_id,
+            MultipartUpload={"Parts": self._parts},
+        )
+
+    def abort(self) -> None:
+        if self._upload_id is not None:
+            try:
+                self._client.abort_multipart_upload(Bucket=self._bucket, Key=self._key, UploadId=self._upload_id)
+            except Exception:  # best effort: the server may be the thing that failed
+                pass
+
+
+class S3Storage:
+    def __init__(self, options: StorageOptions):
+        self._options = options
+
+    @property
+    def _client(self):
+        return _s3_client(self._options)
+
+    def _head(self, uri: str) -> dict:
+        bucket, key = _split(uri)
+        return _s3_call(uri, self._client.head_object, Bucket=bucket, Key=key)
+
+    def exists(self, uri: str) -> bool:
+        try:
+            self._head(uri)
+            return True
+        except StorageError as e:
+            if "object not found" in str(e):
+                return False
+            raise
+
+    def size(self, uri: str) -> int:
+        return int(self._head(uri)["ContentLength"])
+
+    def fingerprint(self, uri: str) -> str:
+        head = self._head(uri)
+        return f"{head['ContentLength']}:{head.get('ETag', '')}"
+
+    def read_bytes(self, uri: str) -> bytes:
+        bucket, key = _split(uri)
+        resp = _s3_call(uri, self._client.get_object, Bucket=bucket, Key=key)
+        return resp["Body"].read()
+
+    def write_bytes(self, uri: str, data: bytes) -> None:
+        bucket, key = _split(uri)
+        _s3_call(uri, self._client.put_object, Bucket=bucket, Key=key, Body=data)
+
+    def open_reader(self, uri: str) -> RangeReader:
+        return _S3Reader(self._client, uri)
+
+    def open_writer(self, uri: str) -> Writer:
+        return _S3Writer(self._client, uri)
+
+    def list(self, prefix: str) -> list[str]:
+        bucket, key = _split(prefix)
+        key = key.rstrip("/") + "/" if key else ""
+        out: list[str] = []
+        token = None
+        while True:
+            kwargs = {"Bucket": bucket, "Prefix": key}
+            if token:
+                kwargs["ContinuationToken"] = token
+            resp = _s3_call(prefix, self._client.list_objects_v2, **kwargs)
+            out += [f"s3://{bucket}/{o['Key']}" for o in resp.get("Contents", [])]
+            if not resp.get("IsTruncated"):
+                return sorted(out)
+            token = resp["NextContinuationToken"]
+
+    def delete(self, uri: str) -> None:
+        bucket, key = _split(uri)
+        _s3_call(uri, self._client.delete_object, Bucket=bucket, Key=key)
+
+    def delete_prefix(self, prefix: str) -> None:
+        for uri in self.list(prefix):
+            self.delete(uri)
+
+
+def storage_for(uri: str, options: StorageOptions | None = None) -> Storage:
+    if is_s3(uri):
+        return S3Storage(options or StorageOptions())
+    return LocalStorage()
+
+
+def sha256_of(uri: str, options: StorageOptions | None = None, block: int = 16 * 1024 * 1024) -> str:
+    """Streamed sha256 of a whole file or object."""
+    store = storage_for(uri, options)
+    size = store.size(uri)
+    reader = store.open_reader(uri)
+    h = hashlib.sha256()
+    try:
+        for start in range(0, size, block):
+            h.update(reader.read(start, min(size, start + block)))
+    finally:
+        reader.close()
+    return h.hexdigest()

@@ -1,0 +1,27 @@
+"""Bit-packing in np.packbits order (first element in the most significant bit), in torch
+so it runs where the masks are (CPU or GPU)."""
+
+import numpy as np
+import torch
+
+_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
+
+
+def pack_rows(masks: torch.Tensor) -> torch.Tensor:
+    """(T, n) bool -> (T, ceil(n / 8)) uint8, zero padded at the end."""
+    t, n = masks.shape
+    pad = -n % 8
+    if pad:
+        masks = torch.nn.functional.pad(masks, (0, pad))
+    groups = masks.view(t, -1, 8).to(torch.uint8)
+    return (groups * _WEIGHTS.to(masks.device)).sum(dim=2, dtype=torch.uint8)
+
+
+def unpack(packed: torch.Tensor, count: int) -> torch.Tensor:
+    """uint8 -> (count,) bool; inverse of one row of pack_rows."""
+    bits = packed.to(torch.uint8)[:, None].bitwise_and(_WEIGHTS.to(packed.device)[None, :]) != 0
+    return bits.reshape(-1)[:count]
+
+
+def packbits_numpy(mask: np.ndarray) -> np.ndarray:
+    return np.packbits(mask.astype(bool))

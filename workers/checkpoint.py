@@ -1,0 +1,82 @@
+"""Find a checkpoint's safetensors files and the location of every tensor, from headers alone.
+
+A checkpoint is a Hugging Face style directory (`model.safetensors`, or shards plus
+`model.safetensors.index.json`; `config.json` alongside) or one `.safetensors`
+file, on a local path or under s3://. Pickled `.bin` checkpoints are refused:
+loading them would execute code from the file.
+"""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from infra.storage import StorageOptions, basename, is_s3, join, storage_for
+from workers.errors import CheckpointError, StorageError
+from workers.safetensors_io import FileHeader, TensorInfo, read_header
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """Headers of one checkpoint: enough to plan and to read any tensor by range."""
+
+    uri: str
+    files: tuple[str, ...]
+    file_sizes: dict[str, int]
+    tensors: dict[str, TensorInfo]
+    config_json: str | None  # URI of config.json when present
+
+    @property
+    def nbytes(self) -> int:
+        return sum(self.file_sizes.values())
+
+
+def resolve_files(uri: str, options: StorageOptions | None = None) -> tuple[list[str], str | None]:
+    """The safetensors files making up the checkpoint at `uri`, and its config.json if any."""
+    store = storage_for(uri, options)
+    if uri.endswith(".safetensors"):
+        if not store.exists(uri):
+            raise CheckpointError(f"{uri}: checkpoint file not found")
+        return [uri], None
+    if uri.endswith((".bin", ".pt", ".pth", ".ckpt")):
+        raise CheckpointError(f"{uri}: pickled checkpoints are refused (unsafe to load); convert to safetensors first")
+    index_uri, single_uri = join(uri, INDEX_NAME), join(uri, SINGLE_NAME)
+    config_uri = join(uri, "config.json")
+    config = config_uri if store.exists(config_uri) else None
+    if store.exists(index_uri):
+        try:
+            index = json.loads(store.read_bytes(index_uri))
+            names = sorted(set(index["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise CheckpointError(f"{index_uri}: not a valid safetensors index (needs a 'weight_map')") from None
+        return [join(uri, n) for n in names], config
+    if store.exists(single_uri):
+        return [single_uri], config
+    if not is_s3(uri) and not store.exists(uri):
+        raise CheckpointError(f"{uri}: checkpoint not found")
+    if store.exists(join(uri, "pytorch_model.bin")):
+        raise CheckpointError(f"{uri}: only pytorch_model.bin found; pickled checkpoints are refused, convert to safetensors")
+    raise CheckpointError(f"{uri}: no {SINGLE_NAME} or {INDEX_NAME} found")
+
+
+def open_checkpoint(uri: str, options: StorageOptions | None = None) -> Checkpoint:
+    """Read every header of a checkpoint (a few KiB per file) in parallel."""
+    files, config = resolve_files(uri, options)
+    try:
+        with ThreadPoolExecutor(max_workers=min(16, len(files))) as pool:
+            headers: list[FileHeader] = list(pool.map(lambda f: read_header(f, options), files))
+    except StorageError as e:
+        raise CheckpointError(str(e)) from None
+    tensors: dict[str, TensorInfo] = {}
+    for h in headers:
+        for name, info in h.tensors.items():
+            if name in tensors:
+                raise CheckpointError(f"{uri}: tensor {name!r} appears in both {basename(tensors[name].file)} and {basename(h.file)}")
+            tensors[name] = info
+    if not tensors:
+        raise CheckpointError(f"{uri}: checkpoint holds no tensors")
+    return Checkpoint(uri, tuple(files), {h.file: h.size for h in headers}, tensors, config)

@@ -1,0 +1,73 @@
+"""Exact k-th smallest |tau| over data that never sits in one place.
+
+For non-negative float32 values the IEEE bit pattern, read as an integer, sorts
+like the value. So the k-th smallest value is found from two histograms of bit
+patterns: the high 16 bits first (32768 bins, the sign bit is 0), then the low 16
+bits of only those values whose high half is the winning bin. Both histograms are
+additive across chunks and shards, which makes a distributed TIES threshold
+bit-identical to `torch.kthvalue` on the flattened model vector.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+HIGH_BINS = 1 << 15
+LOW_BINS = 1 << 16
+
+
+def abs_bits(values: torch.Tensor) -> torch.Tensor:
+    """int32 bit patterns of |values| (float32), order-preserving."""
+    return values.abs().contiguous().view(torch.int32)
+
+
+def high_histogram(taus: torch.Tensor) -> np.ndarray:
+    """(T, HIGH_BINS) counts of the high 16 bits of |tau_t|, one row per task."""
+    bits = abs_bits(taus) >> 16
+    rows = [torch.bincount(bits[t], minlength=HIGH_BINS) for t in range(taus.shape[0])]
+    return torch.stack(rows).cpu().numpy().astype(np.int64)
+
+
+def low_histogram(taus: torch.Tensor, high_bins: np.ndarray) -> np.ndarray:
+    """(T, LOW_BINS) counts of the low 16 bits of |tau_t| among values in row t's chosen high bin."""
+    bits = abs_bits(taus)
+    out = np.zeros((taus.shape[0], LOW_BINS), dtype=np.int64)
+    for t in range(taus.shape[0]):
+        if high_bins[t] < 0:
+            continue
+        row = bits[t]
+        sel = row[(row >> 16) == int(high_bins[t])] & 0xFFFF
+        out[t] = torch.bincount(sel, minlength=LOW_BINS).cpu().numpy()
+    return out
+
+
+def kth_rank(total: int, density: float) -> int:
+    """The reference code's rank: k = P - int(P * density) (1-indexed; 0 means keep all)."""
+    return total - int(total * density)
+
+
+def locate(hist: np.ndarray, k: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, the bin holding the k-th smallest element and the rank within that bin.
+    Rows with k <= 0 get bin -1."""
+    cum = np.cumsum(hist, axis=1)
+    bins = np.full(hist.shape[0], -1, dtype=np.int64)
+    within = np.zeros(hist.shape[0], dtype=np.int64)
+    for t in range(hist.shape[0]):
+        if k[t] <= 0:
+            continue
+        b = int(np.searchsorted(cum[t], k[t], side="left"))
+        bins[t] = b
+        within[t] = k[t] - (cum[t, b - 1] if b > 0 else 0)
+    return bins, within
+
+
+def thresholds_from(high_bins: np.ndarray, low_hist: np.ndarray, within: np.ndarray) -> np.ndarray:
+    """float32 thresholds; 0.0 (keep everything) for rows that keep all entries."""
+    out = np.zeros(len(high_bins), dtype=np.float32)
+    for t, hb in enumerate(high_bins):
+        if hb < 0:
+            continue
+        low, _ = locate(low_hist[t : t + 1], within[t : t + 1])
+        out[t] = np.array([(int(hb) << 16) | int(low[0])], dtype=np.int32).view(np.float32)[0]
+    return out

@@ -1,0 +1,9 @@
+"""Merge methods: pure functions over float32 chunks of task vectors, one registry.
+
+Importing this package registers every built-in method.
+"""
+
+from workers.methods.registry import METHODS, ChunkGlobals, MethodOutput, MethodParams, get_method, merge_method
+from workers.methods import task_arithmetic, ties, tall_masks, consensus  # noqa: F401  (registration)
+
+__all__ = ["METHODS", "ChunkGlobals", "MethodOutput", "MethodParams", "get_method", "merge_method"]

@@ -1,0 +1,25 @@
+"""Consensus merging (Wang et al. 2024, sec. 4): drop weights fewer than k TALL masks keep."""
+
+import torch
+
+from workers.methods.registry import ChunkGlobals, MethodOutput, MethodParams, merge_method
+from workers.methods.tall_masks import lambdas_on, multitask_vector, task_masks
+
+
+def consensus_vector(masks: torch.Tensor, tau_mtl: torch.Tensor, k: int) -> torch.Tensor:
+    keep = masks.sum(dim=0) >= k
+    return torch.where(keep, tau_mtl, torch.zeros((), dtype=tau_mtl.dtype, device=tau_mtl.device))
+
+
+@merge_method("consensus", compresses=True)
+def consensus(taus, params: MethodParams, g: ChunkGlobals) -> MethodOutput:
+    """Consensus: tau_MTL restricted to weights kept by at least k task masks."""
+    tau_mtl, sign_sum, ambiguous = multitask_vector(taus, params, g)
+    masks = task_masks(taus, tau_mtl, lambdas_on(params, taus))
+    return MethodOutput(
+        delta=consensus_vector(masks, tau_mtl, params.k),
+        tau_mtl=tau_mtl,
+        masks=masks,
+        sign_sum=sign_sum,
+        ambiguous=ambiguous,
+    )

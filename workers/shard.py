@@ -1,0 +1,301 @@
+"""Everything one shard of whole layers needs: read its tensors from the base and every
+task by byte range, compute in float32 chunks, write its own output files.
+
+`merge_shard(spec)` is the notebook-sized entry point; Ray only wraps it. Memory is
+O(T x chunk): no tensor is ever held whole unless it is smaller than a chunk.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from infra.storage import RangeReader, StorageOptions, join, storage_for
+from workers import kth_value
+from workers.bits import pack_rows
+from workers.dtypes import CODES, TORCH_DTYPES, is_float, itemsize
+from workers.errors import CheckpointError
+from workers.layers import layer_of
+from workers.methods import ChunkGlobals, MethodParams, get_method
+from workers.safetensors_io import StreamingWriter, TensorInfo
+
+
+@dataclass(frozen=True)
+class TensorJob:
+    """One tensor: where it lives in the base and in each task checkpoint."""
+
+    name: str
+    base: TensorInfo
+    tasks: tuple[TensorInfo, ...]
+
+    @property
+    def dtype(self) -> str:
+        return self.base.dtype
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.base.shape
+
+    @property
+    def numel(self) -> int:
+        return self.base.numel
+
+    @property
+    def is_float(self) -> bool:
+        return is_float(self.base.dtype)
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    index: int  # 0-based
+    count: int  # shards in the plan
+    tensors: tuple[TensorJob, ...]
+    task_names: tuple[str, ...]
+    params: MethodParams
+    output: str  # run root URI
+    chunk_elems: int = 1 << 22
+    device: str = "cpu"
+    storage: StorageOptions = StorageOptions()
+    thresholds: tuple[float, ...] | None = None  # global-scope TIES thresholds, one per task
+    majority: int = 1
+
+    @property
+    def part(self) -> str:
+        return f"{self.index + 1:05d}-of-{self.count:05d}"
+
+    def model_file(self) -> str:
+        return f"model/model-{self.part}.safetensors"
+
+    def tau_file(self) -> str:
+        return f"compressed/tau_mtl-{self.part}.safetensors"
+
+    def mask_file(self, task: str) -> str:
+        return f"compressed/masks/{task}/masks-{self.part}.safetensors"
+
+    @property
+    def nbytes(self) -> int:
+        return sum(j.base.nbytes + sum(t.nbytes for t in j.tasks) for j in self.tensors)
+
+
+@dataclass
+class LayerStats:
+    """Per-layer diagnostics, additive across chunks."""
+
+    numel: int
+    tau_sq: np.ndarray  # (T,) sum of tau_t^2
+    kept: np.ndarray | None = None  # (T,) weights each task's mask keeps
+    count_hist: np.ndarray | None = None  # (T+1,) weights kept by exactly c tasks
+
+    def add(self, other: "LayerStats") -> None:
+        self.numel += other.numel
+        self.tau_sq = self.tau_sq + other.tau_sq
+        if other.kept is not None:
+            self.kept = other.kept if self.kept is None else self.kept + other.kept
+            self.count_hist = other.count_hist if self.count_hist is None else self.count_hist + other.count_hist
+
+
+@dataclass
+class ShardResult:
+    index: int
+    outputs: dict[str, tuple[str, int]]  # relative path -> (sha256, bytes)
+    layers: dict[str, LayerStats]
+    sign_sum: int = 0
+    ambiguous: int = 0
+    majority_used: int = 1
+    bytes_read: int = 0
+    seconds: float = 0.0
+    extras: dict = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------- reading
+
+
+class ShardReader:
+    """Open range readers for every file a shard touches; counts bytes read."""
+
+    def __init__(self, storage: StorageOptions, stack: ExitStack):
+        self._storage = storage
+        self._readers: dict[str, RangeReader] = {}
+        self._stack = stack
+        self.bytes_read = 0
+
+    def elements(self, info: TensorInfo, lo: int, hi: int) -> torch.Tensor:
+        """Elements [lo, hi) of the flattened tensor, in its stored dtype."""
+        reader = self._readers.get(info.file)
+        if reader is None:
+            reader = storage_for(info.file, self._storage).open_reader(info.file)
+            self._stack.callback(reader.close)
+            self._readers[info.file] = reader
+        size = itemsize(info.dtype)
+        buf = reader.read(info.start + lo * size, info.start + hi * size)
+        self.bytes_read += len(buf)
+        if not buf:
+            return torch.empty(0, dtype=TORCH_DTYPES[info.dtype])
+        return torch.frombuffer(buf, dtype=TORCH_DTYPES[info.dtype])
+
+
+def chunk_ranges(numel: int, chunk: int):
+    for lo in range(0, numel, chunk):
+        yield lo, min(numel, lo + chunk)
+
+
+def _finite(x: torch.Tensor, who: str, job: TensorJob) -> None:
+    if not bool(torch.isfinite(x).all()):
+        raise CheckpointError(f"{who}: tensor {job.name!r} contains NaN or Inf values")
+
+
+def task_chunks(spec: ShardSpec, job: TensorJob, reader: ShardReader):
+    """Yield (lo, hi, base_f32, taus) over a float tensor, taus = (T, n) float32."""
+    device = torch.device(spec.device)
+    for lo, hi in chunk_ranges(job.numel, spec.chunk_elems):
+        base = reader.elements(job.base, lo, hi).to(device).float()
+        _finite(base, "base", job)
+        rows = []
+        for name, info in zip(spec.task_names, job.tasks):
+            row = reader.elements(info, lo, hi).to(device).float()
+            _finite(row, f"task {name!r}", job)
+            rows.append(row - base)
+        yield lo, hi, base, torch.stack(rows)
+
+
+def copy_exact(spec: ShardSpec, job: TensorJob, reader: ShardReader, writer: StreamingWriter) -> None:
+    """Integer and bool tensors are copied from the base and must agree everywhere."""
+    for lo, hi in chunk_ranges(job.numel, spec.chunk_elems):
+        base = reader.elements(job.base, lo, hi)
+        for name, info in zip(spec.task_names, job.tasks):
+            if info.dtype != job.dtype or not torch.equal(reader.elements(info, lo, hi), base):
+                raise CheckpointError(
+                    f"task {name!r}: non-float tensor {job.name!r} differs from the base "
+                    "(integer/bool tensors must be identical across checkpoints)"
+                )
+        writer.write(job.name, base.numpy().tobytes())
+
+
+# ----------------------------------------------------------------- TIES statistics
+
+
+def _float_jobs(spec: ShardSpec):
+    return [j for j in spec.tensors if j.is_float]
+
+
+def shard_high_histogram(spec: ShardSpec) -> np.ndarray:
+    """First stats pass of global TIES: (T, 32768) histogram over this shard."""
+    hist = np.zeros((len(spec.task_names), kth_value.HIGH_BINS), dtype=np.int64)
+    with ExitStack() as stack:
+        reader = ShardReader(spec.storage, stack)
+        for job in _float_jobs(spec):
+            for _, _, _, taus in task_chunks(spec, job, reader):
+                hist += kth_value.high_histogram(taus)
+    return hist
+
+
+def shard_low_histogram(spec: ShardSpec, high_bins: np.ndarray) -> np.ndarray:
+    """Second stats pass of global TIES: low-half histogram inside each task's winning bin."""
+    hist = np.zeros((len(spec.task_names), kth_value.LOW_BINS), dtype=np.int64)
+    with ExitStack() as stack:
+        reader = ShardReader(spec.storage, stack)
+        for job in _float_jobs(spec):
+            for _, _, _, taus in task_chunks(spec, job, reader):
+                hist += kth_value.low_histogram(taus, high_bins)
+    return hist
+
+
+def tensor_thresholds(spec: ShardSpec, job: TensorJob, reader: ShardReader) -> torch.Tensor:
+    """Per-tensor TIES thresholds (scope "tensor"): the same two passes, over one tensor."""
+    t = len(spec.task_names)
+    high = np.zeros((t, kth_value.HIGH_BINS), dtype=np.int64)
+    for _, _, _, taus in task_chunks(spec, job, reader):
+        high += kth_value.high_histogram(taus)
+    k = np.full(t, kth_value.kth_rank(job.numel, spec.params.density), dtype=np.int64)
+    bins, within = kth_value.locate(high, k)
+    low = np.zeros((t, kth_value.LOW_BINS), dtype=np.int64)
+    for _, _, _, taus in task_chunks(spec, job, reader):
+        low += kth_value.low_histogram(taus, bins)
+    return torch.from_numpy(kth_value.thresholds_from(bins, low, within))
+
+
+# --------------------------------------------------------------------- apply pass
+
+
+def _open_writers(spec: ShardSpec, compresses: bool, stack: ExitStack) -> dict[str, StreamingWriter]:
+    everything = [(j.name, j.dtype, j.shape) for j in spec.tensors]
+    floats = [j for j in spec.tensors if j.is_float]
+    files = {spec.model_file(): everything}
+    if compresses:
+        store = lambda j: "F32" if spec.params.store_dtype == "float32" else j.dtype  # noqa: E731
+        files[spec.tau_file()] = [(j.name, store(j), j.shape) for j in floats]
+        for task in spec.task_names:
+            files[spec.mask_file(task)] = [(j.name, "U8", (math.ceil(j.numel / 8),)) for j in floats]
+    writers = {}
+    for rel, entries in files.items():
+        w = StreamingWriter(join(spec.output, rel), entries, spec.storage)
+        writers[rel] = w
+        stack.callback(w.abort)  # popped on success; on any error the temp file goes
+    return writers
+
+
+def merge_shard(spec: ShardSpec) -> ShardResult:
+    """Merge one shard and write its model (and compressed) files. Returns small stats only."""
+    t0 = time.perf_counter()
+    method = get_method(spec.params.name)
+    t = len(spec.task_names)
+    result = ShardResult(spec.index, {}, {}, majority_used=spec.majority)
+    global_thr = torch.tensor(spec.thresholds, dtype=torch.float32) if spec.thresholds is not None else None
+    with ExitStack() as cleanup, ExitStack() as files:
+        reader = ShardReader(spec.storage, files)
+        writers = _open_writers(spec, method.compresses, cleanup)
+        model = writers[spec.model_file()]
+        for job in spec.tensors:
+            if not job.is_float:
+                copy_exact(spec, job, reader, model)
+                continue
+            thresholds = global_thr
+            if spec.params.uses_ties and spec.params.scope == "tensor":
+                thresholds = tensor_thresholds(spec, job, reader)
+            g = ChunkGlobals(thresholds=thresholds, majority=spec.majority)
+            stats = LayerStats(0, np.zeros(t))
+            out_dtype = TORCH_DTYPES[job.dtype]
+            for lo, hi, base, taus in task_chunks(spec, job, reader):
+                out = method.fn(taus, spec.params, g)
+                merged = (base + spec.params.alpha * out.delta).to(out_dtype)
+                model.write(job.name, _bytes(merged))
+                result.sign_sum += out.sign_sum
+                result.ambiguous += out.ambiguous
+                chunk = LayerStats(hi - lo, (taus.double() ** 2).sum(dim=1).cpu().numpy())
+                if method.compresses:
+                    tau_file = writers[spec.tau_file()]
+                    store = torch.float32 if spec.params.store_dtype == "float32" else out_dtype
+                    tau_file.write(job.name, _bytes(out.tau_mtl.to(store)))
+                    packed = pack_rows(out.masks).cpu()
+                    for row, task in enumerate(spec.task_names):
+                        writers[spec.mask_file(task)].write(job.name, packed[row].numpy().tobytes())
+                    chunk.kept = out.masks.sum(dim=1).cpu().numpy().astype(np.int64)
+                    chunk.count_hist = (
+                        torch.bincount(out.masks.sum(dim=0), minlength=t + 1).cpu().numpy().astype(np.int64)
+                    )
+                stats.add(chunk)
+            result.layers.setdefault(layer_of(job.name), LayerStats(0, np.zeros(t))).add(stats)
+        for rel, w in writers.items():
+            sha = w.commit()
+            result.outputs[rel] = (sha, w.bytes_written)
+        cleanup.pop_all()
+        result.bytes_read = reader.bytes_read
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def _bytes(x: torch.Tensor) -> bytes:
+    """Raw little-endian bytes of a tensor; bf16 has no numpy dtype, so go through a view."""
+    x = x.contiguous().cpu()
+    if x.dtype == torch.bfloat16:
+        x = x.view(torch.int16)
+    return x.numpy().tobytes()
+
+
+def dtype_code(x: torch.Tensor) -> str:
+    return CODES[x.dtype]

@@ -1,0 +1,189 @@
+"""The `mergeflow` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from workers.errors import MergeflowError
+
+log = logging.getLogger("mergeflow")
+
+MERGE_HELP = """\
+Merge a base checkpoint and T fine-tuned checkpoints as described by CONFIG (YAML or JSON):
+
+  base: path/or/s3://bucket/base        # HF directory or one .safetensors file
+  tasks:
+    - {name: math, checkpoint: ckpts/math}
+    - {name: code, checkpoint: ckpts/code}
+  output: runs/merged                   # or pass --output
+  method:
+    name: tall_masks                    # task_arithmetic | ties | tall_masks | consensus
+    alpha: 0.3                          # model = base + alpha * merged vector
+    density: 0.2                        # TIES: share of each task vector kept
+    scope: global                       # TIES trim over the whole model or per tensor
+    merge: mean                         # TIES disjoint merge: mean | sum
+    lambda: 0.4                         # TALL masks: one value or {task: value}
+    base_merge: task_arithmetic         # tau_MTL for tall_masks/consensus: task_arithmetic | ties
+    k: 2                                # consensus: keep weights kept by >= k task masks
+  execution: {shard_size: auto, chunk_elems: 4194304, device: auto}
+
+Outputs: OUT/model (merged HF checkpoint), OUT/compressed (tau_MTL + 1 bit per weight per
+task, for tall_masks and consensus), OUT/stats, and OUT/manifest.json written last.
+Re-running the same command resumes an interrupted run.
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mergeflow", description="Merge many fine-tuned checkpoints into one model, "
+                                "or into a compressed bundle that rebuilds each of them, on a Ray cluster.")
+    p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    m = sub.add_parser("merge", help="run a merge described by a YAML/JSON config",
+                       description=MERGE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    m.add_argument("config", help="YAML or JSON config file")
+    m.add_argument("--output", help="output directory or s3:// prefix (overrides the config's output)")
+    m.add_argument("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS, else a local runtime)")
+    m.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where workers compute (default: auto = CUDA when the cluster has GPUs)")
+    m.add_argument("--overwrite", action="store_true", help="replace a finished run at the output location")
+    m.add_argument("--dry-run", action="store_true", help="validate and print the plan; read no tensor data")
+    m.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    r = sub.add_parser("reconstruct", help="rebuild one task's model from a tall_masks/consensus run",
+                       description="Rebuild theta_0 + m_t * tau_MTL for task t as an HF checkpoint, "
+                                   "verifying the sha256 of every file it reads.")
+    r.add_argument("run", help="finished run directory or s3:// prefix")
+    r.add_argument("--task", required=True, help="task name as in the merge config")
+    r.add_argument("--output", required=True, help="directory or s3:// prefix for the rebuilt checkpoint")
+    r.add_argument("--ray-address", help="Ray cluster to join")
+    r.add_argument("--endpoint-url", help="S3-compatible endpoint (default: AWS_ENDPOINT_URL_S3 or AWS)")
+    r.add_argument("--overwrite", action="store_true", help="write into a non-empty output")
+    r.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    i = sub.add_parser("inspect", help="summarise a finished run: method, tasks, sizes, mask statistics")
+    i.add_argument("run", help="finished run directory or s3:// prefix")
+    i.add_argument("--layers", action="store_true", help="also print per-layer mask density")
+    i.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    i.add_argument("--endpoint-url", help="S3-compatible endpoint")
+
+    f = sub.add_parser("make-family", help="generate a synthetic base + fine-tuned family (for demos and tests)")
+    f.add_argument("dir", help="where to write base/ and task_XX/")
+    f.add_argument("--tasks", type=int, default=6)
+    f.add_argument("--layers", type=int, default=8)
+    f.add_argument("--hidden", type=int, default=256)
+    f.add_argument("--vocab", type=int, default=2048)
+    f.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
+    f.add_argument("--shards", type=int, default=2, help="safetensors files per checkpoint")
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--method", default="tall_masks", help="method written into the generated config.yaml")
+    return p
+
+
+def _merge(args) -> int:
+    from workflows.config import load_config
+    from workflows.merge import run_merge
+    from workflows.plan import make_plan
+
+    cfg = load_config(args.config, output=args.output)
+    ex = cfg.execution.model_copy(update={k: v for k, v in
+                                          {"ray_address": args.ray_address, "device": args.device}.items() if v})
+    cfg = cfg.model_copy(update={"execution": ex})
+    if args.dry_run:
+        plan = make_plan(cfg)
+        print(plan.describe())
+        for s in plan.shards:
+            print(f"  shard {s.part}: {len(s.tensors)} tensors, {s.nbytes / 1e6:.1f} MB of input")
+        return 0
+    report = run_merge(cfg, overwrite=args.overwrite, quiet=args.quiet)
+    if report.state.value == "complete":
+        print(f"{cfg.output}: already complete (same inputs and settings); nothing to do")
+        return 0
+    t = report.timings
+    print(f"merged {len(report.plan.tasks)} tasks with {report.plan.params.name} into {cfg.output} "
+          f"in {t['total']:.1f}s ({report.shards_run} shards computed, {report.shards_reused} reused; "
+          f"{report.bytes_read / 1e9:.3f} GB read)")
+    from workflows.inspect_run import describe
+
+    print(describe(cfg.output, cfg.storage.options()))
+    return 0
+
+
+def _options(args):
+    from infra.storage import StorageOptions
+
+    return StorageOptions(endpoint_url=getattr(args, "endpoint_url", None) or os.environ.get("AWS_ENDPOINT_URL_S3"))
+
+
+def _normalize(uri: str) -> str:
+    from infra.storage import normalize
+
+    return normalize(uri)
+
+
+def _reconstruct(args) -> int:
+    from workflows.reconstruct import reconstruct
+
+    out = reconstruct(_normalize(args.run), args.task, _normalize(args.output), _options(args),
+                      ray_address=args.ray_address, overwrite=args.overwrite, quiet=args.quiet)
+    size = sum(f["size"] for f in out["files"].values())
+    print(f"rebuilt task {args.task!r} into {args.output} ({len(out['files'])} file(s), {size / 1e6:.1f} MB)")
+    return 0
+
+
+def _inspect(args) -> int:
+    from workflows.inspect_run import describe, layers_table
+    from workflows.reconstruct import load_run
+
+    run = _normalize(args.run)
+    if args.json:
+        print(json.dumps(load_run(run, _options(args)), indent=1))
+        return 0
+    print(describe(run, _options(args)))
+    if args.layers:
+        for layer, entry in layers_table(run, _options(args)).items():
+            dens = entry.get("mask_density")
+            cells = " ".join(f"{v:6.1%}" for v in dens.values()) if dens else ""
+            print(f"  {layer:<40} {entry['numel']:>12,} {cells}")
+    return 0
+
+
+def _make_family(args) -> int:
+    import torch
+    import yaml
+
+    from workers.synthetic import make_family
+
+    root = Path(args.dir)
+    base, tasks = make_family(root, tasks=args.tasks, layers=args.layers, hidden=args.hidden, vocab=args.vocab,
+                              dtype=getattr(torch, args.dtype), shards=args.shards, seed=args.seed)
+    config = {"base": "base", "tasks": [{"name": n, "checkpoint": p.name} for n, p in tasks],
+              "output": "run", "method": {"name": args.method}}
+    (root / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    print(f"wrote base and {len(tasks)} tasks under {root}; config: {root / 'config.yaml'}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    commands = {"merge": _merge, "reconstruct": _reconstruct, "inspect": _inspect, "make-family": _make_family}
+    try:
+        return commands[args.command](args)
+    except MergeflowError as e:
+        if args.debug:
+            raise
+        print(f"mergeflow: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mergeflow: interrupted; re-run the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,239 @@
+"""The merge config: frozen pydantic models, validated once at the edge.
+
+YAML (and so JSON) in, typed objects out. Unknown keys and wrong types are errors
+that name the key. Relative paths are resolved against the config file's folder.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from infra.storage import StorageOptions, is_s3, normalize
+from workers.errors import ConfigError
+from workers.methods import METHODS, MethodParams, get_method
+
+TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "B": 1, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}
+
+
+def parse_size(value: int | str) -> int:
+    """`1GiB`, `512MB`, `1048576` -> bytes."""
+    if isinstance(value, int):
+        return value
+    m = _SIZE.match(str(value))
+    if not m:
+        raise ValueError(f"not a size: {value!r} (use e.g. 512MiB or 2GB)")
+    unit = (m.group(2) or "").upper().rstrip("B")
+    return int(float(m.group(1)) * _UNITS[unit])
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class TaskConfig(_Model):
+    name: str
+    checkpoint: str
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not TASK_NAME.match(v):
+            raise ValueError(f"task name {v!r} must be letters, digits, '.', '_' or '-' (it names files)")
+        return v
+
+
+class MethodConfig(_Model):
+    name: str
+    alpha: float | None = None
+    density: float = 0.2
+    scope: Literal["global", "tensor"] = "global"
+    merge: Literal["mean", "sum"] | None = None
+    lambda_: float | dict[str, float] = Field(0.4, alias="lambda")
+    base_merge: Literal["task_arithmetic", "ties"] = "task_arithmetic"
+    k: int = 2
+    store_dtype: Literal["base", "float32"] = "base"
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v not in METHODS:
+            raise ValueError(f"unknown merge method {v!r}; choose one of {sorted(METHODS)}")
+        return v
+
+    @field_validator("density")
+    @classmethod
+    def _density(cls, v: float) -> float:
+        if not 0.0 < v <= 1.0:
+            raise ValueError(f"must be in (0, 1], got {v}")
+        return v
+
+    @field_validator("alpha")
+    @classmethod
+    def _alpha(cls, v: float | None) -> float | None:
+        if v is not None and not math.isfinite(v):
+            raise ValueError("must be a finite number")
+        return v
+
+    @field_validator("k")
+    @classmethod
+    def _k(cls, v: int) -> int:
+        if v < 0:
+            raise ValueError(f"must be >= 0, got {v}")
+        return v
+
+    @field_validator("lambda_")
+    @classmethod
+    def _lambda(cls, v):
+        values = v.values() if isinstance(v, dict) else [v]
+        if any(not math.isfinite(x) or x < 0 for x in values):
+            raise ValueError("lambda values must be finite and >= 0")
+        return v
+
+
+class ExecutionConfig(_Model):
+    shard_size: int | str = "auto"  # input bytes per Ray task; "auto" sizes from the model
+    chunk_elems: int = 1 << 22  # elements per task per compute step: memory is O(T x chunk)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    ray_address: str | None = None
+
+    @field_validator("shard_size")
+    @classmethod
+    def _shard_size(cls, v):
+        if v == "auto":
+            return v
+        size = parse_size(v)
+        if size <= 0:
+            raise ValueError("must be positive")
+        return size
+
+    @field_validator("chunk_elems")
+    @classmethod
+    def _chunk(cls, v: int) -> int:
+        if v < 8:
+            raise ValueError("must be at least 8")
+        return v - v % 8  # masks are packed 8 to a byte: chunks must not split a byte
+
+
+class StorageConfig(_Model):
+    endpoint_url: str | None = None  # for S3-compatible stores (MinIO, Ceph, SeaweedFS)
+    region: str | None = None
+
+    def options(self) -> StorageOptions:
+        return StorageOptions(self.endpoint_url, self.region)
+
+
+class MergeConfig(_Model):
+    base: str
+    tasks: list[TaskConfig]
+    output: str | None = None
+    method: MethodConfig
+    execution: ExecutionConfig = ExecutionConfig()
+    storage: StorageConfig = StorageConfig()
+
+    @model_validator(mode="after")
+    def _tasks(self) -> "MergeConfig":
+        if not self.tasks:
+            raise ValueError("tasks: give at least one task")
+        seen: set[str] = set()
+        for t in self.tasks:
+            if t.name in seen:
+                raise ValueError(f"tasks: duplicate task name {t.name!r}")
+            seen.add(t.name)
+        lam = self.method.lambda_
+        if isinstance(lam, dict):
+            unknown = sorted(set(lam) - seen)
+            missing = [t.name for t in self.tasks if t.name not in lam]
+            if unknown:
+                raise ValueError(f"method.lambda: names unknown task {unknown[0]!r}")
+            if missing:
+                raise ValueError(f"method.lambda: no value for task {missing[0]!r} (give every task one)")
+        return self
+
+    @property
+    def task_names(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.tasks)
+
+    def method_params(self) -> MethodParams:
+        m = self.method
+        merge = m.merge or "mean"
+        alpha = m.alpha
+        if alpha is None:
+            # A mean (plain TIES) is already on the scale of one task vector; sums of T vectors need scaling down.
+            alpha = 1.0 if (m.name == "ties" and merge == "mean") else 0.3
+        lam = m.lambda_
+        lambdas = tuple(lam[n] for n in self.task_names) if isinstance(lam, dict) else (lam,) * len(self.tasks)
+        get_method(m.name)
+        return MethodParams(
+            name=m.name,
+            alpha=float(alpha),
+            density=m.density,
+            scope=m.scope,
+            merge=merge,
+            lambdas=tuple(float(x) for x in lambdas),
+            base_merge=m.base_merge,
+            k=m.k,
+            store_dtype=m.store_dtype,
+        )
+
+
+def _format_error(source: str, err: ValidationError) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"] if p != "lambda_") or "config"
+    if "lambda_" in [str(p) for p in first["loc"]]:
+        loc = ".".join([*(str(p) for p in first["loc"] if p != "lambda_"), "lambda"])
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key (check the spelling; see `mergeflow merge --help`)"
+    elif first["type"] == "missing":
+        msg = "required key is missing"
+    return f"{source}: {loc}: {msg}"
+
+
+def _resolve(path: str, root: Path) -> str:
+    if is_s3(path):
+        return path.rstrip("/")
+    p = Path(path).expanduser()
+    return normalize(str(p if p.is_absolute() else root / p))
+
+
+def load_config(path: str | Path, output: str | None = None) -> MergeConfig:
+    """Read and validate a YAML/JSON config; `output` overrides the file's `output`."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the config must be a mapping with base, tasks, method")
+    return config_from_dict(raw, source=str(path), root=path.parent, output=output)
+
+
+def config_from_dict(raw: dict, source: str = "config", root: Path | None = None, output: str | None = None) -> MergeConfig:
+    root = (root or Path.cwd()).resolve()
+    try:
+        cfg = MergeConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format_error(source, e)) from None
+    if output:  # from the command line: relative to the working directory
+        out = output if is_s3(output) else normalize(output)
+    elif cfg.output:  # from the file: relative to the file, like every other path in it
+        out = _resolve(cfg.output, root)
+    else:
+        raise ConfigError(f"{source}: output: required key is missing (or pass --output DIR)")
+    return cfg.model_copy(
+        update={
+            "base": _resolve(cfg.base, root),
+            "tasks": [t.model_copy(update={"checkpoint": _resolve(t.checkpoint, root)}) for t in cfg.tasks],
+            "output": out.rstrip("/"),
+        }
+    )

@@ -1,0 +1,211 @@
+"""The merge recipe: plan -> map -> reduce -> commit, one call each.
+
+The driver handles headers, small statistics and JSON only; tensor bytes move
+between storage and the Ray workers that own each shard.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from infra.storage import join, sha256_of, storage_for
+from workers import kth_value
+from workers.methods import get_method
+from workers.shard import ShardResult, ShardSpec, merge_shard, shard_high_histogram, shard_low_histogram
+from workflows import commit, runtime, stats
+from workflows.commit import OutputState
+from workflows.config import MergeConfig
+from workflows.journal import Journal
+from workflows.plan import Plan, make_plan
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class MergeReport:
+    plan: Plan
+    state: OutputState
+    manifest: dict | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    shards_run: int = 0
+    shards_reused: int = 0
+    bytes_read: int = 0
+
+
+@contextmanager
+def _timed(timings: dict[str, float], stage: str):
+    t0 = time.perf_counter()
+    yield
+    timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - t0
+
+
+def _memory_per_task(plan: Plan) -> int:
+    # float32 task rows, their abs/bit views and masks: ~6 words per element per task, plus I/O buffers.
+    return 6 * 4 * plan.config.execution.chunk_elems * (len(plan.tasks) + 2) + 256 * 2**20
+
+
+def ties_thresholds(plan: Plan, quiet: bool) -> tuple[float, ...]:
+    """Exact whole-model TIES thresholds: two histogram passes, reduced on the driver."""
+    t = len(plan.tasks)
+    sizes = [s.nbytes for s in plan.shards]
+    kw = dict(sizes=sizes, quiet=quiet, memory=_memory_per_task(plan), gpu=plan.shards[0].device == "cuda")
+    high = np.zeros((t, kth_value.HIGH_BINS), dtype=np.int64)
+    for h in runtime.run_tasks(shard_high_histogram, [(s,) for s in plan.shards], desc="TIES threshold 1/2", **kw):
+        high += h
+    total = int(high[0].sum())
+    k = np.full(t, kth_value.kth_rank(total, plan.params.density), dtype=np.int64)
+    bins, within = kth_value.locate(high, k)
+    low = np.zeros((t, kth_value.LOW_BINS), dtype=np.int64)
+    for h in runtime.run_tasks(shard_low_histogram, [(s, bins) for s in plan.shards], desc="TIES threshold 2/2", **kw):
+        low += h
+    return tuple(float(x) for x in kth_value.thresholds_from(bins, low, within))
+
+
+def _verify_outputs(output: str, outputs: dict[str, tuple[str, int]], options) -> bool:
+    store = storage_for(output, options)
+    for rel, (sha, size) in outputs.items():
+        uri = join(output, rel)
+        if not store.exists(uri) or store.size(uri) != size or sha256_of(uri, options) != sha:
+            return False
+    return True
+
+
+def reusable_shards(plan: Plan, journal: Journal, quiet: bool) -> dict[int, ShardResult]:
+    """Journaled shards whose files are still there with the recorded hashes."""
+    recorded = {s.index: r for s in plan.shards if (r := journal.recorded(s.index)) is not None}
+    if not recorded:
+        return {}
+    options = plan.config.storage.options()
+    calls = [(plan.config.output, r.outputs, options) for r in recorded.values()]
+    ok = runtime.run_tasks(_verify_outputs, calls, desc="verify written shards", quiet=quiet)
+    return {i: r for (i, r), good in zip(recorded.items(), ok) if good}
+
+
+def map_shards(plan: Plan, specs: list[ShardSpec], journal: Journal, quiet: bool, desc: str) -> list[ShardResult]:
+    return runtime.run_tasks(
+        merge_shard,
+        [(s,) for s in specs],
+        desc=desc,
+        sizes=[s.nbytes for s in specs],
+        on_result=lambda i, r: journal.record(r),
+        memory=_memory_per_task(plan),
+        gpu=plan.shards[0].device == "cuda",
+        quiet=quiet,
+    )
+
+
+def run_merge(config: MergeConfig, *, overwrite: bool = False, quiet: bool = False) -> MergeReport:
+    timings: dict[str, float] = {}
+    t_start = time.perf_counter()
+
+    with _timed(timings, "plan"):
+        plan = make_plan(config)
+        state = commit.prepare_output(plan, overwrite)
+    report = MergeReport(plan, state, timings=timings)
+    if state is OutputState.COMPLETE:
+        report.manifest = commit.read_manifest(config.output, config.storage.options())
+        return report
+
+    with _timed(timings, "ray_start"):
+        runtime.connect(config.execution.ray_address)
+        device = runtime.resolve_device(config.execution.device)
+        plan = dataclasses.replace(plan, shards=tuple(dataclasses.replace(s, device=device) for s in plan.shards))
+    journal = Journal(config.output, config.storage.options())
+    input_files = [f for cp in [plan.base, *plan.tasks] for f in cp.files]
+    options = config.storage.options()
+
+    # Inputs are hashed alongside the merge (Ray overlaps the two); the manifest needs them.
+    import ray
+
+    hash_refs = [ray.remote(num_cpus=1)(sha256_of).remote(f, options) for f in input_files]
+
+    with _timed(timings, "ties_thresholds"):
+        if plan.params.uses_ties and plan.params.scope == "global":
+            saved = journal.load_globals() or {}
+            thresholds = saved.get("thresholds") or ties_thresholds(plan, quiet)
+            journal.save_globals({"thresholds": list(thresholds)})
+            plan = dataclasses.replace(
+                plan, shards=tuple(dataclasses.replace(s, thresholds=tuple(thresholds)) for s in plan.shards)
+            )
+
+    with _timed(timings, "merge"):
+        reused = reusable_shards(plan, journal, quiet) if state is OutputState.RESUME else {}
+        todo = [s for s in plan.shards if s.index not in reused]
+        results = dict(reused)
+        for r in map_shards(plan, todo, journal, quiet, desc=f"merge ({plan.params.name})"):
+            results[r.index] = r
+        report.shards_reused, report.shards_run = len(reused), len(todo)
+        if plan.params.uses_ties:
+            # The majority sign is a whole-model sum known only now; shards that relied on
+            # the provisional one at an exact tie are redone with the true one.
+            majority = int(np.sign(sum(r.sign_sum for r in results.values())))
+            redo = [
+                dataclasses.replace(plan.shards[i], majority=majority)
+                for i, r in results.items()
+                if r.ambiguous and r.majority_used != majority
+            ]
+            for r in map_shards(plan, redo, journal, quiet, desc="TIES majority-sign fix-up"):
+                results[r.index] = r
+            report.shards_run += len(redo)
+
+    with _timed(timings, "commit"):
+        ordered = [results[s.index] for s in plan.shards]
+        outputs = commit.shard_outputs(ordered)
+        outputs |= commit.write_model_index(plan)
+        if get_method(plan.params.name).compresses:
+            outputs |= commit.write_compressed_index(plan)
+        layers = stats.merge_layers(ordered)
+        summary = stats.summary(layers, plan.task_names)
+        outputs |= write_stats(plan, layers, summary)
+        hashes = ray.get(hash_refs)
+        inputs = {f: (h, storage_for(f, options).size(f)) for f, h in zip(input_files, hashes)}
+        report.bytes_read = sum(r.bytes_read for r in ordered)
+        extra = {
+            "ties": {"thresholds": list(plan.shards[0].thresholds or ()), "majority": None},
+            "summary": summary | sizes_summary(plan, outputs),
+            "timings": {k: round(v, 3) for k, v in timings.items()},
+        }
+        if plan.params.uses_ties:
+            extra["ties"]["majority"] = int(np.sign(sum(r.sign_sum for r in ordered)))
+        else:
+            extra.pop("ties")
+        report.manifest = commit.write_manifest(plan, outputs, inputs, extra)
+    timings["total"] = time.perf_counter() - t_start
+    return report
+
+
+def write_stats(plan: Plan, layers, summary: dict) -> dict[str, tuple[str, int]]:
+    import hashlib
+    import json
+
+    store = storage_for(plan.config.output, plan.config.storage.options())
+    files = {
+        "stats/layers.json": json.dumps(stats.layers_doc(layers, plan.task_names), indent=1).encode(),
+        "stats/summary.json": json.dumps(summary, indent=1).encode(),
+    }
+    png = stats.overlap_png(layers, plan.task_names)
+    if png:
+        files["stats/task_overlap.png"] = png
+    out = {}
+    for rel, data in files.items():
+        store.write_bytes(join(plan.config.output, rel), data)
+        out[rel] = (hashlib.sha256(data).hexdigest(), len(data))
+    return out
+
+
+def sizes_summary(plan: Plan, outputs: dict[str, tuple[str, int]]) -> dict:
+    """Storage accounting for the compressed bundle against keeping every checkpoint."""
+    compressed = sum(size for rel, (_, size) in outputs.items() if rel.startswith("compressed/"))
+    individual = sum(cp.nbytes for cp in plan.tasks)
+    out = {"input_bytes": plan.input_bytes, "model_bytes": sum(s for r, (_, s) in outputs.items() if r.startswith("model/"))}
+    if compressed:
+        out["compressed_bytes"] = compressed
+        out["checkpoints_bytes"] = individual
+        out["compression_ratio"] = round((individual + plan.base.nbytes) / (compressed + plan.base.nbytes), 3)
+    return out

@@ -1,0 +1,164 @@
+"""Plan a merge from headers alone: validate the checkpoints against each other and
+split the tensors into shards of whole layers with roughly equal input bytes.
+
+Nothing here reads tensor data, so every check below runs in seconds and fails
+before any heavy work starts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from infra.storage import storage_for
+from workers.checkpoint import Checkpoint, open_checkpoint
+from workers.dtypes import is_float
+from workers.errors import CheckpointError
+from workers.layers import layer_of, natural_key
+from workers.methods import MethodParams
+from workers.shard import ShardSpec, TensorJob
+from workflows.config import MergeConfig
+
+MIN_AUTO_SHARD = 64 * 2**20
+MAX_AUTO_SHARD = 2 * 2**30
+
+
+@dataclass(frozen=True)
+class Plan:
+    config: MergeConfig
+    params: MethodParams
+    base: Checkpoint
+    tasks: tuple[Checkpoint, ...]
+    shards: tuple[ShardSpec, ...]
+    fingerprint: str  # changes whenever the inputs, method or shard layout change
+
+    @property
+    def task_names(self) -> tuple[str, ...]:
+        return self.config.task_names
+
+    @property
+    def input_bytes(self) -> int:
+        return self.base.nbytes + sum(t.nbytes for t in self.tasks)
+
+    @property
+    def parameters(self) -> int:
+        return sum(i.numel for i in self.base.tensors.values())
+
+    def describe(self) -> str:
+        lines = [
+            f"method      {self.params.name} (alpha {self.params.alpha:g})",
+            f"tasks       {len(self.tasks)}: {', '.join(self.task_names)}",
+            f"tensors     {len(self.base.tensors)} ({self.parameters:,} parameters)",
+            f"input       {self.input_bytes / 1e9:.3f} GB in {len(self.base.files) * (len(self.tasks) + 1)} files",
+            f"shards      {len(self.shards)}",
+            f"output      {self.config.output}",
+        ]
+        return "\n".join(lines)
+
+
+def open_all(config: MergeConfig) -> tuple[Checkpoint, list[Checkpoint]]:
+    options = config.storage.options()
+    uris = [config.base] + [t.checkpoint for t in config.tasks]
+    labels = ["base"] + [f"task {t.name!r}" for t in config.tasks]
+
+    def one(i: int) -> Checkpoint:
+        try:
+            return open_checkpoint(uris[i], options)
+        except CheckpointError as e:
+            raise CheckpointError(f"{labels[i]}: {e}") from None
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        cps = list(pool.map(one, range(len(uris))))
+    return cps[0], cps[1:]
+
+
+def check_compatible(base: Checkpoint, name: str, task: Checkpoint) -> None:
+    """Same tensor names and shapes as the base; float vs non-float must agree."""
+    missing = sorted(set(base.tensors) - set(task.tensors), key=natural_key)
+    if missing:
+        raise CheckpointError(f"task {name!r}: tensor {missing[0]!r} is missing ({task.uri}); it is in the base")
+    extra = sorted(set(task.tensors) - set(base.tensors), key=natural_key)
+    if extra:
+        raise CheckpointError(f"task {name!r}: tensor {extra[0]!r} is not in the base ({task.uri})")
+    for tname, b in base.tensors.items():
+        t = task.tensors[tname]
+        if t.shape != b.shape:
+            raise CheckpointError(
+                f"task {name!r}: tensor {tname!r} has shape {list(t.shape)}, the base has {list(b.shape)}"
+            )
+        if is_float(t.dtype) != is_float(b.dtype):
+            raise CheckpointError(f"task {name!r}: tensor {tname!r} is {t.dtype}, the base has {b.dtype}")
+
+
+def auto_shard_size(input_bytes: int) -> int:
+    """Enough shards to keep a cluster busy, few enough that per-task overhead stays small."""
+    return max(MIN_AUTO_SHARD, min(MAX_AUTO_SHARD, math.ceil(input_bytes / 32)))
+
+
+def group_layers(base: Checkpoint, tasks: list[Checkpoint], shard_size: int) -> list[list[str]]:
+    """Greedy packing of whole layers, in natural order, into shards of ~shard_size input bytes."""
+    layers: dict[str, list[str]] = {}
+    for name in sorted(base.tensors, key=natural_key):
+        layers.setdefault(layer_of(name), []).append(name)
+    shards: list[list[str]] = []
+    current: list[str] = []
+    size = 0
+    for key in sorted(layers, key=natural_key):
+        names = layers[key]
+        nbytes = sum(base.tensors[n].nbytes + sum(t.tensors[n].nbytes for t in tasks) for n in names)
+        if current and size + nbytes > shard_size:
+            shards.append(current)
+            current, size = [], 0
+        current += names
+        size += nbytes
+    if current:
+        shards.append(current)
+    return shards
+
+
+def fingerprint(config: MergeConfig, params: MethodParams, base: Checkpoint, tasks: list[Checkpoint], groups) -> str:
+    options = config.storage.options()
+    files = [f for cp in [base, *tasks] for f in cp.files]
+
+    def fp(f: str) -> str:
+        return storage_for(f, options).fingerprint(f)
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        stamps = dict(zip(files, pool.map(fp, files)))
+    doc = {
+        "params": params.__dict__,
+        "base": base.uri,
+        "tasks": [[n, t.uri] for n, t in zip(config.task_names, tasks)],
+        "files": stamps,
+        "shards": groups,
+    }
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=list).encode()).hexdigest()
+
+
+def make_plan(config: MergeConfig, device: str = "cpu") -> Plan:
+    params = config.method_params()
+    base, tasks = open_all(config)
+    for name, task in zip(config.task_names, tasks):
+        check_compatible(base, name, task)
+    input_bytes = base.nbytes + sum(t.nbytes for t in tasks)
+    ex = config.execution
+    shard_size = auto_shard_size(input_bytes) if ex.shard_size == "auto" else int(ex.shard_size)
+    groups = group_layers(base, tasks, shard_size)
+    specs = tuple(
+        ShardSpec(
+            index=i,
+            count=len(groups),
+            tensors=tuple(TensorJob(n, base.tensors[n], tuple(t.tensors[n] for t in tasks)) for n in names),
+            task_names=config.task_names,
+            params=params,
+            output=config.output,
+            chunk_elems=ex.chunk_elems,
+            device=device,
+            storage=config.storage.options(),
+        )
+        for i, names in enumerate(groups)
+    )
+    return Plan(config, params, base, tuple(tasks), specs, fingerprint(config, params, base, tasks, groups))

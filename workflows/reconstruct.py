@@ -1,0 +1,104 @@
+"""`mergeflow reconstruct RUN --task NAME --output DIR`: one task's model from the bundle."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from infra.storage import StorageOptions, basename, join, sha256_of, storage_for
+from workers.checkpoint import open_checkpoint
+from workers.errors import CheckpointError, MergeflowError, OutputError
+from workers.rebuild import RebuildSpec, rebuild_part
+from workflows import runtime
+from workflows.commit import MANIFEST, SIDECAR_SUFFIXES, read_manifest
+
+log = logging.getLogger(__name__)
+
+
+def load_run(run: str, options: StorageOptions) -> dict:
+    manifest = read_manifest(run, options)
+    if manifest is None:
+        raise MergeflowError(f"{run}: no manifest.json; not a finished mergeflow run (was the merge interrupted?)")
+    return manifest
+
+
+def reconstruct(run: str, task: str, output: str, options: StorageOptions, *, ray_address: str | None = None,
+                overwrite: bool = False, quiet: bool = False) -> dict:
+    manifest = load_run(run, options)
+    names = [t["name"] for t in manifest["inputs"]["tasks"]]
+    if "compressed/index.json" not in manifest["outputs"]:
+        raise MergeflowError(f"{run}: method {manifest['method']['name']} wrote no compressed bundle; "
+                             "reconstruct needs a tall_masks or consensus run")
+    if task not in names:
+        raise MergeflowError(f"{run}: no task {task!r} in this run; it has {', '.join(names)}")
+    out_store = storage_for(output, options)
+    if out_store.list(output) and not overwrite:
+        raise OutputError(f"{output}: exists and is not empty; choose a new location or pass --overwrite")
+
+    store = storage_for(run, options)
+    expect = manifest["outputs"]
+    index = json.loads(_verified(store, run, "compressed/index.json", expect))
+    weight_map = json.loads(_verified(store, run, "model/model.safetensors.index.json", expect))["weight_map"]
+
+    base_uri = manifest["inputs"]["base"]["uri"]
+    base = open_checkpoint(base_uri, options)
+    base_expected = {join(base_uri, n) if not base_uri.endswith(".safetensors") else base_uri: f["sha256"]
+                     for n, f in manifest["inputs"]["base"]["files"].items()}
+
+    parts: dict[str, list[str]] = {}
+    for name, fname in weight_map.items():
+        parts.setdefault(fname.removeprefix("model-").removesuffix(".safetensors"), []).append(name)
+    specs = []
+    for part, tensors in sorted(parts.items()):
+        tau_rel = f"compressed/tau_mtl-{part}.safetensors"
+        mask_rel = f"compressed/masks/{task}/masks-{part}.safetensors"
+        has_float = any(n in index["tensors"] for n in tensors)
+        expected = {join(run, r): expect[r]["sha256"] for r in (tau_rel, mask_rel) if has_float}
+        specs.append(RebuildSpec(
+            task=task,
+            base=tuple(base.tensors[n] for n in _model_order(run, part, tensors, options)),
+            tau_file=join(run, tau_rel) if has_float else None,
+            mask_file=join(run, mask_rel) if has_float else None,
+            expected=expected,
+            output=join(output, f"model-{part}.safetensors"),
+            storage=options,
+        ))
+
+    runtime.connect(ray_address)
+    base_files = list(base_expected.items())
+    got = runtime.run_tasks(sha256_of, [(f, options) for f, _ in base_files], desc="verify base", quiet=quiet)
+    for (f, want), have in zip(base_files, got):
+        if want != have:
+            raise CheckpointError(f"{f}: the base checkpoint changed since the merge (sha256 differs from the manifest)")
+    results = runtime.run_tasks(rebuild_part, [(s,) for s in specs], desc=f"rebuild {task}",
+                                sizes=[sum(b.nbytes for b in s.base) for s in specs], quiet=quiet)
+    files = {basename(s.output): {"sha256": sha, "size": size} for s, (sha, size) in zip(specs, results)}
+    total = sum(b.nbytes for s in specs for b in s.base)
+    out_index = {"metadata": {"total_size": total, "format": "pt"},
+                 "weight_map": {b.name: basename(s.output) for s in specs for b in s.base}}
+    out_store.write_bytes(join(output, "model.safetensors.index.json"), json.dumps(out_index, indent=2).encode())
+    for rel in expect:
+        name = basename(rel)
+        if rel.startswith("model/") and name.endswith(SIDECAR_SUFFIXES) and name != "model.safetensors.index.json":
+            out_store.write_bytes(join(output, name), _verified(store, run, rel, expect))
+    return {"task": task, "files": files, "run": run}
+
+
+def _model_order(run: str, part: str, names: list[str], options) -> list[str]:
+    """Tensors in the order the merged model file holds them (its header), so output
+    files mirror the merged model's layout."""
+    from workers.safetensors_io import read_header
+
+    header = read_header(join(run, f"model/model-{part}.safetensors"), options)
+    return sorted(names, key=lambda n: header.tensors[n].start)
+
+
+def _verified(store, run: str, rel: str, expect: dict) -> bytes:
+    import hashlib
+
+    if rel not in expect:
+        raise CheckpointError(f"{run}: {rel} is not listed in {MANIFEST}")
+    data = store.read_bytes(join(run, rel))
+    if hashlib.sha256(data).hexdigest() != expect[rel]["sha256"]:
+        raise CheckpointError(f"{join(run, rel)}: sha256 does not match {MANIFEST}; the run is corrupt")
+    return data
