@@ -1,0 +1,47 @@
+"""Shared fixtures: one real local Ray runtime per test session, and checkpoint families."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import pytest
+import torch
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("MLFLOW_TRACKING_URI", "")  # never write ./mlflow.db from a test by accident
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """A real local Ray runtime, started once (~5 s). Its temp dir is kept short:
+    Ray's socket paths break past ~100 characters."""
+    import ray
+
+    temp = tempfile.mkdtemp(prefix="mfray", dir="/tmp")
+    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp, configure_logging=False, log_to_driver=False,
+             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def family(tmp_path):
+    """Factory: write a small synthetic family and return (base, [(name, path)])."""
+    from workers.synthetic import make_family
+
+    def make(tasks=3, layers=2, hidden=16, vocab=32, dtype=torch.bfloat16, shards=1, seed=0, root=None):
+        return make_family(root or tmp_path / "family", tasks=tasks, layers=layers, hidden=hidden, vocab=vocab,
+                           dtype=dtype, shards=shards, seed=seed)
+
+    return make
+
+
+def config_for(base, tasks, output, method: dict, **execution) -> "MergeConfig":  # noqa: F821
+    from workflows.config import config_from_dict
+
+    raw = {"base": str(base), "tasks": [{"name": n, "checkpoint": str(p)} for n, p in tasks],
+           "output": str(output), "method": method}
+    if execution:
+        raw["execution"] = execution
+    return config_from_dict(raw)
