@@ -184,8 +184,26 @@ class LocalStorage:
 
 # ------------------------------------------------------------------------------ S3
 
-_clients: dict[StorageOptions, object] = {}
+# Fail fast when the endpoint is down or wrong (a refused connection costs well under
+# a second per attempt), but give a busy server a minute to answer a ranged GET.
+CONNECT_TIMEOUT = 5
+READ_TIMEOUT = 60
+TOTAL_ATTEMPTS = 3  # the first try plus two retries, for throttling and dropped connections
+
+# Environment variables that change which credentials boto3's default chain finds.
+_CREDENTIAL_ENV = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_PROFILE",
+    "AWS_DEFAULT_PROFILE",
+    "AWS_SHARED_CREDENTIALS_FILE",
+    "AWS_CONFIG_FILE",
+)
+
+_clients: dict[tuple, object] = {}
 _clients_lock = threading.Lock()
+_known_buckets: set[tuple[StorageOptions, str]] = set()  # buckets a HeadBucket has confirmed
 
 
 def _split(uri: str) -> tuple[str, str]:
@@ -196,9 +214,19 @@ def _split(uri: str) -> tuple[str, str]:
     return bucket, key
 
 
+def _credentials_key() -> str:
+    """A digest of the credential environment: a client is rebuilt when it changes
+    (boto3 resolves credentials once, when the client is made). Only the digest is kept."""
+    h = hashlib.sha256()
+    for name in _CREDENTIAL_ENV:
+        h.update(f"{name}={os.environ.get(name, '')}\0".encode())
+    return h.hexdigest()
+
+
 def _s3_client(options: StorageOptions):
+    key = (options, _credentials_key(), os.getpid())
     with _clients_lock:
-        client = _clients.get(options)
+        client = _clients.get(key)
         if client is None:
             import boto3
             from botocore.config import Config
@@ -209,35 +237,75 @@ def _s3_client(options: StorageOptions):
             config = Config(
                 request_checksum_calculation="when_required",
                 response_checksum_validation="when_required",
-                retries={"max_attempts": 4, "mode": "standard"},
+                connect_timeout=CONNECT_TIMEOUT,
+                read_timeout=READ_TIMEOUT,
+                retries={"total_max_attempts": TOTAL_ATTEMPTS, "mode": "standard"},
                 max_pool_connections=32,
                 s3={"addressing_style": "path"} if options.endpoint_url else {},
             )
             client = boto3.session.Session().client(
                 "s3", endpoint_url=options.endpoint_url, region_name=options.region, config=config
             )
-            _clients[options] = client
+            _clients[key] = client
         return client
 
 
-def _s3_error(uri: str, err: Exception) -> StorageError:
-    """Turn botocore's exceptions into one line that says what to check."""
-    from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+def _endpoint_of(client) -> str:
+    meta = getattr(client, "meta", None)
+    return getattr(meta, "endpoint_url", None) or "?"
 
-    if isinstance(err, NoCredentialsError):
-        return StorageError(f"{uri}: no AWS credentials found (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a profile)")
-    if isinstance(err, EndpointConnectionError):
-        return StorageError(f"{uri}: cannot reach the S3 endpoint ({err.kwargs.get('endpoint_url', '?')}); is the server up?")
+
+_NOT_FOUND = ("NoSuchKey", "404", "NotFound")
+_CREDENTIAL_HINT = "check the AWS credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or the profile)"
+
+
+def _is_not_found(err) -> bool:
+    code = err.response.get("Error", {}).get("Code", "")
+    return code in _NOT_FOUND or err.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404 and code != "NoSuchBucket"
+
+
+def _s3_error(uri: str, err: Exception, endpoint: str = "?") -> StorageError:
+    """Turn botocore's exceptions into one line that says what to check. Never includes
+    credentials: botocore's messages name endpoints, buckets and keys only."""
+    from botocore.exceptions import (
+        ClientError,
+        ConnectionError,
+        HTTPClientError,
+        NoCredentialsError,
+        PartialCredentialsError,
+        ReadTimeoutError,
+    )
+
+    if isinstance(err, (NoCredentialsError, PartialCredentialsError)):
+        return StorageError(f"{uri}: no usable AWS credentials found ({err}); set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a profile")
+    if isinstance(err, ReadTimeoutError):
+        return StorageError(f"{uri}: the S3 endpoint {endpoint} did not answer within {READ_TIMEOUT} s; is the server overloaded or down?")
+    if isinstance(err, (ConnectionError, HTTPClientError)):
+        return StorageError(f"{uri}: cannot reach the S3 endpoint {endpoint} (server unreachable or the connection dropped); "
+                            "is the server up and storage.endpoint_url right?")
     if isinstance(err, ClientError):
-        code = err.response.get("Error", {}).get("Code", "")
+        error = err.response.get("Error", {})
+        code = error.get("Code", "")
         status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-        if code in ("NoSuchBucket",):
-            return StorageError(f"{uri}: bucket does not exist; create it or fix the URI")
-        if code in ("NoSuchKey", "404", "NotFound"):
+        if code == "NoSuchBucket":
+            bucket = error.get("BucketName") or _split(uri)[0]
+            return StorageError(f"{uri}: bucket {bucket!r} does not exist at {endpoint}; create it or fix the URI")
+        if code in _NOT_FOUND:
             return StorageError(f"{uri}: object not found")
-        if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403") or status == 403:
-            return StorageError(f"{uri}: access denied ({code}); check the AWS credentials and the bucket policy")
-        return StorageError(f"{uri}: S3 request failed ({code or status})")
+        if code == "InvalidAccessKeyId":
+            return StorageError(f"{uri}: access denied: the server does not know this access key (InvalidAccessKeyId); {_CREDENTIAL_HINT}")
+        if code == "SignatureDoesNotMatch":
+            return StorageError(f"{uri}: access denied: the secret key does not match the access key (SignatureDoesNotMatch); {_CREDENTIAL_HINT}")
+        if code in ("ExpiredToken", "InvalidToken", "TokenRefreshRequired"):
+            return StorageError(f"{uri}: access denied: the session token is expired or invalid ({code}); {_CREDENTIAL_HINT}")
+        if code in ("AccessDenied", "403") or status == 403:
+            return StorageError(f"{uri}: access denied (HTTP 403 {code}); {_CREDENTIAL_HINT} and the bucket policy")
+        message = " ".join(str(error.get("Message", "")).split())
+        detail = f"{code or status}{': ' + message if message else ''}"
+        if isinstance(status, int) and status >= 500:
+            return StorageError(f"{uri}: the S3 endpoint {endpoint} failed the request (HTTP {status} {detail}) "
+                                f"after {TOTAL_ATTEMPTS} attempts; is the server healthy?")
+        return StorageError(f"{uri}: S3 request failed ({detail})")
     return StorageError(f"{uri}: S3 request failed ({type(err).__name__}: {err})")
 
 
@@ -247,7 +315,17 @@ def _s3_call(uri: str, fn, **kwargs):
     try:
         return fn(**kwargs)
     except (ClientError, BotoCoreError) as e:
-        raise _s3_error(uri, e) from None
+        raise _s3_error(uri, e, _endpoint_of(getattr(fn, "__self__", None))) from None
+
+
+def _read_body(uri: str, client, resp) -> bytes:
+    """A GET's body: the server can fail after the headers, mid-stream."""
+    from botocore.exceptions import BotoCoreError
+
+    try:
+        return resp["Body"].read()
+    except BotoCoreError as e:
+        raise _s3_error(uri, e, _endpoint_of(client)) from None
 
 
 class _S3Reader:
@@ -261,7 +339,7 @@ class _S3Reader:
         resp = _s3_call(
             self._uri, self._client.get_object, Bucket=self._bucket, Key=self._key, Range=f"bytes={start}-{end - 1}"
         )
-        data = bytearray(resp["Body"].read())
+        data = bytearray(_read_body(self._uri, self._client, resp))
         if len(data) != end - start:
             raise StorageError(f"{self._uri}: got {len(data)} bytes for range {start}-{end} (object truncated?)")
         return data
@@ -305,6 +383,7 @@ class _S3Writer:
     def commit(self) -> None:
         if self._upload_id is None:
             _s3_call(self._uri, self._client.put_object, Bucket=self._bucket, Key=self._key, Body=bytes(self._buf))
+            self._buf.clear()
             return
         if self._buf:
             self._flush(bytes(self._buf))
@@ -317,11 +396,14 @@ class _S3Writer:
             UploadId=self._upload_id,
             MultipartUpload={"Parts": self._parts},
         )
+        self._upload_id = None  # completed: nothing left for abort() to clean up
 
     def abort(self) -> None:
+        self._buf.clear()
         if self._upload_id is not None:
+            upload_id, self._upload_id = self._upload_id, None
             try:
-                self._client.abort_multipart_upload(Bucket=self._bucket, Key=self._key, UploadId=self._upload_id)
+                self._client.abort_multipart_upload(Bucket=self._bucket, Key=self._key, UploadId=upload_id)
             except Exception:  # best effort: the server may be the thing that failed
                 pass
 
@@ -334,18 +416,58 @@ class S3Storage:
     def _client(self):
         return _s3_client(self._options)
 
-    def _head(self, uri: str) -> dict:
+    def _require_bucket(self, uri: str, bucket: str, client) -> None:
+        """HeadObject answers a bare 404 both for a missing key and for a missing bucket
+        (it has no body to say which): ask the bucket itself, once per bucket."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        if (self._options, bucket) in _known_buckets:
+            return
+        try:
+            client.head_bucket(Bucket=bucket)
+        except ClientError as e:
+            status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            code = e.response.get("Error", {}).get("Code", "")
+            if status == 404 or code in ("NoSuchBucket", "404", "NotFound"):
+                raise StorageError(
+                    f"{uri}: bucket {bucket!r} does not exist at {_endpoint_of(client)}; create it or fix the URI"
+                ) from None
+            if status == 403:
+                return  # allowed to read objects but not to query the bucket: nothing more to learn
+            raise _s3_error(uri, e, _endpoint_of(client)) from None
+        except BotoCoreError as e:
+            raise _s3_error(uri, e, _endpoint_of(client)) from None
+        _known_buckets.add((self._options, bucket))
+
+    def _head(self, uri: str, missing_ok: bool = False) -> dict | None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
         bucket, key = _split(uri)
-        return _s3_call(uri, self._client.head_object, Bucket=bucket, Key=key)
+        client = self._client
+        try:
+            return client.head_object(Bucket=bucket, Key=key)
+        except ClientError as e:
+            if not _is_not_found(e):
+                raise _s3_error(uri, e, _endpoint_of(client)) from None
+        except BotoCoreError as e:
+            raise _s3_error(uri, e, _endpoint_of(client)) from None
+        self._require_bucket(uri, bucket, client)
+        if missing_ok:
+            return None
+        raise StorageError(f"{uri}: object not found")
+
+    def _has_children(self, uri: str) -> bool:
+        bucket, key = _split(uri)
+        prefix = key.rstrip("/") + "/" if key else ""
+        resp = _s3_call(uri, self._client.list_objects_v2, Bucket=bucket, Prefix=prefix, MaxKeys=1)
+        return bool(resp.get("KeyCount") or resp.get("Contents"))
 
     def exists(self, uri: str) -> bool:
-        try:
-            self._head(uri)
+        """An object, or a "directory": a prefix with objects under it (as a local
+        directory exists), so callers need not care which storage they hold."""
+        if self._head(uri, missing_ok=True) is not None:
             return True
-        except StorageError as e:
-            if "object not found" in str(e):
-                return False
-            raise
+        return self._has_children(uri)
 
     def size(self, uri: str) -> int:
         return int(self._head(uri)["ContentLength"])
@@ -356,8 +478,9 @@ class S3Storage:
 
     def read_bytes(self, uri: str) -> bytes:
         bucket, key = _split(uri)
-        resp = _s3_call(uri, self._client.get_object, Bucket=bucket, Key=key)
-        return resp["Body"].read()
+        client = self._client
+        resp = _s3_call(uri, client.get_object, Bucket=bucket, Key=key)
+        return _read_body(uri, client, resp)
 
     def write_bytes(self, uri: str, data: bytes) -> None:
         bucket, key = _split(uri)
@@ -370,6 +493,8 @@ class S3Storage:
         return _S3Writer(self._client, uri)
 
     def list(self, prefix: str) -> list[str]:
+        """Every object under prefix/, recursively (like LocalStorage.list). Directory
+        markers (keys ending in '/', made by consoles and some servers) are not files."""
         bucket, key = _split(prefix)
         key = key.rstrip("/") + "/" if key else ""
         out: list[str] = []
@@ -379,10 +504,10 @@ class S3Storage:
             if token:
                 kwargs["ContinuationToken"] = token
             resp = _s3_call(prefix, self._client.list_objects_v2, **kwargs)
-            out += [f"s3://{bucket}/{o['Key']}" for o in resp.get("Contents", [])]
-            if not resp.get("IsTruncated"):
+            out += [f"s3://{bucket}/{o['Key']}" for o in resp.get("Contents", []) if not o["Key"].endswith("/")]
+            token = resp.get("NextContinuationToken")
+            if not resp.get("IsTruncated") or not token:
                 return sorted(out)
-            token = resp["NextContinuationToken"]
 
     def delete(self, uri: str) -> None:
         bucket, key = _split(uri)

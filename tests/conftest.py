@@ -9,7 +9,8 @@ import pytest
 import torch
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-os.environ.setdefault("MLFLOW_TRACKING_URI", "")  # never write ./mlflow.db from a test by accident
+# CLI merges in tests log to a throwaway sqlite store, never ./mlflow.db in the repository.
+os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tempfile.mkdtemp(prefix='mfmlflow')}/mlflow.db"
 
 
 @pytest.fixture(scope="session")

@@ -36,7 +36,17 @@ class Checkpoint:
 
 
 def resolve_files(uri: str, options: StorageOptions | None = None) -> tuple[list[str], str | None]:
-    """The safetensors files making up the checkpoint at `uri`, and its config.json if any."""
+    """The safetensors files making up the checkpoint at `uri`, and its config.json if any.
+
+    Storage failures (no access, missing bucket, unreachable endpoint) come out as
+    CheckpointError one-liners naming the URI, like every other checkpoint problem."""
+    try:
+        return _resolve_files(uri, options)
+    except StorageError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def _resolve_files(uri: str, options: StorageOptions | None) -> tuple[list[str], str | None]:
     store = storage_for(uri, options)
     if uri.endswith(".safetensors"):
         if not store.exists(uri):
@@ -56,8 +66,10 @@ def resolve_files(uri: str, options: StorageOptions | None = None) -> tuple[list
         return [join(uri, n) for n in names], config
     if store.exists(single_uri):
         return [single_uri], config
-    if not is_s3(uri) and not store.exists(uri):
-        raise CheckpointError(f"{uri}: checkpoint not found")
+    # An s3 "directory" exists when objects lie under it (S3Storage.exists checks the prefix).
+    if config is None and not store.exists(uri):
+        where = " (no objects under this prefix)" if is_s3(uri) else ""
+        raise CheckpointError(f"{uri}: checkpoint not found{where}")
     if store.exists(join(uri, "pytorch_model.bin")):
         raise CheckpointError(f"{uri}: only pytorch_model.bin found; pickled checkpoints are refused, convert to safetensors")
     raise CheckpointError(f"{uri}: no {SINGLE_NAME} or {INDEX_NAME} found")

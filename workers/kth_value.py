@@ -22,24 +22,49 @@ def abs_bits(values: torch.Tensor) -> torch.Tensor:
     return values.abs().contiguous().view(torch.int32)
 
 
+def new_histogram(tasks: int, bins: int) -> torch.Tensor:
+    return torch.zeros(tasks * bins, dtype=torch.int64)
+
+
+def _accumulate(hist: torch.Tensor, bins: int, rows: torch.Tensor, values: torch.Tensor) -> None:
+    # index_add_ costs O(chunk), not O(bins): tiny tensors (norm scales, biases) stay cheap.
+    flat = rows * bins + values.to(torch.int64)
+    hist.index_add_(0, flat.cpu(), torch.ones(flat.numel(), dtype=torch.int64))
+
+
+def add_high_histogram(hist: torch.Tensor, taus: torch.Tensor) -> None:
+    """Accumulate the high 16 bits of |tau_t| into hist, a flat (T * HIGH_BINS) counter."""
+    bits = abs_bits(taus) >> 16
+    rows = torch.arange(taus.shape[0], device=taus.device)[:, None].expand_as(bits)
+    _accumulate(hist, HIGH_BINS, rows.reshape(-1), bits.reshape(-1))
+
+
+def add_low_histogram(hist: torch.Tensor, taus: torch.Tensor, high_bins: np.ndarray) -> None:
+    """Accumulate the low 16 bits of |tau_t| among values in row t's chosen high bin."""
+    bits = abs_bits(taus)
+    target = torch.as_tensor(high_bins, device=taus.device)[:, None]
+    hit = (bits >> 16) == target
+    rows = torch.arange(taus.shape[0], device=taus.device)[:, None].expand_as(bits)
+    _accumulate(hist, LOW_BINS, rows[hit], bits[hit] & 0xFFFF)
+
+
+def as_rows(hist: torch.Tensor, tasks: int) -> np.ndarray:
+    return hist.view(tasks, -1).numpy()
+
+
 def high_histogram(taus: torch.Tensor) -> np.ndarray:
     """(T, HIGH_BINS) counts of the high 16 bits of |tau_t|, one row per task."""
-    bits = abs_bits(taus) >> 16
-    rows = [torch.bincount(bits[t], minlength=HIGH_BINS) for t in range(taus.shape[0])]
-    return torch.stack(rows).cpu().numpy().astype(np.int64)
+    hist = new_histogram(taus.shape[0], HIGH_BINS)
+    add_high_histogram(hist, taus)
+    return as_rows(hist, taus.shape[0])
 
 
 def low_histogram(taus: torch.Tensor, high_bins: np.ndarray) -> np.ndarray:
-    """(T, LOW_BINS) counts of the low 16 bits of |tau_t| among values in row t's chosen high bin."""
-    bits = abs_bits(taus)
-    out = np.zeros((taus.shape[0], LOW_BINS), dtype=np.int64)
-    for t in range(taus.shape[0]):
-        if high_bins[t] < 0:
-            continue
-        row = bits[t]
-        sel = row[(row >> 16) == int(high_bins[t])] & 0xFFFF
-        out[t] = torch.bincount(sel, minlength=LOW_BINS).cpu().numpy()
-    return out
+    """(T, LOW_BINS) counts of the low 16 bits of |tau_t| among values in row t's chosen high bin
+    (rows with high bin -1 count nothing)."""
+    hist = new_histogram(taus.shape[0], LOW_BINS)
+    add_low_histogram(hist, taus, high_bins)
+    return as_rows(hist, taus.shape[0])
 
 
 def kth_rank(total: int, density: float) -> int:

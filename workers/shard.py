@@ -185,38 +185,38 @@ def _float_jobs(spec: ShardSpec):
 
 def shard_high_histogram(spec: ShardSpec) -> np.ndarray:
     """First stats pass of global TIES: (T, 32768) histogram over this shard."""
-    hist = np.zeros((len(spec.task_names), kth_value.HIGH_BINS), dtype=np.int64)
+    hist = kth_value.new_histogram(len(spec.task_names), kth_value.HIGH_BINS)
     with ExitStack() as stack:
         reader = ShardReader(spec.storage, stack)
         for job in _float_jobs(spec):
             for _, _, _, taus in task_chunks(spec, job, reader):
-                hist += kth_value.high_histogram(taus)
-    return hist
+                kth_value.add_high_histogram(hist, taus)
+    return kth_value.as_rows(hist, len(spec.task_names))
 
 
 def shard_low_histogram(spec: ShardSpec, high_bins: np.ndarray) -> np.ndarray:
     """Second stats pass of global TIES: low-half histogram inside each task's winning bin."""
-    hist = np.zeros((len(spec.task_names), kth_value.LOW_BINS), dtype=np.int64)
+    hist = kth_value.new_histogram(len(spec.task_names), kth_value.LOW_BINS)
     with ExitStack() as stack:
         reader = ShardReader(spec.storage, stack)
         for job in _float_jobs(spec):
             for _, _, _, taus in task_chunks(spec, job, reader):
-                hist += kth_value.low_histogram(taus, high_bins)
-    return hist
+                kth_value.add_low_histogram(hist, taus, high_bins)
+    return kth_value.as_rows(hist, len(spec.task_names))
 
 
 def tensor_thresholds(spec: ShardSpec, job: TensorJob, reader: ShardReader) -> torch.Tensor:
     """Per-tensor TIES thresholds (scope "tensor"): the same two passes, over one tensor."""
     t = len(spec.task_names)
-    high = np.zeros((t, kth_value.HIGH_BINS), dtype=np.int64)
+    high = kth_value.new_histogram(t, kth_value.HIGH_BINS)
     for _, _, _, taus in task_chunks(spec, job, reader):
-        high += kth_value.high_histogram(taus)
+        kth_value.add_high_histogram(high, taus)
     k = np.full(t, kth_value.kth_rank(job.numel, spec.params.density), dtype=np.int64)
-    bins, within = kth_value.locate(high, k)
-    low = np.zeros((t, kth_value.LOW_BINS), dtype=np.int64)
+    bins, within = kth_value.locate(kth_value.as_rows(high, t), k)
+    low = kth_value.new_histogram(t, kth_value.LOW_BINS)
     for _, _, _, taus in task_chunks(spec, job, reader):
-        low += kth_value.low_histogram(taus, bins)
-    return torch.from_numpy(kth_value.thresholds_from(bins, low, within))
+        kth_value.add_low_histogram(low, taus, bins)
+    return torch.from_numpy(kth_value.thresholds_from(bins, kth_value.as_rows(low, t), within))
 
 
 # --------------------------------------------------------------------- apply pass

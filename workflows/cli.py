@@ -53,6 +53,9 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--overwrite", action="store_true", help="replace a finished run at the output location")
     m.add_argument("--dry-run", action="store_true", help="validate and print the plan; read no tensor data")
     m.add_argument("--quiet", action="store_true", help="no progress bars")
+    m.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db)")
+    m.add_argument("--experiment", default="mergeflow", help="MLflow experiment name (default: mergeflow)")
+    m.add_argument("--no-tracking", action="store_true", help="do not log the run to MLflow")
 
     r = sub.add_parser("reconstruct", help="rebuild one task's model from a tall_masks/consensus run",
                        description="Rebuild theta_0 + m_t * tau_MTL for task t as an HF checkpoint, "
@@ -110,6 +113,22 @@ def _merge(args) -> int:
     from workflows.inspect_run import describe
 
     print(describe(cfg.output, cfg.storage.options()))
+    return _track(report, args)
+
+
+def _track(report, args) -> int:
+    from infra.tracking import TrackingError, TrackingOptions
+    from workflows.merge import track
+
+    options = TrackingOptions(enabled=not args.no_tracking, uri=args.tracking_uri, experiment=args.experiment)
+    try:
+        run_id = track(report, Path(args.config).read_text(), options)
+    except TrackingError as e:
+        # The merge is committed; exit non-zero so a pipeline notices the missing run record.
+        print(f"mergeflow: error: {e}", file=sys.stderr)
+        return 3
+    if run_id:
+        print(f"mlflow      run {run_id} at {options.tracking_uri()}")
     return 0
 
 
@@ -169,6 +188,7 @@ def _make_family(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # keep MLflow's INFO chatter out of our output
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")

@@ -168,7 +168,7 @@ def run_merge(config: MergeConfig, *, overwrite: bool = False, quiet: bool = Fal
         report.bytes_read = sum(r.bytes_read for r in ordered)
         extra = {
             "ties": {"thresholds": list(plan.shards[0].thresholds or ()), "majority": None},
-            "summary": summary | sizes_summary(plan, outputs),
+            "summary": summary | sizes_summary(plan, outputs) | {"bytes_read": report.bytes_read},
             "timings": {k: round(v, 3) for k, v in timings.items()},
         }
         if plan.params.uses_ties:
@@ -209,3 +209,22 @@ def sizes_summary(plan: Plan, outputs: dict[str, tuple[str, int]]) -> dict:
         out["checkpoints_bytes"] = individual
         out["compression_ratio"] = round((individual + plan.base.nbytes) / (compressed + plan.base.nbytes), 3)
     return out
+
+
+def track(report: MergeReport, config_text: str | None, options) -> str | None:
+    """One MLflow run per merge, logged after the commit: a tracking failure raises
+    TrackingError but can never undo or corrupt the committed result."""
+    from infra.tracking import log_merge
+
+    if report.manifest is None or not options.enabled:
+        return None
+    output, storage = report.plan.config.output, report.plan.config.storage.options()
+    store = storage_for(output, storage)
+    files = {rel: store.read_bytes(join(output, rel)) for rel in report.manifest["outputs"] if rel.startswith("stats/")}
+    run_id = log_merge(report.manifest, output=output, config_text=config_text, files=files, options=options)
+    if run_id:
+        import json
+
+        doc = {"tracking_uri": options.tracking_uri(), "run_id": run_id, "experiment": options.experiment}
+        store.write_bytes(join(output, "tracking.json"), json.dumps(doc, indent=1).encode())
+    return run_id

@@ -1,0 +1,347 @@
+"""Record a finished merge as one MLflow run: parameters, input hashes, metrics, stats and plots.
+
+Tracking happens after the commit: by the time `log_merge` is called, OUT/manifest.json exists and
+the merge is a result. A tracking failure therefore never loses a merge; it raises `TrackingError`,
+one line naming the tracking URI, what failed, and where the committed merge is.
+
+We talk to MLflow through an explicit `MlflowClient(tracking_uri=...)` and never through the fluent
+API's global state (`mlflow.set_tracking_uri`, active runs), so a library caller's own MLflow setup is
+left untouched. Nothing from the environment or the storage options is logged: they hold credentials.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit, urlunsplit
+
+from workers.errors import MergeflowError
+
+if TYPE_CHECKING:  # mlflow takes seconds to import: only when a run is actually logged
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric, Param
+
+log = logging.getLogger(__name__)
+
+__all__ = ["TrackingError", "TrackingOptions", "log_merge"]
+
+MAX_PARAM_LENGTH = 6000  # MLflow rejects longer param values (mlflow.utils.validation.MAX_PARAM_VAL_LENGTH)
+MAX_KEY_LENGTH = 250  # ... and longer param/metric/tag keys
+
+# HTTP behaviour while we log. MLflow's defaults (7 retries with exponential backoff, 120 s timeout)
+# make a dead server look like a hang of several minutes after a merge that already finished. With
+# these, a refused connection fails in ~3 s and an unreachable host in ~35 s (3 tries of 10 s), while
+# one dropped request is still retried. Our artifacts are small (stats, a plot, the manifest), so 10 s
+# per request is ample. A user who set one of these variables keeps their value.
+_FAST_HTTP_ENV = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+}
+
+_SUMMARY_METRICS = (
+    "bytes_read", "input_bytes", "model_bytes", "compressed_bytes", "checkpoints_bytes",
+    "compression_ratio", "parameters", "selfish_share", "catastrophic_share",
+)
+
+
+class TrackingError(MergeflowError):
+    """Logging a merge to MLflow failed; the merge itself is committed."""
+
+
+@dataclass(frozen=True)
+class TrackingOptions:
+    enabled: bool = True
+    uri: str | None = None
+    experiment: str = "mergeflow"
+
+    def tracking_uri(self) -> str:
+        """The explicit URI, else a non-empty MLFLOW_TRACKING_URI, else ./mlflow.db (our documented
+        default; resolved against the working directory at call time)."""
+        if self.uri:
+            return self.uri
+        if env := os.environ.get("MLFLOW_TRACKING_URI", "").strip():
+            return env
+        return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def log_merge(manifest: dict, *, output: str, config_text: str | None, files: dict[str, bytes],
+              options: TrackingOptions, parent_run_id: str | None = None) -> str | None:
+    """Log one finished merge as one MLflow run and return its run id (None when tracking is off).
+
+    `files` maps artifact paths relative to the run (e.g. "stats/task_overlap.png") to their bytes.
+    Raises TrackingError when the tracking backend fails.
+    """
+    if not options.enabled:
+        return None
+    uri = options.tracking_uri()
+    _require_mlflow(uri, output)
+    # Everything we send is built first, from the manifest alone: a malformed manifest is a bug and
+    # surfaces as its own exception, not as a "tracking failed" message.
+    params = run_params(manifest)
+    metrics = run_metrics(manifest)
+    tags = run_tags(manifest, output, parent_run_id)
+    artifacts = run_artifacts(manifest, config_text, files)
+
+    step = "connecting"
+    client = run_id = None
+    with _fast_failing_http():
+        try:
+            from mlflow import MlflowClient
+            from mlflow.entities import RunStatus
+
+            _ensure_sqlite_dir(uri)
+            client = MlflowClient(tracking_uri=uri)
+            step = f"finding experiment {options.experiment!r}"
+            experiment_id = _experiment_id(client, options.experiment, uri)
+            step = "creating the run"
+            run_id = client.create_run(experiment_id, tags=tags, run_name=tags["mlflow.runName"]).info.run_id
+            step = "logging params and metrics"
+            client.log_batch(run_id, metrics=metrics, params=params, synchronous=True)
+            step = "uploading artifacts"
+            _upload(client, run_id, artifacts)
+            step = "finishing the run"
+            client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
+        except TrackingError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any backend failure becomes one user-facing line
+            if run_id is not None:
+                _mark_failed(client, run_id)
+            raise TrackingError(
+                f"MLflow tracking at {redact(uri)} failed while {step} ({_reason(exc)}); "
+                f"the merge itself is committed at {redact(output)}"
+            ) from exc
+    log.info("logged merge to MLflow run %s at %s", run_id, redact(uri))
+    return run_id
+
+
+# ------------------------------------------------------------------------------------ what we log
+
+
+def run_params(manifest: dict) -> list[Param]:
+    from mlflow.entities import Param
+
+    method = dict(manifest["method"])
+    lambdas = method.pop("lambdas", None) or {}
+    tasks = [t["name"] for t in manifest["inputs"]["tasks"]]
+    values: dict[str, object] = {"method": method.pop("name")}
+    values.update(_flatten(method))
+    values.update({f"lambda.{task}": v for task, v in lambdas.items()})
+    values |= {"num_tasks": len(tasks), "tasks": _join_within(tasks, MAX_PARAM_LENGTH), "shards": manifest["shards"]}
+    values["input.base.sha256"] = checkpoint_digest(manifest["inputs"]["base"])
+    values.update({f"input.task.{t['name']}.sha256": checkpoint_digest(t) for t in manifest["inputs"]["tasks"]})
+    return [Param(_key(k), str(v)[:MAX_PARAM_LENGTH]) for k, v in values.items()]
+
+
+def checkpoint_digest(checkpoint: dict) -> str:
+    """One digest per checkpoint: sha256 of its files' sha256 hex digests, sorted, one per line.
+
+    Sorted by digest, not by file name: renaming a checkpoint's files does not change its digest,
+    changing any file's bytes does."""
+    digests = sorted(f["sha256"] for f in checkpoint["files"].values())
+    return hashlib.sha256("\n".join(digests).encode()).hexdigest()
+
+
+def run_metrics(manifest: dict) -> list[Metric]:
+    from mlflow.entities import Metric
+
+    values: dict[str, float] = {f"time.{stage}_s": v for stage, v in manifest.get("timings", {}).items()}
+    outputs = manifest.get("outputs")
+    if outputs is not None:
+        values["bytes_written"] = sum(o["size"] for o in outputs.values())
+    summary = manifest.get("summary", {})
+    values.update({k: summary[k] for k in _SUMMARY_METRICS if k in summary})
+    values.update({f"mask_density.{task}": d for task, d in summary.get("mask_density", {}).items()})
+    now = int(time.time() * 1000)
+    return [Metric(_key(k), float(v), now, 0) for k, v in values.items() if _is_finite_number(v)]
+
+
+def run_tags(manifest: dict, output: str, parent_run_id: str | None) -> dict[str, str]:
+    method = manifest["method"]["name"]
+    tags = {
+        "mlflow.runName": f"{method}-{len(manifest['inputs']['tasks'])}tasks",
+        "mergeflow.output": redact(output),
+        "mergeflow.version": str(manifest.get("mergeflow_version", "unknown")),
+        "mergeflow.fingerprint": str(manifest.get("fingerprint", "")),
+    }
+    if parent_run_id:
+        # mlflow.parentRunId is what the MLflow UI nests by; ours survives a UI that drops it.
+        tags["mlflow.parentRunId"] = tags["mergeflow.parent_run"] = parent_run_id
+    return tags
+
+
+def run_artifacts(manifest: dict, config_text: str | None, files: dict[str, bytes]) -> dict[str, bytes]:
+    artifacts = {}
+    if config_text is not None:
+        artifacts["config.yaml"] = config_text.encode()
+    artifacts["manifest.json"] = json.dumps(manifest, indent=1).encode()
+    for rel, data in files.items():
+        artifacts[_safe_relpath(rel)] = data
+    return artifacts
+
+
+# ------------------------------------------------------------------------------------ MLflow calls
+
+
+def _require_mlflow(uri: str, output: str) -> None:
+    # Tracking is optional to a merge: a missing package is a tracking failure like any other.
+    try:
+        import mlflow  # noqa: F401
+    except ImportError as exc:
+        raise TrackingError(
+            f"MLflow tracking at {redact(uri)} failed (mlflow is not installed: {exc}); "
+            f"the merge itself is committed at {redact(output)}"
+        ) from exc
+
+
+def _experiment_id(client: MlflowClient, name: str, uri: str) -> str:
+    from mlflow.exceptions import MlflowException
+
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        try:
+            return client.create_experiment(name, artifact_location=_local_artifact_location(uri))
+        except MlflowException:
+            # Another merge may have created it between our two calls; if not, re-raise.
+            experiment = client.get_experiment_by_name(name)
+            if experiment is None:
+                raise
+    if experiment.lifecycle_stage == "deleted":
+        raise TrackingError(
+            f"MLflow tracking at {redact(uri)}: experiment {name!r} is deleted; restore it "
+            "(mlflow experiments restore) or choose another experiment name"
+        )
+    return experiment.experiment_id
+
+
+def _local_artifact_location(uri: str) -> str | None:
+    """Artifacts of a local sqlite store go next to the database, not into ./mlruns of whatever the
+    working directory happens to be. Servers choose their own location (None)."""
+    path = _sqlite_path(uri)
+    return (path.parent / "mlruns").resolve().as_uri() if path else None
+
+
+def _ensure_sqlite_dir(uri: str) -> None:
+    # sqlite cannot create the folder of a new database file.
+    if path := _sqlite_path(uri):
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    if not uri.startswith("sqlite:///") or uri.startswith("sqlite:///:memory:"):
+        return None
+    return Path(uri.removeprefix("sqlite:///").split("?", 1)[0])
+
+
+def _upload(client: MlflowClient, run_id: str, artifacts: dict[str, bytes]) -> None:
+    # One log_artifacts call for the whole tree: one request per file, no per-file client setup.
+    with tempfile.TemporaryDirectory(prefix="mergeflow-artifacts-") as tmp:
+        for rel, data in artifacts.items():
+            path = Path(tmp, rel)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+        client.log_artifacts(run_id, tmp)
+
+
+def _mark_failed(client: MlflowClient, run_id: str) -> None:
+    # Best effort: when the backend is gone this fails too, and the original error is the one to report.
+    try:
+        client.set_terminated(run_id, "FAILED")
+    except Exception as exc:  # noqa: BLE001
+        log.debug("could not mark MLflow run %s FAILED: %s", run_id, exc)
+
+
+@contextmanager
+def _fast_failing_http() -> Iterator[None]:
+    """Set the HTTP settings above for the duration of one log_merge call, then restore the
+    environment exactly (MLflow reads these variables on every request)."""
+    added = [k for k in _FAST_HTTP_ENV if k not in os.environ]
+    for k in added:
+        os.environ[k] = _FAST_HTTP_ENV[k]
+    try:
+        yield
+    finally:
+        for k in added:
+            os.environ.pop(k, None)
+
+
+# ------------------------------------------------------------------------------------ small helpers
+
+
+def redact(uri: str) -> str:
+    """The URI without a password (http://user:secret@host -> http://user:***@host)."""
+    try:
+        parts = urlsplit(uri)
+    except ValueError:
+        return uri
+    if parts.password is None:
+        return uri
+    netloc = parts.netloc.rsplit("@", 1)
+    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{netloc[-1]}"))
+
+
+def _reason(exc: BaseException) -> str:
+    """A short cause: the well-known network failures by name, else the first line of the message."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, ConnectionRefusedError) or "Connection refused" in str(e):
+            return "connection refused"
+        if isinstance(e, TimeoutError) or type(e).__name__ in ("ConnectTimeout", "ReadTimeout", "Timeout"):
+            return "timed out"
+        e = e.__cause__ or e.__context__
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _flatten(values: dict, prefix: str = "") -> dict[str, object]:
+    out: dict[str, object] = {}
+    for k, v in values.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _join_within(names: list[str], limit: int) -> str:
+    """Comma-joined names; over `limit`, cut at a name boundary and say how many were left out."""
+    joined = ",".join(names)
+    if len(joined) <= limit:
+        return joined
+    head = joined[: limit - 32]  # 32 characters leave room for ",... (+N more)"
+    head = head.rsplit(",", 1)[0] if "," in head else ""  # drop the name cut in half
+    kept = len(head.split(",")) if head else 0
+    return f"{head},... (+{len(names) - kept} more)"
+
+
+_BAD_KEY_CHARS = re.compile(r"[^\w./\- :]")
+
+
+def _key(name: str) -> str:
+    # MLflow accepts letters, digits, _ . / - : and space in keys; task names are already restricted
+    # by the config, this only keeps an unexpected one from failing the whole batch.
+    return _BAD_KEY_CHARS.sub("_", name)[:MAX_KEY_LENGTH]
+
+
+def _safe_relpath(rel: str) -> str:
+    path = PurePosixPath(rel)
+    if path.is_absolute() or ".." in path.parts or not path.parts:
+        raise ValueError(f"artifact path {rel!r} must be relative and stay inside the run")
+    return str(path)
+
+
+def _is_finite_number(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
