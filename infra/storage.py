@@ -299,7 +299,8 @@ def _s3_error(uri: str, err: Exception, endpoint: str = "?") -> StorageError:
         if code in ("ExpiredToken", "InvalidToken", "TokenRefreshRequired"):
             return StorageError(f"{uri}: access denied: the session token is expired or invalid ({code}); {_CREDENTIAL_HINT}")
         if code in ("AccessDenied", "403") or status == 403:
-            return StorageError(f"{uri}: access denied (HTTP 403 {code}); {_CREDENTIAL_HINT} and the bucket policy")
+            why = f"HTTP 403 {code}" if code and code != "403" else "HTTP 403"  # HEAD answers carry no code
+            return StorageError(f"{uri}: access denied ({why}); {_CREDENTIAL_HINT} and the bucket policy")
         message = " ".join(str(error.get("Message", "")).split())
         detail = f"{code or status}{': ' + message if message else ''}"
         if isinstance(status, int) and status >= 500:

@@ -1,4 +1,4 @@
-"""Single-process, flattened reference implementation of /work/shared/ALGORITHMS.md.
+"""Single-process, flattened reference implementation of the merge-method spec (docs/methods.md).
 
 Ground truth for the tests of the distributed implementation: favour obviousness over speed.
 Everything is computed on whole flattened model vectors in float32, in sorted-name order.

@@ -1,4 +1,4 @@
-"""Checks tests/reference_impl.py against the reference cases of /work/shared/ALGORITHMS.md."""
+"""Checks tests/reference_impl.py against the reference cases of the merge-method spec (docs/methods.md)."""
 
 import numpy as np
 import pytest

@@ -125,8 +125,8 @@ def run_merge(config: MergeConfig, *, overwrite: bool = False, quiet: bool = Fal
 
     hash_refs = [ray.remote(num_cpus=1)(sha256_of).remote(f, options) for f in input_files]
 
-    with _timed(timings, "ties_thresholds"):
-        if plan.params.uses_ties and plan.params.scope == "global":
+    if plan.params.uses_ties and plan.params.scope == "global":
+        with _timed(timings, "ties_thresholds"):
             saved = journal.load_globals() or {}
             thresholds = saved.get("thresholds") or ties_thresholds(plan, quiet)
             journal.save_globals({"thresholds": list(thresholds)})

@@ -66,7 +66,8 @@ def reconstruct(run: str, task: str, output: str, options: StorageOptions, *, ra
 
     runtime.connect(ray_address)
     base_files = list(base_expected.items())
-    got = runtime.run_tasks(sha256_of, [(f, options) for f, _ in base_files], desc="verify base", quiet=quiet)
+    got = runtime.run_tasks(sha256_of, [(f, options) for f, _ in base_files], desc="verify base", quiet=quiet,
+                            sizes=[base.file_sizes[f] for f, _ in base_files])
     for (f, want), have in zip(base_files, got):
         if want != have:
             raise CheckpointError(f"{f}: the base checkpoint changed since the merge (sha256 differs from the manifest)")

@@ -1,6 +1,6 @@
 """TIES merging (Yadav et al. 2023): trim, elect sign, disjoint merge.
 
-Follows the reference code exactly (ALGORITHMS.md): trim keeps |tau_t| >= thr_t
+Follows the reference code exactly (docs/methods.md): trim keeps |tau_t| >= thr_t
 where thr_t is the k-th smallest |tau_t| with k = P - int(P * density); the
 thresholds are computed by workers/kth_value.py before this runs.
 """
