@@ -201,6 +201,7 @@ def test_workers_read_ranges_not_whole_checkpoints(merged):
     # anything else in the files never reach the workers.
     assert report.bytes_read == tensor_bytes == local_report.bytes_read
     assert report.bytes_read < 1.5 * input_bytes
+    assert report.manifest["summary"]["bytes_read"] == report.bytes_read
 
 
 def test_credentials_never_written(merged):
