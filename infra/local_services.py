@@ -283,7 +283,10 @@ class SeaweedS3Server(_Service):
             # WebDAV would listen on a fixed port (7333) and clash between instances; telemetry phones home.
             "-webdav=false", "-master.telemetry=false",
         ]
-        self._spawn(cmd, dict(os.environ), cwd=self.data_dir)
+        # weed treats AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY in its environment as admin
+        # credentials that replace s3.json's: start it without the caller's AWS settings.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+        self._spawn(cmd, env, cwd=self.data_dir)
         endpoint = S3Endpoint(url=f"http://{_HOST}:{p['s3']}", access_key=self.access_key,
                               secret_key=self.secret_key, bucket=self.bucket)
         client = s3_client(endpoint, timeout=1, max_attempts=1)  # loopback: fail fast, poll again
