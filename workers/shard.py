@@ -18,7 +18,7 @@ import torch
 from infra.storage import RangeReader, StorageOptions, join, storage_for
 from workers import kth_value
 from workers.bits import pack_rows
-from workers.dtypes import CODES, TORCH_DTYPES, is_float, itemsize
+from workers.dtypes import TORCH_DTYPES, is_float, itemsize
 from workers.errors import CheckpointError
 from workers.layers import layer_of
 from workers.methods import ChunkGlobals, MethodParams, get_method
@@ -296,6 +296,3 @@ def _bytes(x: torch.Tensor) -> bytes:
         x = x.view(torch.int16)
     return x.numpy().tobytes()
 
-
-def dtype_code(x: torch.Tensor) -> str:
-    return CODES[x.dtype]

@@ -7,6 +7,7 @@ only ever replaced with --overwrite, which first removes its manifest.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -135,10 +136,14 @@ def write_compressed_index(plan: Plan) -> dict[str, tuple[str, int]]:
 
 
 def _put(store, output: str, rel: str, data: bytes) -> tuple[str, int]:
-    import hashlib
-
     store.write_bytes(join(output, rel), data)
     return hashlib.sha256(data).hexdigest(), len(data)
+
+
+def put_files(plan: Plan, files: dict[str, bytes]) -> dict[str, tuple[str, int]]:
+    """Write small files under the run; returns {relative path: (sha256, size)} for the manifest."""
+    store = storage_for(plan.config.output, plan.config.storage.options())
+    return {rel: _put(store, plan.config.output, rel, data) for rel, data in files.items()}
 
 
 def write_manifest(plan: Plan, outputs: dict[str, tuple[str, int]], inputs: dict[str, tuple[str, int]], extra: dict) -> dict:

@@ -121,9 +121,7 @@ def run_merge(config: MergeConfig, *, overwrite: bool = False, quiet: bool = Fal
     options = config.storage.options()
 
     # Inputs are hashed alongside the merge (Ray overlaps the two); the manifest needs them.
-    import ray
-
-    hash_refs = [ray.remote(num_cpus=1)(sha256_of).remote(f, options) for f in input_files]
+    hashing = runtime.submit(sha256_of, [(f, options) for f in input_files])
 
     if plan.params.uses_ties and plan.params.scope == "global":
         with _timed(timings, "ties_thresholds"):
@@ -163,28 +161,24 @@ def run_merge(config: MergeConfig, *, overwrite: bool = False, quiet: bool = Fal
         layers = stats.merge_layers(ordered)
         summary = stats.summary(layers, plan.task_names)
         outputs |= write_stats(plan, layers, summary)
-        hashes = ray.get(hash_refs)
+        hashes = runtime.gather(hashing)
         inputs = {f: (h, storage_for(f, options).size(f)) for f, h in zip(input_files, hashes)}
         report.bytes_read = sum(r.bytes_read for r in ordered)
         extra = {
-            "ties": {"thresholds": list(plan.shards[0].thresholds or ()), "majority": None},
             "summary": summary | sizes_summary(plan, outputs) | {"bytes_read": report.bytes_read},
             "timings": {k: round(v, 3) for k, v in timings.items()},
         }
         if plan.params.uses_ties:
-            extra["ties"]["majority"] = int(np.sign(sum(r.sign_sum for r in ordered)))
-        else:
-            extra.pop("ties")
+            extra["ties"] = {"thresholds": list(plan.shards[0].thresholds or ()),  # empty: per-tensor scope
+                             "majority": int(np.sign(sum(r.sign_sum for r in ordered)))}
         report.manifest = commit.write_manifest(plan, outputs, inputs, extra)
     timings["total"] = time.perf_counter() - t_start
     return report
 
 
 def write_stats(plan: Plan, layers, summary: dict) -> dict[str, tuple[str, int]]:
-    import hashlib
     import json
 
-    store = storage_for(plan.config.output, plan.config.storage.options())
     files = {
         "stats/layers.json": json.dumps(stats.layers_doc(layers, plan.task_names), indent=1).encode(),
         "stats/summary.json": json.dumps(summary, indent=1).encode(),
@@ -192,11 +186,7 @@ def write_stats(plan: Plan, layers, summary: dict) -> dict[str, tuple[str, int]]
     png = stats.overlap_png(layers, plan.task_names)
     if png:
         files["stats/task_overlap.png"] = png
-    out = {}
-    for rel, data in files.items():
-        store.write_bytes(join(plan.config.output, rel), data)
-        out[rel] = (hashlib.sha256(data).hexdigest(), len(data))
-    return out
+    return commit.put_files(plan, files)
 
 
 def sizes_summary(plan: Plan, outputs: dict[str, tuple[str, int]]) -> dict:

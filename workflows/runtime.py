@@ -58,6 +58,25 @@ def _in_worker(fn: Callable, *args: Any) -> Any:
 _remote_in_worker = None
 
 
+def _remote():
+    global _remote_in_worker
+    if _remote_in_worker is None:
+        _remote_in_worker = ray.remote(_in_worker)
+    return _remote_in_worker
+
+
+def submit(fn: Callable, calls: Sequence[tuple]) -> list:
+    """Start fn(*call) for every call in the background; pass the handles to gather()."""
+    return [_remote().options(num_cpus=1).remote(fn, *call) for call in calls]
+
+
+def gather(handles: list) -> list:
+    try:
+        return ray.get(handles)
+    except Exception as e:
+        raise _clean(e) from None
+
+
 def _clean(err: Exception) -> Exception:
     """A user error raised in a worker, without Ray's wrapping and remote traceback."""
     cause = getattr(err, "cause", None)
@@ -82,15 +101,12 @@ def run_tasks(
     `on_result(i, result)` runs in the driver as each finishes (journaling for resume).
     The first failure cancels the rest and is re-raised.
     """
-    global _remote_in_worker
-    if _remote_in_worker is None:
-        _remote_in_worker = ray.remote(_in_worker)
     opts: dict[str, Any] = {"num_cpus": 1}
     if gpu:
         opts["num_gpus"] = 0.5
     if memory:
         opts["memory"] = memory
-    refs = [_remote_in_worker.options(**opts).remote(fn, *call) for call in calls]
+    refs = [_remote().options(**opts).remote(fn, *call) for call in calls]
     index = {ref: i for i, ref in enumerate(refs)}
     results: list[Any] = [None] * len(refs)
     sizes = list(sizes) if sizes is not None else [1] * len(refs)
