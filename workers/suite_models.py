@@ -2,7 +2,7 @@
 
 One MLP backbone (64 -> H -> H -> H, ReLU; tensors `backbone.0.weight` ... `backbone.4.bias`) is
 pretrained on the identity digits with light augmentation (pixel noise and brightness, no geometric
-changes) and a throw-away head. Per task, a linear head (H -> 10) is fitted by logistic regression on
+changes) and a throw-away head. Per task, a linear head (H -> 10) is probed (a few epochs of Adam) on
 the frozen base features, then kept FROZEN while the whole backbone is fine-tuned on that task's train
 split (the protocol of the task-arithmetic papers). The heads are stored apart from the checkpoints
 (`<task>/head.safetensors`), so a merge only ever sees the backbone in `<task>/model.safetensors`.
@@ -38,6 +38,8 @@ FINETUNE_EPOCHS = 12
 BATCH = 64
 PRETRAIN_LR = 1e-3
 FINETUNE_LR = 3e-4
+PROBE_EPOCHS = 5
+PROBE_LR = 1e-3
 
 
 # --------------------------------------------------------------------------- transforms (8x8 images, 0..16)
@@ -235,17 +237,24 @@ def _pretrain(hidden: int, seed: int, epochs: int) -> SuiteMLP:
     return model.eval()
 
 
-def _probe_head(model: SuiteMLP, task: str, seed: int) -> dict[str, torch.Tensor]:
-    """Logistic regression on the frozen base features of the task's train split."""
-    from sklearn.linear_model import LogisticRegression
-
+def _probe_head(model: SuiteMLP, task: str, seed: int, epochs: int, task_index: int) -> dict[str, torch.Tensor]:
+    """A linear probe on the frozen base features of the task's train split: a few epochs of Adam from a
+    zero head (deliberately short, as a zero-shot head is not the best linear head: fine-tuning has room)."""
     x, y = task_data(task, seed, "train")
     with torch.no_grad():
-        feats = model.backbone(x).double().numpy()
-    clf = LogisticRegression(C=1.0, max_iter=1000, tol=1e-6)
-    clf.fit(feats, y.numpy())
-    return {"head.weight": torch.from_numpy(clf.coef_).float().contiguous(),
-            "head.bias": torch.from_numpy(clf.intercept_).float().contiguous()}
+        feats = model.backbone(x)
+    head = nn.Linear(feats.shape[1], N_CLASSES)
+    nn.init.zeros_(head.weight)
+    nn.init.zeros_(head.bias)
+    gen = torch.Generator().manual_seed(seed * 1000 + 500 + task_index)
+    opt = torch.optim.Adam(head.parameters(), lr=PROBE_LR)
+    for _ in range(epochs):
+        for b in _batches(len(x), gen):
+            loss = nn.functional.cross_entropy(head(feats[b]), y[b])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    return {f"head.{k}": v.detach().clone().contiguous() for k, v in head.state_dict().items()}
 
 
 def _finetune(base: dict[str, torch.Tensor], head: dict[str, torch.Tensor], task: str, seed: int, epochs: int,
@@ -285,7 +294,9 @@ def _write_checkpoint(sd: dict[str, torch.Tensor], out: Path, hidden: int, head:
 
 
 def _settings(tasks: int, seed: int, hidden: int, epochs_scale: float) -> dict:
-    return {"code_version": CODE_VERSION, "tasks": tasks, "seed": seed, "hidden": hidden, "epochs_scale": epochs_scale}
+    return {"code_version": CODE_VERSION, "tasks": tasks, "seed": seed, "hidden": hidden, "epochs_scale": epochs_scale,
+            "training": {"pretrain_epochs": PRETRAIN_EPOCHS, "probe_epochs": PROBE_EPOCHS, "finetune_epochs": FINETUNE_EPOCHS,
+                         "batch": BATCH, "pretrain_lr": PRETRAIN_LR, "probe_lr": PROBE_LR, "finetune_lr": FINETUNE_LR}}
 
 
 def build_suite(out_dir: Path, tasks: int = 8, seed: int = 0, *, hidden: int = 512, epochs_scale: float = 1.0,
@@ -313,6 +324,7 @@ def build_suite(out_dir: Path, tasks: int = 8, seed: int = 0, *, hidden: int = 5
     t0 = time.perf_counter()
     pre_epochs = max(1, round(PRETRAIN_EPOCHS * epochs_scale))
     ft_epochs = max(1, round(FINETUNE_EPOCHS * epochs_scale))
+    probe_epochs = max(1, round(PROBE_EPOCHS * epochs_scale))
     with _deterministic():
         meta_path.unlink(missing_ok=True)  # written last: its presence means a complete suite
         base_model = _pretrain(hidden, seed, pre_epochs)
@@ -321,7 +333,7 @@ def build_suite(out_dir: Path, tasks: int = 8, seed: int = 0, *, hidden: int = 5
         say(f"pretrained base ({pre_epochs} epochs) in {time.perf_counter() - t0:.1f}s")
         results, finetuned = {}, []
         for i, name in enumerate(names):
-            head = _probe_head(base_model, name, seed)
+            head = _probe_head(base_model, name, seed, probe_epochs, i)
             ft = _finetune(base, head, name, seed, ft_epochs, i)
             _write_checkpoint(ft, out_dir / name, hidden, head)
             finetuned.append(ft)
@@ -347,7 +359,7 @@ def build_suite(out_dir: Path, tasks: int = 8, seed: int = 0, *, hidden: int = 5
         "seed": seed,
         "tasks": [{"name": n, "transform": TRANSFORMS[n][0]} for n in names],
         "splits": sizes,
-        "epochs": {"pretrain": pre_epochs, "finetune": ft_epochs},
+        "epochs": {"pretrain": pre_epochs, "probe": probe_epochs, "finetune": ft_epochs},
         "evaluator": "workers.suite_models:evaluate",
         "accuracy": results,
         "average": average,

@@ -84,6 +84,10 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--shards", type=int, default=2, help="safetensors files per checkpoint")
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--method", default="tall_masks", help="method written into the generated config.yaml")
+
+    from workflows.suite import add_parser as _add_suite_parser
+
+    _add_suite_parser(sub)
     return p
 
 
@@ -187,12 +191,19 @@ def _make_family(args) -> int:
     return 0
 
 
+def _suite(args) -> int:
+    from workflows.suite import run
+
+    return run(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # keep MLflow's INFO chatter out of our output
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    commands = {"merge": _merge, "reconstruct": _reconstruct, "inspect": _inspect, "make-family": _make_family}
+    commands = {"merge": _merge, "reconstruct": _reconstruct, "inspect": _inspect, "make-family": _make_family,
+                "suite": _suite}
     try:
         return commands[args.command](args)
     except MergeflowError as e:
