@@ -38,6 +38,7 @@ pytestmark = pytest.mark.slow
 
 METHOD = {"name": "tall_masks", "alpha": 0.3, "lambda": 0.4}
 EXECUTION = {"shard_size": 4000, "chunk_elems": 64}
+FAMILY_INDEX = "model.safetensors.index.json"
 FAMILY = dict(tasks=3, layers=2, hidden=16, vocab=32, dtype=torch.bfloat16, shards=2, seed=0)
 
 
@@ -272,11 +273,43 @@ def test_missing_bucket(ray_session, s3, family, tmp_path):
     assert s3.keys("run") == {}
 
 
+def restart_serving(s3: S3, probe_key: str, timeout: float = 60) -> None:
+    """restart() returns once HeadBucket answers, which the filer does before the volume
+    server serves data: under load GETs fail with HTTP 500 for a few seconds more."""
+    s3.server.restart()
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            s3.get(probe_key)
+            s3.client.put_object(Bucket=s3.bucket, Key=f"{s3.prefix}-ready", Body=b"")
+            return
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def wait_ray_idle(ray, timeout: float = 60) -> None:
+    """Tasks of a failed merge that were not cancelled keep running (see the report);
+    let them finish so they cannot race the next merge's writes."""
+    total = ray.cluster_resources().get("CPU", 0)
+    deadline, idle_since = time.monotonic() + timeout, None
+    while time.monotonic() < deadline:
+        if ray.available_resources().get("CPU", 0) >= total:
+            idle_since = idle_since or time.monotonic()
+            if time.monotonic() - idle_since > 1.0:
+                return
+        else:
+            idle_since = None
+        time.sleep(0.1)
+
+
 def test_server_down_then_restart_resumes(ray_session, s3, family, tmp_path, monkeypatch):
     base_dir, task_dirs = family(**(FAMILY | {"layers": 6}))
     base, tasks = upload_family(s3, base_dir, task_dirs)
     config = make_config(base, tasks, s3.uri("run"), s3)
     local = run_merge(make_config(base_dir, task_dirs, tmp_path / "run"), quiet=True)
+    probe = s3.keys("inputs")[f"{base_dir.name}/{FAMILY_INDEX}"]
     assert len(local.plan.shards) >= 8
 
     # 1. The server is down before the merge starts: the planner fails fast.
@@ -287,7 +320,7 @@ def test_server_down_then_restart_resumes(ray_session, s3, family, tmp_path, mon
     msg = str(err.value)
     assert "cannot reach the S3 endpoint" in msg and s3.endpoint.url in msg and "\n" not in msg, msg
     assert time.monotonic() - t0 < 30
-    s3.server.restart()
+    restart_serving(s3, probe)
     assert s3.keys("run") == {}
 
     # 2. The server goes away mid-merge: right after the first shard is journaled.
@@ -311,7 +344,8 @@ def test_server_down_then_restart_resumes(ray_session, s3, family, tmp_path, mon
     assert stopped and f"S3 endpoint {s3.endpoint.url}" in msg and "\n" not in msg, msg
     assert time.monotonic() - t0 < 60
     monkeypatch.undo()
-    s3.server.restart()
+    restart_serving(s3, probe)
+    wait_ray_idle(ray_session)
     assert_nothing_written(s3, "run")
     assert ".mergeflow/shards/%05d.json" % (stopped[0] + 1) in s3.keys("run")
 
