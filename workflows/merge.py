@@ -122,56 +122,59 @@ def run_merge(config: MergeConfig, *, overwrite: bool = False, quiet: bool = Fal
 
     # Inputs are hashed alongside the merge (Ray overlaps the two); the manifest needs them.
     hashing = runtime.submit(sha256_of, [(f, options) for f in input_files])
+    try:
+        if plan.params.uses_ties and plan.params.scope == "global":
+            with _timed(timings, "ties_thresholds"):
+                saved = journal.load_globals() or {}
+                thresholds = saved.get("thresholds") or ties_thresholds(plan, quiet)
+                journal.save_globals({"thresholds": list(thresholds)})
+                plan = dataclasses.replace(
+                    plan, shards=tuple(dataclasses.replace(s, thresholds=tuple(thresholds)) for s in plan.shards)
+                )
 
-    if plan.params.uses_ties and plan.params.scope == "global":
-        with _timed(timings, "ties_thresholds"):
-            saved = journal.load_globals() or {}
-            thresholds = saved.get("thresholds") or ties_thresholds(plan, quiet)
-            journal.save_globals({"thresholds": list(thresholds)})
-            plan = dataclasses.replace(
-                plan, shards=tuple(dataclasses.replace(s, thresholds=tuple(thresholds)) for s in plan.shards)
-            )
-
-    with _timed(timings, "merge"):
-        reused = reusable_shards(plan, journal, quiet) if state is OutputState.RESUME else {}
-        todo = [s for s in plan.shards if s.index not in reused]
-        results = dict(reused)
-        for r in map_shards(plan, todo, journal, quiet, desc=f"merge ({plan.params.name})"):
-            results[r.index] = r
-        report.shards_reused, report.shards_run = len(reused), len(todo)
-        if plan.params.uses_ties:
-            # The majority sign is a whole-model sum known only now; shards that relied on
-            # the provisional one at an exact tie are redone with the true one.
-            majority = int(np.sign(sum(r.sign_sum for r in results.values())))
-            redo = [
-                dataclasses.replace(plan.shards[i], majority=majority)
-                for i, r in results.items()
-                if r.ambiguous and r.majority_used != majority
-            ]
-            for r in map_shards(plan, redo, journal, quiet, desc="TIES majority-sign fix-up"):
+        with _timed(timings, "merge"):
+            reused = reusable_shards(plan, journal, quiet) if state is OutputState.RESUME else {}
+            todo = [s for s in plan.shards if s.index not in reused]
+            results = dict(reused)
+            for r in map_shards(plan, todo, journal, quiet, desc=f"merge ({plan.params.name})"):
                 results[r.index] = r
-            report.shards_run += len(redo)
+            report.shards_reused, report.shards_run = len(reused), len(todo)
+            if plan.params.uses_ties:
+                # The majority sign is a whole-model sum known only now; shards that relied on
+                # the provisional one at an exact tie are redone with the true one.
+                majority = int(np.sign(sum(r.sign_sum for r in results.values())))
+                redo = [
+                    dataclasses.replace(plan.shards[i], majority=majority)
+                    for i, r in results.items()
+                    if r.ambiguous and r.majority_used != majority
+                ]
+                for r in map_shards(plan, redo, journal, quiet, desc="TIES majority-sign fix-up"):
+                    results[r.index] = r
+                report.shards_run += len(redo)
 
-    with _timed(timings, "commit"):
-        ordered = [results[s.index] for s in plan.shards]
-        outputs = commit.shard_outputs(ordered)
-        outputs |= commit.write_model_index(plan)
-        if get_method(plan.params.name).compresses:
-            outputs |= commit.write_compressed_index(plan)
-        layers = stats.merge_layers(ordered)
-        summary = stats.summary(layers, plan.task_names)
-        outputs |= write_stats(plan, layers, summary)
-        hashes = runtime.gather(hashing)
-        inputs = {f: (h, storage_for(f, options).size(f)) for f, h in zip(input_files, hashes)}
-        report.bytes_read = sum(r.bytes_read for r in ordered)
-        extra = {
-            "summary": summary | sizes_summary(plan, outputs) | {"bytes_read": report.bytes_read},
-            "timings": {k: round(v, 3) for k, v in timings.items()},
-        }
-        if plan.params.uses_ties:
-            extra["ties"] = {"thresholds": list(plan.shards[0].thresholds or ()),  # empty: per-tensor scope
-                             "majority": int(np.sign(sum(r.sign_sum for r in ordered)))}
-        report.manifest = commit.write_manifest(plan, outputs, inputs, extra)
+        with _timed(timings, "commit"):
+            ordered = [results[s.index] for s in plan.shards]
+            outputs = commit.shard_outputs(ordered)
+            outputs |= commit.write_model_index(plan)
+            if get_method(plan.params.name).compresses:
+                outputs |= commit.write_compressed_index(plan)
+            layers = stats.merge_layers(ordered)
+            summary = stats.summary(layers, plan.task_names)
+            outputs |= write_stats(plan, layers, summary)
+            hashes = runtime.gather(hashing)
+            inputs = {f: (h, storage_for(f, options).size(f)) for f, h in zip(input_files, hashes)}
+            report.bytes_read = sum(r.bytes_read for r in ordered)
+            extra = {
+                "summary": summary | sizes_summary(plan, outputs) | {"bytes_read": report.bytes_read},
+                "timings": {k: round(v, 3) for k, v in timings.items()},
+            }
+            if plan.params.uses_ties:
+                extra["ties"] = {"thresholds": list(plan.shards[0].thresholds or ()),  # empty: per-tensor scope
+                                 "majority": int(np.sign(sum(r.sign_sum for r in ordered)))}
+            report.manifest = commit.write_manifest(plan, outputs, inputs, extra)
+    except BaseException:
+        runtime.cancel(hashing)
+        raise
     timings["total"] = time.perf_counter() - t_start
     return report
 

@@ -70,6 +70,15 @@ def submit(fn: Callable, calls: Sequence[tuple]) -> list:
     return [_remote().options(num_cpus=1).remote(fn, *call) for call in calls]
 
 
+def cancel(handles: list) -> None:
+    """Stop tasks a failed run no longer needs, so they cannot race a re-run's writes.
+
+    force=True ends the worker process: a KeyboardInterrupt delivered while a task is
+    still importing torch leaves that reused process unable to import it again."""
+    for ref in handles:
+        ray.cancel(ref, force=True)
+
+
 def gather(handles: list) -> list:
     try:
         return ray.get(handles)
@@ -117,11 +126,10 @@ def run_tasks(
             i = index[done[0]]
             try:
                 results[i] = ray.get(done[0])
-            except Exception as e:
-                for ref in pending:
-                    ray.cancel(ref)
+                if on_result:
+                    on_result(i, results[i])
+            except BaseException as e:
+                cancel(pending)
                 raise _clean(e) from None
-            if on_result:
-                on_result(i, results[i])
             bar.update(sizes[i])
     return results
