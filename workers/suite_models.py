@@ -217,23 +217,31 @@ def _batches(n: int, gen: torch.Generator):
         yield order[i : i + BATCH]
 
 
+def _fit(forward, params, x, y, gen: torch.Generator, epochs: int, lr: float, augment=None) -> None:
+    """Adam on cross-entropy over shuffled mini-batches; `augment(xb, gen)` perturbs a batch."""
+    opt = torch.optim.Adam(params, lr=lr)
+    for _ in range(epochs):
+        for b in _batches(len(x), gen):
+            xb = augment(x[b], gen) if augment else x[b]
+            loss = nn.functional.cross_entropy(forward(xb), y[b])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+
+def _light_augment(xb: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    # brightness and pixel noise only: no geometry, no inversion, so the tasks stay new to the base
+    scale = 0.8 + 0.4 * torch.rand(len(xb), 1, generator=gen)
+    return (xb * scale + 0.05 * torch.randn(xb.shape, generator=gen)).clamp(0, 1)
+
+
 def _pretrain(hidden: int, seed: int, epochs: int) -> SuiteMLP:
     torch.manual_seed(seed)
     model = SuiteMLP(hidden)
     gen = torch.Generator().manual_seed(seed * 1000 + 7)
     x, y = task_data("identity", seed, "train")
-    opt = torch.optim.Adam(model.parameters(), lr=PRETRAIN_LR)
     model.train()
-    for _ in range(epochs):
-        for b in _batches(len(x), gen):
-            xb = x[b]
-            # light augmentation only: brightness and pixel noise; no geometry, no inversion
-            scale = 0.8 + 0.4 * torch.rand(len(b), 1, generator=gen)
-            xb = (xb * scale + 0.05 * torch.randn(xb.shape, generator=gen)).clamp(0, 1)
-            loss = nn.functional.cross_entropy(model(xb), y[b])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+    _fit(model, model.parameters(), x, y, gen, epochs, PRETRAIN_LR, augment=_light_augment)
     return model.eval()
 
 
@@ -247,13 +255,7 @@ def _probe_head(model: SuiteMLP, task: str, seed: int, epochs: int, task_index: 
     nn.init.zeros_(head.weight)
     nn.init.zeros_(head.bias)
     gen = torch.Generator().manual_seed(seed * 1000 + 500 + task_index)
-    opt = torch.optim.Adam(head.parameters(), lr=PROBE_LR)
-    for _ in range(epochs):
-        for b in _batches(len(x), gen):
-            loss = nn.functional.cross_entropy(head(feats[b]), y[b])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+    _fit(head, head.parameters(), feats, y, gen, epochs, PROBE_LR)
     return {f"head.{k}": v.detach().clone().contiguous() for k, v in head.state_dict().items()}
 
 
@@ -264,14 +266,8 @@ def _finetune(base: dict[str, torch.Tensor], head: dict[str, torch.Tensor], task
         p.requires_grad_(False)
     gen = torch.Generator().manual_seed(seed * 1000 + 100 + task_index)
     x, y = task_data(task, seed, "train")
-    opt = torch.optim.Adam(model.backbone.parameters(), lr=FINETUNE_LR)
     model.train()
-    for _ in range(epochs):
-        for b in _batches(len(x), gen):
-            loss = nn.functional.cross_entropy(model(x[b]), y[b])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+    _fit(model, model.backbone.parameters(), x, y, gen, epochs, FINETUNE_LR)
     return backbone_state(model.eval())
 
 
