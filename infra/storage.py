@@ -97,16 +97,19 @@ class _LocalReader:
 
     def read(self, start: int, end: int) -> bytearray:
         buf = bytearray(end - start)
-        view = memoryview(buf)
+        self.read_into(start, memoryview(buf))
+        return buf
+
+    def read_into(self, start: int, view: memoryview) -> None:
+        """Fill `view` with the bytes from `start` on (no allocation: for reused buffers)."""
         got = 0
-        while got < len(buf):
+        while got < len(view):
             n = os.preadv(self._fd, [view[got:]], start + got)
             if n == 0:
                 raise StorageError(
-                    f"{self._path}: file ends at byte {start + got}, expected data up to {end} (truncated?)"
+                    f"{self._path}: file ends at byte {start + got}, expected data up to {start + len(view)} (truncated?)"
                 )
             got += n
-        return buf
 
     def close(self) -> None:
         os.close(self._fd)

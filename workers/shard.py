@@ -122,21 +122,44 @@ class ShardReader:
         self._storage = storage
         self._readers: dict[str, RangeReader] = {}
         self._stack = stack
+        self._scratch = bytearray()
         self.bytes_read = 0
 
-    def elements(self, info: TensorInfo, lo: int, hi: int) -> torch.Tensor:
-        """Elements [lo, hi) of the flattened tensor, in its stored dtype."""
+    def _reader(self, info: TensorInfo) -> RangeReader:
         reader = self._readers.get(info.file)
         if reader is None:
             reader = storage_for(info.file, self._storage).open_reader(info.file)
             self._stack.callback(reader.close)
             self._readers[info.file] = reader
+        return reader
+
+    def elements(self, info: TensorInfo, lo: int, hi: int) -> torch.Tensor:
+        """Elements [lo, hi) of the flattened tensor, in its stored dtype (a tensor of its own)."""
         size = itemsize(info.dtype)
-        buf = reader.read(info.start + lo * size, info.start + hi * size)
+        buf = self._reader(info).read(info.start + lo * size, info.start + hi * size)
         self.bytes_read += len(buf)
         if not buf:
             return torch.empty(0, dtype=TORCH_DTYPES[info.dtype])
         return torch.frombuffer(buf, dtype=TORCH_DTYPES[info.dtype])
+
+    def scratch_elements(self, info: TensorInfo, lo: int, hi: int) -> torch.Tensor:
+        """Like elements(), but read into one buffer reused by the next call: for bytes that are
+        converted right away. Saves an allocation, its zero-fill and its page faults per read."""
+        size = itemsize(info.dtype)
+        nbytes = (hi - lo) * size
+        if nbytes == 0:
+            return torch.empty(0, dtype=TORCH_DTYPES[info.dtype])
+        if len(self._scratch) < nbytes:
+            self._scratch = bytearray(nbytes)
+        view = memoryview(self._scratch)[:nbytes]
+        reader = self._reader(info)
+        read_into = getattr(reader, "read_into", None)
+        if read_into is not None:
+            read_into(info.start + lo * size, view)
+        else:
+            view[:] = reader.read(info.start + lo * size, info.start + hi * size)
+        self.bytes_read += nbytes
+        return torch.frombuffer(view, dtype=TORCH_DTYPES[info.dtype])
 
 
 def chunk_ranges(numel: int, chunk: int):
@@ -149,18 +172,52 @@ def _finite(x: torch.Tensor, who: str, job: TensorJob) -> None:
         raise CheckpointError(f"{who}: tensor {job.name!r} contains NaN or Inf values")
 
 
-def task_chunks(spec: ShardSpec, job: TensorJob, reader: ShardReader):
-    """Yield (lo, hi, base_f32, taus) over a float tensor, taus = (T, n) float32."""
-    device = torch.device(spec.device)
+def check_finite(spec: ShardSpec, job: TensorJob, reader: ShardReader) -> None:
+    """Raise the one-line error naming the checkpoint and tensor that hold a NaN or Inf.
+
+    The hot path does not test every row: a NaN or Inf anywhere in the base or a task makes
+    some tau_t non-finite, which shows in a reduction it computes anyway (the sum of squares,
+    the TIES histograms' top bins). Only then is the tensor read again, here, to say where."""
     for lo, hi in chunk_ranges(job.numel, spec.chunk_elems):
-        base = reader.elements(job.base, lo, hi).to(device).float()
-        _finite(base, "base", job)
-        rows = []
+        _finite(reader.elements(job.base, lo, hi), "base", job)
         for name, info in zip(spec.task_names, job.tasks):
-            row = reader.elements(info, lo, hi).to(device).float()
-            _finite(row, f"task {name!r}", job)
-            rows.append(row - base)
-        yield lo, hi, base, torch.stack(rows)
+            _finite(reader.elements(info, lo, hi), f"task {name!r}", job)
+
+
+class ChunkBuffers:
+    """Float32 work buffers reused across the chunks and tensors of a shard: a (T, chunk)
+    block of task-vector rows and one base row. Allocating them per chunk would cost a
+    fresh mmap, zeroed pages and a torch.stack copy every time."""
+
+    def __init__(self, spec: ShardSpec):
+        self._spec = spec
+        self._taus: torch.Tensor | None = None
+        self._base: torch.Tensor | None = None
+
+    def get(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        t = len(self._spec.task_names)
+        if self._taus is None or self._base.numel() < n:
+            device = torch.device(self._spec.device)
+            size = max(n, min(self._spec.chunk_elems, max((j.numel for j in self._spec.tensors), default=n)))
+            self._taus = torch.empty(t * size, dtype=torch.float32, device=device)
+            self._base = torch.empty(size, dtype=torch.float32, device=device)
+        # rows of one contiguous (T, n) block: methods may view or reshape it freely
+        return self._base[:n], self._taus[: t * n].view(t, n)
+
+
+def task_chunks(spec: ShardSpec, job: TensorJob, reader: ShardReader, buffers: ChunkBuffers | None = None):
+    """Yield (lo, hi, base_f32, taus) over a float tensor, taus = (T, n) float32.
+
+    Both are views of reused buffers, overwritten by the next chunk: consume them before
+    asking for the next one. Values are not checked for NaN/Inf here (see check_finite)."""
+    buffers = buffers or ChunkBuffers(spec)
+    for lo, hi in chunk_ranges(job.numel, spec.chunk_elems):
+        base, taus = buffers.get(hi - lo)
+        base.copy_(reader.scratch_elements(job.base, lo, hi))  # exact widening to float32, on the device
+        for row, info in zip(taus, job.tasks):
+            row.copy_(reader.scratch_elements(info, lo, hi))
+            row.sub_(base)
+        yield lo, hi, base, taus
 
 
 def copy_exact(spec: ShardSpec, job: TensorJob, reader: ShardReader, writer: StreamingWriter) -> None:
@@ -176,6 +233,15 @@ def copy_exact(spec: ShardSpec, job: TensorJob, reader: ShardReader, writer: Str
         writer.write(job.name, base.numpy().tobytes())
 
 
+def tau_sq_sums(taus: torch.Tensor) -> torch.Tensor | None:
+    """Per-task sum of tau_t^2 over the chunk (float32), or None when it is not finite:
+    a NaN or Inf in the inputs (or squares past float32's range)."""
+    sq = torch.linalg.vector_norm(taus, dim=1)
+    if not bool(torch.isfinite(sq).all()):
+        return None
+    return sq.double() ** 2
+
+
 # ----------------------------------------------------------------- TIES statistics
 
 
@@ -183,38 +249,51 @@ def _float_jobs(spec: ShardSpec):
     return [j for j in spec.tensors if j.is_float]
 
 
+def _high_pass(spec: ShardSpec, job: TensorJob, reader: ShardReader, buffers: ChunkBuffers, hist: torch.Tensor) -> None:
+    """Add one tensor's |tau| high-half counts to hist; NaN/Inf land in the top bins, so the
+    finite check costs nothing unless they are there."""
+    t = len(spec.task_names)
+    before = int(kth_value.nonfinite_count(hist, t))
+    for _, _, _, taus in task_chunks(spec, job, reader, buffers):
+        kth_value.add_high_histogram(hist, taus)
+    if int(kth_value.nonfinite_count(hist, t)) != before:
+        check_finite(spec, job, reader)  # raises, naming the input; else a finite difference overflowed
+
+
 def shard_high_histogram(spec: ShardSpec) -> np.ndarray:
     """First stats pass of global TIES: (T, 32768) histogram over this shard."""
     hist = kth_value.new_histogram(len(spec.task_names), kth_value.HIGH_BINS)
     with ExitStack() as stack:
         reader = ShardReader(spec.storage, stack)
+        buffers = ChunkBuffers(spec)
         for job in _float_jobs(spec):
-            for _, _, _, taus in task_chunks(spec, job, reader):
-                kth_value.add_high_histogram(hist, taus)
+            _high_pass(spec, job, reader, buffers, hist)
     return kth_value.as_rows(hist, len(spec.task_names))
 
 
 def shard_low_histogram(spec: ShardSpec, high_bins: np.ndarray) -> np.ndarray:
-    """Second stats pass of global TIES: low-half histogram inside each task's winning bin."""
+    """Second stats pass of global TIES: low-half histogram inside each task's winning bin.
+    (The first pass has already checked the same bytes for NaN/Inf.)"""
     hist = kth_value.new_histogram(len(spec.task_names), kth_value.LOW_BINS)
     with ExitStack() as stack:
         reader = ShardReader(spec.storage, stack)
+        buffers = ChunkBuffers(spec)
         for job in _float_jobs(spec):
-            for _, _, _, taus in task_chunks(spec, job, reader):
+            for _, _, _, taus in task_chunks(spec, job, reader, buffers):
                 kth_value.add_low_histogram(hist, taus, high_bins)
     return kth_value.as_rows(hist, len(spec.task_names))
 
 
-def tensor_thresholds(spec: ShardSpec, job: TensorJob, reader: ShardReader) -> torch.Tensor:
+def tensor_thresholds(spec: ShardSpec, job: TensorJob, reader: ShardReader, buffers: ChunkBuffers | None = None) -> torch.Tensor:
     """Per-tensor TIES thresholds (scope "tensor"): the same two passes, over one tensor."""
     t = len(spec.task_names)
+    buffers = buffers or ChunkBuffers(spec)
     high = kth_value.new_histogram(t, kth_value.HIGH_BINS)
-    for _, _, _, taus in task_chunks(spec, job, reader):
-        kth_value.add_high_histogram(high, taus)
+    _high_pass(spec, job, reader, buffers, high)
     k = np.full(t, kth_value.kth_rank(job.numel, spec.params.density), dtype=np.int64)
     bins, within = kth_value.locate(kth_value.as_rows(high, t), k)
     low = kth_value.new_histogram(t, kth_value.LOW_BINS)
-    for _, _, _, taus in task_chunks(spec, job, reader):
+    for _, _, _, taus in task_chunks(spec, job, reader, buffers):
         kth_value.add_low_histogram(low, taus, bins)
     return torch.from_numpy(kth_value.thresholds_from(bins, kth_value.as_rows(low, t), within))
 
@@ -248,6 +327,7 @@ def merge_shard(spec: ShardSpec) -> ShardResult:
     global_thr = torch.tensor(spec.thresholds, dtype=torch.float32) if spec.thresholds is not None else None
     with ExitStack() as cleanup, ExitStack() as files:
         reader = ShardReader(spec.storage, files)
+        buffers = ChunkBuffers(spec)
         writers = _open_writers(spec, method.compresses, cleanup)
         model = writers[spec.model_file()]
         for job in spec.tensors:
@@ -256,24 +336,29 @@ def merge_shard(spec: ShardSpec) -> ShardResult:
                 continue
             thresholds = global_thr
             if spec.params.uses_ties and spec.params.scope == "tensor":
-                thresholds = tensor_thresholds(spec, job, reader)
+                thresholds = tensor_thresholds(spec, job, reader, buffers)
             g = ChunkGlobals(thresholds=thresholds, majority=spec.majority)
             stats = LayerStats(0, np.zeros(t))
             out_dtype = TORCH_DTYPES[job.dtype]
-            for lo, hi, base, taus in task_chunks(spec, job, reader):
+            for lo, hi, base, taus in task_chunks(spec, job, reader, buffers):
+                sq = tau_sq_sums(taus)
+                if sq is None:
+                    check_finite(spec, job, reader)  # raises when an input holds NaN or Inf
+                    sq = (taus.double() ** 2).sum(dim=1)  # finite inputs whose squares overflow float32
                 out = method.fn(taus, spec.params, g)
-                merged = (base + spec.params.alpha * out.delta).to(out_dtype)
+                # alpha * delta, then + base: two roundings, as the reference computes it (no FMA)
+                merged = torch.mul(out.delta, spec.params.alpha).add_(base).to(out_dtype)
                 model.write(job.name, _bytes(merged))
                 result.sign_sum += out.sign_sum
                 result.ambiguous += out.ambiguous
-                chunk = LayerStats(hi - lo, (taus.double() ** 2).sum(dim=1).cpu().numpy())
+                chunk = LayerStats(hi - lo, sq.cpu().numpy())
                 if method.compresses:
                     tau_file = writers[spec.tau_file()]
                     store = torch.float32 if spec.params.store_dtype == "float32" else out_dtype
                     tau_file.write(job.name, _bytes(out.tau_mtl.to(store)))
                     packed = pack_rows(out.masks).cpu()
                     for row, task in enumerate(spec.task_names):
-                        writers[spec.mask_file(task)].write(job.name, packed[row].numpy().tobytes())
+                        writers[spec.mask_file(task)].write(job.name, _bytes(packed[row]))
                     chunk.kept = out.masks.sum(dim=1).cpu().numpy().astype(np.int64)
                     chunk.count_hist = (
                         torch.bincount(out.masks.sum(dim=0), minlength=t + 1).cpu().numpy().astype(np.int64)
@@ -289,10 +374,10 @@ def merge_shard(spec: ShardSpec) -> ShardResult:
     return result
 
 
-def _bytes(x: torch.Tensor) -> bytes:
-    """Raw little-endian bytes of a tensor; bf16 has no numpy dtype, so go through a view."""
-    x = x.contiguous().cpu()
+def _bytes(x: torch.Tensor) -> memoryview:
+    """Raw little-endian bytes of a tensor, without a copy on the CPU (the view keeps the
+    tensor alive); bf16 has no numpy dtype, so go through an int16 view."""
+    x = x.contiguous().cpu().reshape(-1)
     if x.dtype == torch.bfloat16:
         x = x.view(torch.int16)
-    return x.numpy().tobytes()
-
+    return memoryview(x.numpy()).cast("B")
