@@ -63,6 +63,8 @@ class ShardSpec:
     storage: StorageOptions = StorageOptions()
     thresholds: tuple[float, ...] | None = None  # global-scope TIES thresholds, one per task
     majority: int = 1
+    write_model: bool = True  # model/: theta_0 + alpha * delta (off while alpha is selected)
+    write_delta: bool = False  # delta/: the unscaled merged vector in float32 (alpha selection, re-merging)
 
     @property
     def part(self) -> str:
@@ -73,6 +75,9 @@ class ShardSpec:
 
     def tau_file(self) -> str:
         return f"compressed/tau_mtl-{self.part}.safetensors"
+
+    def delta_file(self) -> str:
+        return f"delta/delta-{self.part}.safetensors"
 
     def mask_file(self, task: str) -> str:
         return f"compressed/masks/{task}/masks-{self.part}.safetensors"
@@ -163,8 +168,9 @@ def task_chunks(spec: ShardSpec, job: TensorJob, reader: ShardReader):
         yield lo, hi, base, torch.stack(rows)
 
 
-def copy_exact(spec: ShardSpec, job: TensorJob, reader: ShardReader, writer: StreamingWriter) -> None:
-    """Integer and bool tensors are copied from the base and must agree everywhere."""
+def copy_exact(spec: ShardSpec, job: TensorJob, reader: ShardReader, writer: StreamingWriter | None) -> None:
+    """Integer and bool tensors are copied from the base and must agree everywhere (checked even
+    when this pass writes no model)."""
     for lo, hi in chunk_ranges(job.numel, spec.chunk_elems):
         base = reader.elements(job.base, lo, hi)
         for name, info in zip(spec.task_names, job.tasks):
@@ -173,7 +179,8 @@ def copy_exact(spec: ShardSpec, job: TensorJob, reader: ShardReader, writer: Str
                     f"task {name!r}: non-float tensor {job.name!r} differs from the base "
                     "(integer/bool tensors must be identical across checkpoints)"
                 )
-        writer.write(job.name, base.numpy().tobytes())
+        if writer is not None:
+            writer.write(job.name, base.numpy().tobytes())
 
 
 # ----------------------------------------------------------------- TIES statistics
@@ -225,7 +232,9 @@ def tensor_thresholds(spec: ShardSpec, job: TensorJob, reader: ShardReader) -> t
 def _open_writers(spec: ShardSpec, compresses: bool, stack: ExitStack) -> dict[str, StreamingWriter]:
     everything = [(j.name, j.dtype, j.shape) for j in spec.tensors]
     floats = [j for j in spec.tensors if j.is_float]
-    files = {spec.model_file(): everything}
+    files = {spec.model_file(): everything} if spec.write_model else {}
+    if spec.write_delta:
+        files[spec.delta_file()] = [(j.name, "F32", j.shape) for j in floats]
     if compresses:
         store = lambda j: "F32" if spec.params.store_dtype == "float32" else j.dtype  # noqa: E731
         files[spec.tau_file()] = [(j.name, store(j), j.shape) for j in floats]
@@ -249,7 +258,8 @@ def merge_shard(spec: ShardSpec) -> ShardResult:
     with ExitStack() as cleanup, ExitStack() as files:
         reader = ShardReader(spec.storage, files)
         writers = _open_writers(spec, method.compresses, cleanup)
-        model = writers[spec.model_file()]
+        model = writers.get(spec.model_file())
+        delta_file = writers.get(spec.delta_file())
         for job in spec.tensors:
             if not job.is_float:
                 copy_exact(spec, job, reader, model)
@@ -262,8 +272,10 @@ def merge_shard(spec: ShardSpec) -> ShardResult:
             out_dtype = TORCH_DTYPES[job.dtype]
             for lo, hi, base, taus in task_chunks(spec, job, reader):
                 out = method.fn(taus, spec.params, g)
-                merged = (base + spec.params.alpha * out.delta).to(out_dtype)
-                model.write(job.name, _bytes(merged))
+                if model is not None:
+                    model.write(job.name, _bytes(apply_alpha(base, out.delta, spec.params.alpha, out_dtype)))
+                if delta_file is not None:
+                    delta_file.write(job.name, _bytes(out.delta))
                 result.sign_sum += out.sign_sum
                 result.ambiguous += out.ambiguous
                 chunk = LayerStats(hi - lo, (taus.double() ** 2).sum(dim=1).cpu().numpy())
@@ -287,6 +299,11 @@ def merge_shard(spec: ShardSpec) -> ShardResult:
         result.bytes_read = reader.bytes_read
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def apply_alpha(base: torch.Tensor, delta: torch.Tensor, alpha: float, dtype: torch.dtype) -> torch.Tensor:
+    """theta_0 + alpha * delta in float32, cast to the stored dtype: the one formula every path uses."""
+    return (base + alpha * delta).to(dtype)
 
 
 def _bytes(x: torch.Tensor) -> bytes:
