@@ -115,12 +115,13 @@ def _gen(*key) -> torch.Generator:
 
 
 def _positions(n: int, density: float, gen: torch.Generator) -> torch.Tensor:
-    """Sorted distinct positions in [0, n), each in with probability `density` (geometric gaps: O(n * density))."""
+    """Sorted distinct positions in [0, n), each in with probability `density`: geometric gaps
+    cost O(n * density) random numbers instead of n."""
     if density <= 0 or n == 0:
         return torch.empty(0, dtype=torch.int64)
     expected = n * density
     k = int(expected + 6 * math.sqrt(expected) + 16)
-    gaps = torch.empty(k, dtype=torch.float64).geometric_(density, generator=gen).to(torch.int64)
+    gaps = torch.empty(k).geometric_(density, generator=gen).to(torch.int64)
     pos = torch.cumsum(gaps, 0) - 1
     return pos[pos < n]
 
@@ -162,25 +163,39 @@ def base_block(name: str, shape: tuple[int, ...], lo: int, hi: int, seed: int) -
     return (torch.randn(hi - lo, generator=gen) * _init_std(name, shape)).to(torch.bfloat16)
 
 
-def task_block(base: torch.Tensor, name: str, shape: tuple[int, ...], lo: int, seed: int, t: int, how: TaskShape) -> torch.Tensor:
+@dataclass(frozen=True)
+class SharedBlock:
+    """Coordinates of one block that every task moves, and their common direction."""
+
+    positions: torch.Tensor
+    common: torch.Tensor
+
+
+def shared_block(name: str, n: int, lo: int, seed: int) -> SharedBlock:
+    positions = _positions(n, SHARED_DENSITY, _gen(seed, "shared-pos", name, lo))
+    return SharedBlock(positions, _laplace(positions.numel(), _gen(seed, "shared-val", name, lo)))
+
+
+def task_block(base: torch.Tensor, name: str, shape: tuple[int, ...], lo: int, seed: int, t: int, how: TaskShape,
+               shared: SharedBlock | None = None) -> torch.Tensor:
     """Base block plus task t's sparse heavy-tailed update, rounded to bf16 (which drops the tiny ones)."""
     n = base.numel()
+    shared = shared or shared_block(name, n, lo, seed)
     cols = shape[-1] if len(shape) == 2 else n
     rows = shape[0] if len(shape) == 2 else 1
     unit = how.scale * (_init_std(name, shape) or 0.2)
-    row_scale = torch.exp(0.8 * torch.randn(rows, generator=_gen(seed, "rows", name, t)))
+    row_scale = torch.exp(0.8 * torch.randn(rows, generator=_gen(seed, "rows", name, t))) * unit
     out = base.clone()
 
-    shared = _positions(n, SHARED_DENSITY, _gen(seed, "shared-pos", name, lo))
-    common = _laplace(shared.numel(), _gen(seed, "shared-val", name, lo))
+    pos = shared.positions
     g = _gen(seed, "task", name, lo, t)
-    flips = torch.where(torch.rand(shared.numel(), generator=g) < how.flip, -1.0, 1.0)
-    own_part = 0.5 + torch.rand(shared.numel(), generator=g)
-    delta = common * flips * own_part * unit * row_scale[(shared + lo) // cols]
-    out[shared] = (base[shared].float() + delta).to(torch.bfloat16)
+    flips = torch.where(torch.rand(pos.numel(), generator=g) < how.flip, -1.0, 1.0)
+    own_part = 0.5 + torch.rand(pos.numel(), generator=g)
+    delta = shared.common * flips * own_part * row_scale[(pos + lo) // cols]
+    out[pos] = (base[pos].float() + delta).to(torch.bfloat16)
 
     own = _positions(n, how.own_density, g)
-    delta = _laplace(own.numel(), g) * unit * row_scale[(own + lo) // cols]
+    delta = _laplace(own.numel(), g) * row_scale[(own + lo) // cols]
     out[own] = (out[own].float() + delta).to(torch.bfloat16)
     return out
 
@@ -213,7 +228,7 @@ def generate(root: Path, preset: str | Preset = "0.5b", tasks: int = 8, seed: in
         raise ValueError("tasks must be between 1 and 99")
     names = [f"task_{t:02d}" for t in range(tasks)]
     dirs = [root / "base", *(root / n for n in names)]
-    stamp = {"preset": p.__dict__, "tasks": tasks, "seed": seed, "max_shard_bytes": max_shard_bytes, "version": 1}
+    stamp = {"preset": p.__dict__, "tasks": tasks, "seed": seed, "max_shard_bytes": max_shard_bytes, "version": 2}
     done = root / "family.json"
     if done.exists() and json.loads(done.read_text()) == stamp:
         return dirs[0], list(zip(names, dirs[1:]))
@@ -247,8 +262,9 @@ def generate(root: Path, preset: str | Preset = "0.5b", tasks: int = 8, seed: in
                     hi = min(numel, lo + step)
                     base = base_block(name, shape, lo, hi, seed)
                     outs[0].write(_bf16_bytes(base))
+                    shared = shared_block(name, hi - lo, lo, seed)
                     for t, how in enumerate(hows):
-                        outs[t + 1].write(_bf16_bytes(task_block(base, name, shape, lo, seed, t, how)))
+                        outs[t + 1].write(_bf16_bytes(task_block(base, name, shape, lo, seed, t, how, shared)))
                 written += numel * 2 * len(dirs)
             if not quiet:
                 print(f"  {fname}: {written / 1e9:.2f} GB written, {time.perf_counter() - t0:.0f}s", flush=True)
