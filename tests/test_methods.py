@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from workers import kth_value
-from workers.bits import pack_rows, unpack
+from workers.bits import pack_rows, pack_rows_torch, unpack
 from workers.methods import ChunkGlobals, MethodParams, get_method
 
 THETA0 = torch.tensor([1.0, -1.0, 0.5, 0.0, 2.0, -0.5])
@@ -92,6 +92,7 @@ def test_pack_rows_matches_numpy_packbits_on_odd_lengths():
     for n in [1, 7, 8, 9, 61]:
         m = torch.rand(3, n, generator=gen) > 0.5
         packed = pack_rows(m)
+        assert torch.equal(pack_rows_torch(m), packed)  # the accelerator path, run here on the CPU
         for t in range(3):
             assert packed[t].numpy().tolist() == np.packbits(m[t].numpy()).tolist()
             assert torch.equal(unpack(packed[t], n), m[t])

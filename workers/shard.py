@@ -23,7 +23,7 @@ from workers.dtypes import TORCH_DTYPES, is_float, itemsize
 from workers.errors import CheckpointError
 from workers.layers import layer_of
 from workers.methods import ChunkGlobals, MethodParams, get_method
-from workers.methods.tall_masks import task_masks
+from workers.methods.tall_masks import mask_counts, task_masks
 from workers.safetensors_io import StreamingWriter, TensorInfo, read_header
 
 
@@ -401,9 +401,9 @@ def merge_shard(spec: ShardSpec) -> ShardResult:
                         packed = pack_rows(out.masks).cpu()
                         for row, task in enumerate(spec.task_names):
                             writers[spec.mask_file(task)].write(job.name, _bytes(packed[row]))
-                    chunk.kept = out.masks.sum(dim=1).cpu().numpy().astype(np.int64)
+                    chunk.kept = torch.count_nonzero(out.masks, dim=1).cpu().numpy().astype(np.int64)
                     chunk.count_hist = (
-                        torch.bincount(out.masks.sum(dim=0), minlength=t + 1).cpu().numpy().astype(np.int64)
+                        torch.bincount(mask_counts(out.masks), minlength=t + 1).cpu().numpy().astype(np.int64)
                     )
                 stats.add(chunk)
             result.layers.setdefault(layer_of(job.name), LayerStats(0, np.zeros(t))).add(stats)
