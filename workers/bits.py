@@ -25,6 +25,13 @@ def pack_rows_torch(masks: torch.Tensor) -> torch.Tensor:
     return (groups * _WEIGHTS.to(masks.device)).sum(dim=2, dtype=torch.uint8)
 
 
+def row_counts(masks: torch.Tensor, packed: torch.Tensor) -> np.ndarray:
+    """Set bits per row, (T,) int64; from the packed rows on the CPU (padding bits are 0)."""
+    if packed.device.type == "cpu" and hasattr(np, "bitwise_count"):
+        return np.bitwise_count(packed.numpy()).sum(axis=1, dtype=np.int64)
+    return masks.sum(dim=1).cpu().numpy().astype(np.int64)
+
+
 def unpack(packed: torch.Tensor, count: int) -> torch.Tensor:
     """uint8 -> (count,) bool; inverse of one row of pack_rows."""
     bits = packed.to(torch.uint8)[:, None].bitwise_and(_WEIGHTS.to(packed.device)[None, :]) != 0

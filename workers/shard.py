@@ -18,7 +18,7 @@ import torch
 
 from infra.storage import RangeReader, StorageOptions, join, storage_for
 from workers import kth_value
-from workers.bits import pack_rows
+from workers.bits import pack_rows, row_counts
 from workers.dtypes import TORCH_DTYPES, is_float, itemsize
 from workers.errors import CheckpointError
 from workers.layers import layer_of
@@ -392,16 +392,16 @@ def merge_shard(spec: ShardSpec) -> ShardResult:
                     tau_file = writers[spec.tau_file()]
                     store = torch.float32 if spec.params.store_dtype == "float32" else out_dtype
                     tau_file.write(job.name, _bytes(out.tau_mtl.to(store)))
+                    packed = pack_rows(out.masks).cpu()
                     if spec.mask_grid:
                         for i, lam in enumerate(spec.mask_grid):
-                            packed = pack_rows(task_masks(taus, out.tau_mtl, torch.full((t,), lam, device=taus.device))).cpu()
+                            grid = pack_rows(task_masks(taus, out.tau_mtl, torch.full((t,), lam, device=taus.device))).cpu()
                             for row, task in enumerate(spec.task_names):
-                                writers[spec.grid_mask_file(i, task)].write(job.name, _bytes(packed[row]))
+                                writers[spec.grid_mask_file(i, task)].write(job.name, _bytes(grid[row]))
                     else:
-                        packed = pack_rows(out.masks).cpu()
                         for row, task in enumerate(spec.task_names):
                             writers[spec.mask_file(task)].write(job.name, _bytes(packed[row]))
-                    chunk.kept = torch.count_nonzero(out.masks, dim=1).cpu().numpy().astype(np.int64)
+                    chunk.kept = row_counts(out.masks, packed)
                     chunk.count_hist = (
                         torch.bincount(mask_counts(out.masks), minlength=t + 1).cpu().numpy().astype(np.int64)
                     )

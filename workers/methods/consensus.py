@@ -8,7 +8,8 @@ from workers.methods.tall_masks import lambdas_on, mask_counts, multitask_vector
 
 def consensus_vector(masks: torch.Tensor, tau_mtl: torch.Tensor, k: int) -> torch.Tensor:
     keep = mask_counts(masks) >= k
-    return torch.where(keep, tau_mtl, torch.zeros((), dtype=tau_mtl.dtype, device=tau_mtl.device))
+    # where(keep, tau_mtl, +0.0) by multiplying (faster on the CPU); + 0.0 turns -0.0 into +0.0
+    return torch.mul(tau_mtl, keep).add_(0.0)
 
 
 @merge_method("consensus", compresses=True)
