@@ -30,7 +30,7 @@ Merge a base checkpoint and T fine-tuned checkpoints as described by CONFIG (YAM
     lambda: 0.4                         # TALL masks: one value or {task: value}
     base_merge: task_arithmetic         # tau_MTL for tall_masks/consensus: task_arithmetic | ties
     k: 2                                # consensus: keep weights kept by >= k task masks
-  execution: {shard_size: auto, chunk_elems: 4194304, device: auto}
+  execution: {shard_size: auto, device: auto}   # chunk_elems: by default sized per device
 
 Outputs: OUT/model (merged HF checkpoint), OUT/compressed (tau_MTL + 1 bit per weight per
 task, for tall_masks and consensus), OUT/stats, and OUT/manifest.json written last.
