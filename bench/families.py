@@ -61,7 +61,7 @@ PRESETS: dict[str, Preset] = {
     "0.1b": Preset(hidden=576, layers=30, intermediate=1536, heads=9, kv_heads=3, vocab=49152, tied=True),
     "0.5b": Preset(hidden=896, layers=24, intermediate=4864, heads=14, kv_heads=2, vocab=151936, tied=True),
     "1b": Preset(hidden=2048, layers=16, intermediate=8192, heads=32, kv_heads=8, vocab=128256, tied=True),
-    "2b": Preset(hidden=1792, layers=36, intermediate=8448, heads=28, kv_heads=4, vocab=151936, tied=True),
+    "2b": Preset(hidden=1792, layers=32, intermediate=8448, heads=28, kv_heads=4, vocab=151936, tied=True),
     "7b": Preset(hidden=4096, layers=32, intermediate=11008, heads=32, kv_heads=32, vocab=32000, tied=False),
 }
 
