@@ -24,6 +24,8 @@ class Measured:
     wall: float
     peak_rss: int  # bytes, max over samples of the tree's summed RSS
     peak_pss: int  # bytes, same with PSS
+    peak_anon: int  # bytes, same with PSS of anonymous and shared-memory pages only: without the
+    # file-backed pages of mmapped inputs, which are page cache the kernel can drop at will
     rchar: int  # bytes read through syscalls by the tree (last sample of each process)
     returncode: int
     output: str
@@ -55,19 +57,22 @@ def _tree(root: int) -> set[int]:
     return out
 
 
-def _pss_rss(pid: int) -> tuple[int, int]:
+def _memory(pid: int) -> tuple[int, int, int]:
+    """(PSS, RSS, PSS of anonymous + shmem pages) in bytes."""
     try:
         with open(f"/proc/{pid}/smaps_rollup", "rb") as f:
             text = f.read()
     except OSError:
-        return 0, 0
-    rss = pss = 0
+        return 0, 0, 0
+    rss = pss = anon = 0
     for line in text.splitlines():
         if line.startswith(b"Rss:"):
             rss = int(line.split()[1]) * 1024
         elif line.startswith(b"Pss:"):
             pss = int(line.split()[1]) * 1024
-    return pss, rss
+        elif line.startswith((b"Pss_Anon:", b"Pss_Shmem:")):
+            anon += int(line.split()[1]) * 1024
+    return pss, rss, anon
 
 
 def _rchar(pid: int) -> int | None:
@@ -90,7 +95,7 @@ def run(cmd: list[str], *, env: dict | None = None, cwd: str | None = None, inte
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     stop = threading.Event()
-    peaks = {"rss": 0, "pss": 0}
+    peaks = {"rss": 0, "pss": 0, "anon": 0}
     reads: dict[int, int] = {}
 
     def sample() -> None:
@@ -101,14 +106,15 @@ def run(cmd: list[str], *, env: dict | None = None, cwd: str | None = None, inte
             if now - last_scan >= rescan:
                 pids = _tree(proc.pid) | {proc.pid}
                 last_scan = now
-            pss = rss = 0
+            pss = rss = anon = 0
             for pid in pids:
-                p, r = _pss_rss(pid)
-                pss, rss = pss + p, rss + r
+                p, r, a = _memory(pid)
+                pss, rss, anon = pss + p, rss + r, anon + a
                 got = _rchar(pid)
                 if got is not None:
                     reads[pid] = got
             peaks["pss"], peaks["rss"] = max(peaks["pss"], pss), max(peaks["rss"], rss)
+            peaks["anon"] = max(peaks["anon"], anon)
             stop.wait(interval)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -121,5 +127,5 @@ def run(cmd: list[str], *, env: dict | None = None, cwd: str | None = None, inte
     wall = time.perf_counter() - t0
     stop.set()
     sampler.join()
-    return Measured(wall, peaks["rss"], peaks["pss"], sum(reads.values()), proc.returncode,
+    return Measured(wall, peaks["rss"], peaks["pss"], peaks["anon"], sum(reads.values()), proc.returncode,
                     out.decode(errors="replace"))

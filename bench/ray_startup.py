@@ -8,6 +8,8 @@ ending exactly the processes started under that temp dir (never `ray stop`, whic
 end every Ray on the machine).
 
     .venv/bin/python bench/ray_startup.py --repeats 3
+    .venv/bin/python bench/ray_startup.py --start-head     # for `mergeflow merge --ray-address`
+    .venv/bin/python bench/ray_startup.py --stop-head /tmp/mfheadXXXX
 """
 
 from __future__ import annotations
@@ -115,7 +117,19 @@ def summarise(label: str, rows: list[dict]) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--start-head", action="store_true", help="only start a head; print its address and temp dir")
+    ap.add_argument("--stop-head", metavar="TEMP_DIR", help="only stop the head started with that temp dir")
     args = ap.parse_args()
+    if args.start_head:
+        temp = tempfile.mkdtemp(prefix="mfhead", dir="/tmp")
+        address, head_s = start_head(temp)
+        print(json.dumps({"address": address, "temp_dir": temp, "seconds": round(head_s, 2)}))
+        return
+    if args.stop_head:
+        if not Path(args.stop_head).name.startswith("mfhead"):
+            raise SystemExit("--stop-head takes a temp dir printed by --start-head")
+        stop_head(args.stop_head)
+        return
     local, joined = [], []
     temp = tempfile.mkdtemp(prefix="mfhead", dir="/tmp")
     address, head_s = start_head(temp)
