@@ -113,7 +113,8 @@ def main() -> None:
     ap.add_argument("--tools", default="mergeflow,mergekit,floor")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--mergekit-ties-repeats", type=int, default=1, help="mergekit's TIES takes minutes a run")
-    ap.add_argument("--ray-address", default=None, help="run mergeflow on this running cluster (start-up excluded)")
+    ap.add_argument("--ray-address", default=None,
+                    help="also run mergeflow on this running cluster (tool mf@cluster; its workers are not in the tree)")
     ap.add_argument("--chunk-elems", type=int, default=None)
     ap.add_argument("--work", default=None, help="where outputs go (default: a temp dir next to the family)")
     ap.add_argument("--json", default=None, help="also write every measurement here")
@@ -144,10 +145,10 @@ def main() -> None:
                                                             METHODS[m][0], args.chunk_elems)))
         cmd = [str(ROOT / ".venv" / "bin" / "mergeflow"), "merge", str(cfg_path), "--overwrite", "--quiet",
                "--no-tracking"]
-        if args.ray_address:
-            cmd += ["--ray-address", args.ray_address]
         if "mergeflow" in tools:
             runs.append(("mergeflow", m, cmd, env))
+        if args.ray_address:  # the same merge on a running cluster, alternating with the local runtime
+            runs.append(("mf@cluster", m, cmd + ["--ray-address", args.ray_address], env))
     for m in methods:
         kit = METHODS[m][1]
         if "mergekit" in tools and kit and MERGEKIT_TWIN.get(m) == m:
@@ -175,7 +176,7 @@ def main() -> None:
                 raise SystemExit(f"{tool} {m} failed with exit code {r.returncode}")
             row = {"tool": tool, "method": m, "repeat": rep, "wall": r.wall, "peak_rss": r.peak_rss,
                    "peak_pss": r.peak_pss, "peak_anon": r.peak_anon, "rchar": r.rchar, "load_before": load}
-            if tool == "mergeflow":
+            if tool in ("mergeflow", "mf@cluster"):
                 manifest = json.loads((work / f"out-mergeflow-{m}" / "manifest.json").read_text())
                 row["timings"] = manifest["timings"]
                 row["bytes_read_reported"] = manifest["summary"]["bytes_read"]
@@ -212,7 +213,7 @@ def report(results: dict[tuple[str, str], list[dict]], input_bytes: int) -> None
     floor = results.get(("floor", "ta"))
     print("\nratios (medians)")
     for (tool, m), rows in results.items():
-        if tool != "mergeflow":
+        if tool not in ("mergeflow", "mf@cluster"):
             continue
         wall = _med(rows, lambda r: r["wall"])
         pss = _med(rows, lambda r: r["peak_pss"])
@@ -230,10 +231,13 @@ def report(results: dict[tuple[str, str], list[dict]], input_bytes: int) -> None
             parts.append(f"wall/floor {wall / fw:.2f}")
             parts.append(f"merge stage/floor {_med(rows, lambda r: r['timings']['merge']) / fw:.2f}")
             parts.append(f"PSS/floor {pss / _med(floor, lambda r: r['peak_pss']):.2f}")
-        ta = results.get(("mergeflow", "ta"))
+        ta = results.get((tool, "ta"))
         if ta and m != "ta":
             parts.append(f"wall/our TA {wall / _med(ta, lambda r: r['wall']):.2f}")
-        print(f"  mergeflow {m:12} " + ", ".join(parts))
+        local = results.get(("mergeflow", m))
+        if tool == "mf@cluster" and local:
+            parts.append(f"wall/local runtime {wall / _med(local, lambda r: r['wall']):.2f}")
+        print(f"  {tool:10} {m:12} " + ", ".join(parts))
 
 
 if __name__ == "__main__":
