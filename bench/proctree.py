@@ -11,6 +11,7 @@ and pread() calls, including page-cache hits, but not pages reached through mmap
 from __future__ import annotations
 
 import os
+import resource
 import subprocess
 import threading
 import time
@@ -27,6 +28,7 @@ class Measured:
     peak_anon: int  # bytes, same with PSS of anonymous and shared-memory pages only: without the
     # file-backed pages of mmapped inputs, which are page cache the kernel can drop at will
     rchar: int  # bytes read through syscalls by the tree (last sample of each process)
+    cpu: float  # user + system CPU seconds of every descendant reaped by the end (robust to machine load)
     returncode: int
     output: str
 
@@ -92,6 +94,7 @@ def run(cmd: list[str], *, env: dict | None = None, cwd: str | None = None, inte
     tree itself is re-discovered every `rescan` s: a full /proc scan costs ~25 ms here, reading a Ray
     worker's smaps_rollup a few ms; at 0.2 s sampling the sampler took ~19% of a core). The
     wall time is taken when the process exits, not at a sample."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     stop = threading.Event()
@@ -125,7 +128,9 @@ def run(cmd: list[str], *, env: dict | None = None, cwd: str | None = None, inte
         proc.kill()
         out, _ = proc.communicate()
     wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     stop.set()
     sampler.join()
-    return Measured(wall, peaks["rss"], peaks["pss"], peaks["anon"], sum(reads.values()), proc.returncode,
+    return Measured(wall, peaks["rss"], peaks["pss"], peaks["anon"], sum(reads.values()), cpu, proc.returncode,
                     out.decode(errors="replace"))

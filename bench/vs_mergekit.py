@@ -175,7 +175,7 @@ def main() -> None:
                 print(r.output[-3000:])
                 raise SystemExit(f"{tool} {m} failed with exit code {r.returncode}")
             row = {"tool": tool, "method": m, "repeat": rep, "wall": r.wall, "peak_rss": r.peak_rss,
-                   "peak_pss": r.peak_pss, "peak_anon": r.peak_anon, "rchar": r.rchar, "load_before": load}
+                   "peak_pss": r.peak_pss, "peak_anon": r.peak_anon, "rchar": r.rchar, "cpu": r.cpu, "load_before": load}
             if tool in ("mergeflow", "mf@cluster"):
                 manifest = json.loads((work / f"out-mergeflow-{m}" / "manifest.json").read_text())
                 row["timings"] = manifest["timings"]
@@ -185,7 +185,7 @@ def main() -> None:
             results.setdefault((tool, m), []).append(row)
             stage = f" merge stage {row['timings']['merge']:.2f}s" if "timings" in row else ""
             print(f"[{rep}] {tool:9} {m:12} {r.wall:7.2f}s  rss {r.peak_rss / 2**30:5.2f} GiB  "
-                  f"pss {r.peak_pss / 2**30:5.2f} GiB  anon {r.peak_anon / 2**30:5.2f} GiB  read {r.rchar / 1e9:6.2f} GB  load {load:.2f}{stage}",
+                  f"pss {r.peak_pss / 2**30:5.2f} GiB  anon {r.peak_anon / 2**30:5.2f} GiB  read {r.rchar / 1e9:6.2f} GB  cpu {r.cpu:6.1f}s  load {load:.2f}{stage}",
                   flush=True)
 
     report(results, input_bytes)
@@ -200,7 +200,7 @@ def _med(rows: list[dict], key) -> float:
 
 def report(results: dict[tuple[str, str], list[dict]], input_bytes: int) -> None:
     print(f"\n{'tool':9} {'method':12} {'n':>2} {'wall s':>8} {'(min-max)':>15} {'GB/s':>6} {'RSS GiB':>8} "
-          f"{'PSS GiB':>8} {'anon GiB':>8} {'read GB':>8} {'stage s':>8}")
+          f"{'PSS GiB':>8} {'anon GiB':>8} {'read GB':>8} {'stage s':>8} {'CPU s':>7}")
     for (tool, m), rows in results.items():
         walls = [r["wall"] for r in rows]
         stage = _med(rows, lambda r: r["timings"]["merge"]) if "timings" in rows[0] else float("nan")
@@ -208,7 +208,7 @@ def report(results: dict[tuple[str, str], list[dict]], input_bytes: int) -> None
               f"({min(walls):6.2f}-{max(walls):6.2f}) {input_bytes / statistics.median(walls) / 1e9:6.2f} "
               f"{_med(rows, lambda r: r['peak_rss']) / 2**30:8.2f} {_med(rows, lambda r: r['peak_pss']) / 2**30:8.2f} "
               f"{_med(rows, lambda r: r.get('peak_anon', 0)) / 2**30:8.2f} "
-              f"{_med(rows, lambda r: r['rchar']) / 1e9:8.2f} {stage:8.2f}")
+              f"{_med(rows, lambda r: r['rchar']) / 1e9:8.2f} {stage:8.2f} {_med(rows, lambda r: r.get('cpu', 0)):7.1f}")
 
     floor = results.get(("floor", "ta"))
     print("\nratios (medians)")
@@ -219,16 +219,19 @@ def report(results: dict[tuple[str, str], list[dict]], input_bytes: int) -> None
         pss = _med(rows, lambda r: r["peak_pss"])
         rss = _med(rows, lambda r: r["peak_rss"])
         anon = _med(rows, lambda r: r.get("peak_anon", 0))
+        cpu = _med(rows, lambda r: r.get("cpu", 0))
         parts = []
         twin = results.get(("mergekit", MERGEKIT_TWIN.get(m, "")))
         if twin:
             parts.append(f"wall/mergekit {wall / _med(twin, lambda r: r['wall']):.3f}")
+            parts.append(f"CPU/mergekit {cpu / max(_med(twin, lambda r: r.get('cpu', 0)), 1e-9):.2f}")
             parts.append(f"RSS/mergekit {rss / _med(twin, lambda r: r['peak_rss']):.2f}")
             parts.append(f"PSS/mergekit {pss / _med(twin, lambda r: r['peak_pss']):.2f}")
             parts.append(f"anon/mergekit {anon / max(_med(twin, lambda r: r.get('peak_anon', 0)), 1):.2f}")
         if floor:
             fw = _med(floor, lambda r: r["wall"])
             parts.append(f"wall/floor {wall / fw:.2f}")
+            parts.append(f"CPU/floor {cpu / max(_med(floor, lambda r: r.get('cpu', 0)), 1e-9):.2f}")
             parts.append(f"merge stage/floor {_med(rows, lambda r: r['timings']['merge']) / fw:.2f}")
             parts.append(f"PSS/floor {pss / _med(floor, lambda r: r['peak_pss']):.2f}")
         ta = results.get((tool, "ta"))
