@@ -28,7 +28,10 @@ class Measured:
     peak_anon: int  # bytes, same with PSS of anonymous and shared-memory pages only: without the
     # file-backed pages of mmapped inputs, which are page cache the kernel can drop at will
     rchar: int  # bytes read through syscalls by the tree (last sample of each process)
-    cpu: float  # user + system CPU seconds of every descendant reaped by the end (robust to machine load)
+    cpu: float  # user + system CPU seconds of the tree (robust to machine load): the larger of the
+    # kernel's account of reaped descendants (exact for a single process; Ray's workers are not
+    # reaped through the driver) and the sum of each process's last sampled CPU time (misses up
+    # to one sample interval at the end of each process)
     returncode: int
     output: str
 
@@ -77,6 +80,19 @@ def _memory(pid: int) -> tuple[int, int, int]:
     return pss, rss, anon
 
 
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_seconds(pid: int) -> float | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(b")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / TICK  # utime + stime
+
+
 def _rchar(pid: int) -> int | None:
     try:
         with open(f"/proc/{pid}/io", "rb") as f:
@@ -100,6 +116,7 @@ def run(cmd: list[str], *, env: dict | None = None, cwd: str | None = None, inte
     stop = threading.Event()
     peaks = {"rss": 0, "pss": 0, "anon": 0}
     reads: dict[int, int] = {}
+    cpus: dict[int, float] = {}
 
     def sample() -> None:
         pids: set[int] = {proc.pid}
@@ -116,6 +133,9 @@ def run(cmd: list[str], *, env: dict | None = None, cwd: str | None = None, inte
                 got = _rchar(pid)
                 if got is not None:
                     reads[pid] = got
+                used = _cpu_seconds(pid)
+                if used is not None:
+                    cpus[pid] = used
             peaks["pss"], peaks["rss"] = max(peaks["pss"], pss), max(peaks["rss"], rss)
             peaks["anon"] = max(peaks["anon"], anon)
             stop.wait(interval)
@@ -129,8 +149,8 @@ def run(cmd: list[str], *, env: dict | None = None, cwd: str | None = None, inte
         out, _ = proc.communicate()
     wall = time.perf_counter() - t0
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     stop.set()
     sampler.join()
+    cpu = max((after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime), sum(cpus.values()))
     return Measured(wall, peaks["rss"], peaks["pss"], peaks["anon"], sum(reads.values()), cpu, proc.returncode,
                     out.decode(errors="replace"))
