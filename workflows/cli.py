@@ -22,7 +22,7 @@ Merge a base checkpoint and T fine-tuned checkpoints as described by CONFIG (YAM
     - {name: code, checkpoint: ckpts/code}
   output: runs/merged                   # or pass --output
   method:
-    name: tall_masks                    # task_arithmetic | ties | tall_masks | consensus
+    name: tall_masks                    # task_arithmetic | ties | tall_masks | consensus | lot
     alpha: 0.3                          # model = base + alpha * merged vector
     density: 0.2                        # TIES: share of each task vector kept
     scope: global                       # TIES trim over the whole model or per tensor
@@ -30,6 +30,12 @@ Merge a base checkpoint and T fine-tuned checkpoints as described by CONFIG (YAM
     lambda: 0.4                         # TALL masks: one value or {task: value}
     base_merge: task_arithmetic         # tau_MTL for tall_masks/consensus: task_arithmetic | ties
     k: 2                                # consensus: keep weights kept by >= k task masks
+  # LOT instead (name: lot): lambda is the scale of the merged vector (default 1.0)
+  #   model: suite                      # suite | hf | module:function, builds each task's model
+  #   exemplars: 64                     # exemplars per task for the feature statistics
+  #   exemplar_seed: 0                  # which exemplars, when more are available
+  #   exemplar_files: {math: ids/math.json}  # hf: token-id JSON file per task
+  #   stats_cache: s3://bucket/lot      # feature statistics cache (default OUT/.lot_stats)
   execution: {shard_size: auto, chunk_elems: 4194304, device: auto}
 
 Outputs: OUT/model (merged HF checkpoint), OUT/compressed (tau_MTL + 1 bit per weight per

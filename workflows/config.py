@@ -60,6 +60,19 @@ class MethodConfig(_Model):
     base_merge: Literal["task_arithmetic", "ties"] = "task_arithmetic"
     k: int = 2
     store_dtype: Literal["base", "float32"] = "base"
+    # LOT (lambda is its model scale, default 1.0)
+    model: str | None = None  # suite | hf | module:function (workers/lot/models.py)
+    exemplars: int = 64
+    exemplar_seed: int = 0
+    exemplar_files: dict[str, str] | None = None  # hf: task -> token-id JSON file
+    stats_cache: str | None = None  # default OUTPUT/.mergeflow/lot_stats; a shared place lets re-merges reuse it
+
+    @field_validator("exemplars")
+    @classmethod
+    def _exemplars(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError(f"must be >= 1, got {v}")
+        return v
 
     @field_validator("name")
     @classmethod
@@ -148,7 +161,9 @@ class MergeConfig(_Model):
                 raise ValueError(f"tasks: duplicate task name {t.name!r}")
             seen.add(t.name)
         lam = self.method.lambda_
-        if isinstance(lam, dict):
+        if self.method.name == "lot":
+            _check_lot(self.method, seen)
+        elif isinstance(lam, dict):
             unknown = sorted(set(lam) - seen)
             missing = [t.name for t in self.tasks if t.name not in lam]
             if unknown:
@@ -165,6 +180,13 @@ class MergeConfig(_Model):
         m = self.method
         merge = m.merge or "mean"
         alpha = m.alpha
+        lot: dict = {}
+        if m.name == "lot":
+            # LOT's lambda scales the merged vector: it is this method's alpha (default 1.0, the paper's)
+            alpha = m.lambda_ if "lambda_" in m.model_fields_set else (1.0 if alpha is None else alpha)
+            files = m.exemplar_files or {}
+            lot = {"exemplars": m.exemplars, "exemplar_seed": m.exemplar_seed, "model": m.model,
+                   "exemplar_files": tuple(files[n] for n in self.task_names) if files else ()}
         if alpha is None:
             # A mean (plain TIES) is already on the scale of one task vector; sums of T vectors need scaling down.
             alpha = 1.0 if (m.name == "ties" and merge == "mean") else 0.3
@@ -181,7 +203,25 @@ class MergeConfig(_Model):
             base_merge=m.base_merge,
             k=m.k,
             store_dtype=m.store_dtype,
+            **lot,
         )
+
+
+def _check_lot(m: MethodConfig, tasks: set[str]) -> None:
+    if isinstance(m.lambda_, dict):
+        raise ValueError("method.lambda: LOT takes one number (the scale of the merged vector)")
+    if m.alpha is not None and "lambda_" in m.model_fields_set and m.alpha != m.lambda_:
+        raise ValueError("method.alpha: LOT's scale is method.lambda; give one of the two")
+    if not m.model:
+        raise ValueError("method.model: LOT runs each task's model on its exemplars; give suite, hf or module:function")
+    if m.model == "hf":
+        files = m.exemplar_files or {}
+        missing = sorted(tasks - set(files))
+        if missing:
+            raise ValueError(f"method.exemplar_files: no token-id file for task {missing[0]!r} (model hf needs one per task)")
+        unknown = sorted(set(files) - tasks)
+        if unknown:
+            raise ValueError(f"method.exemplar_files: names unknown task {unknown[0]!r}")
 
 
 def _format_error(source: str, err: ValidationError) -> str:
@@ -230,8 +270,15 @@ def config_from_dict(raw: dict, source: str = "config", root: Path | None = None
         out = _resolve(cfg.output, root)
     else:
         raise ConfigError(f"{source}: output: required key is missing (or pass --output DIR)")
+    method = cfg.method
+    if method.exemplar_files or method.stats_cache:
+        method = method.model_copy(update={
+            "exemplar_files": {k: _resolve(v, root) for k, v in (method.exemplar_files or {}).items()} or None,
+            "stats_cache": _resolve(method.stats_cache, root) if method.stats_cache else None,
+        })
     return cfg.model_copy(
         update={
+            "method": method,
             "base": _resolve(cfg.base, root),
             "tasks": [t.model_copy(update={"checkpoint": _resolve(t.checkpoint, root)}) for t in cfg.tasks],
             "output": out.rstrip("/"),

@@ -18,6 +18,8 @@ def describe(run: str, options: StorageOptions) -> str:
     s = m.get("summary", {})
     tasks = [t["name"] for t in m["inputs"]["tasks"]]
     params = [f"alpha {method['alpha']:g}"]
+    if method["name"] == "lot":
+        params = [f"lambda {method['alpha']:g}", f"model {method['model']}", f"{method['exemplars']} exemplars per task"]
     if method["name"] == "ties" or method.get("base_merge") == "ties" and method["name"] != "task_arithmetic":
         params += [f"density {method['density']:g}", f"scope {method['scope']}", f"merge {method['merge']}"]
     if method["name"] in ("tall_masks", "consensus"):
@@ -52,6 +54,11 @@ def describe(run: str, options: StorageOptions) -> str:
             lines.append(f"  {c:>3}  {n / total:7.2%}  {bar}")
     if "ties" in m:
         lines.append(f"TIES        thresholds per task {[f'{x:.3g}' for x in m['ties']['thresholds']] or 'per tensor'}, majority sign {m['ties']['majority']:+d}")
+    if "lot" in m:
+        lot = m["lot"]
+        rules = ", ".join(f"{k} {v}" for k, v in lot["rules"].items() if v)
+        lines.append(f"LOT         features of {len(lot['stats'])} task(s): {lot['features_computed']} computed, "
+                     f"{lot['features_reused']} reused from {lot['stats_cache']}; tensors per rule: {rules}")
     t = m.get("timings", {})
     if t:
         lines.append("timings     " + ", ".join(f"{k} {v:.1f}s" for k, v in t.items()))

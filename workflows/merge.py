@@ -18,7 +18,7 @@ from infra.storage import join, sha256_of, storage_for
 from workers import kth_value
 from workers.methods import get_method
 from workers.shard import ShardResult, ShardSpec, merge_shard, shard_high_histogram, shard_low_histogram
-from workflows import commit, runtime, stats
+from workflows import commit, lot_stage, runtime, stats
 from workflows.commit import OutputState
 from workflows.config import MergeConfig
 from workflows.journal import Journal
@@ -87,7 +87,10 @@ def reusable_shards(plan: Plan, journal: Journal, quiet: bool) -> dict[int, Shar
     return {i: r for (i, r), good in zip(recorded.items(), ok) if good}
 
 
-def map_shards(plan: Plan, specs: list[ShardSpec], journal: Journal, quiet: bool, desc: str) -> list[ShardResult]:
+def map_shards(plan: Plan, specs: list[ShardSpec], journal: Journal, quiet: bool, desc: str,
+               lot: lot_stage.LotFeatures | None = None) -> list[ShardResult]:
+    if lot is not None:  # LOT solves whole tensors from per-task statistics, in its own shard worker
+        return lot_stage.map_shards(plan, specs, journal, quiet, lot)
     return runtime.run_tasks(
         merge_shard,
         [(s,) for s in specs],
@@ -132,11 +135,16 @@ def run_merge(config: MergeConfig, *, overwrite: bool = False, quiet: bool = Fal
                     plan, shards=tuple(dataclasses.replace(s, thresholds=tuple(thresholds)) for s in plan.shards)
                 )
 
+        lot = None
+        if get_method(plan.params.name).kind == "features":
+            with _timed(timings, "lot_features"):
+                lot = lot_stage.collect_features(plan, dict(zip(input_files, hashing)), quiet)
+
         with _timed(timings, "merge"):
             reused = reusable_shards(plan, journal, quiet) if state is OutputState.RESUME else {}
             todo = [s for s in plan.shards if s.index not in reused]
             results = dict(reused)
-            for r in map_shards(plan, todo, journal, quiet, desc=f"merge ({plan.params.name})"):
+            for r in map_shards(plan, todo, journal, quiet, desc=f"merge ({plan.params.name})", lot=lot):
                 results[r.index] = r
             report.shards_reused, report.shards_run = len(reused), len(todo)
             if plan.params.uses_ties:
@@ -168,6 +176,8 @@ def run_merge(config: MergeConfig, *, overwrite: bool = False, quiet: bool = Fal
                 "summary": summary | sizes_summary(plan, outputs) | {"bytes_read": report.bytes_read},
                 "timings": {k: round(v, 3) for k, v in timings.items()},
             }
+            if lot is not None:
+                extra["lot"] = lot.manifest(plan)
             if plan.params.uses_ties:
                 extra["ties"] = {"thresholds": list(plan.shards[0].thresholds or ()),  # empty: per-tensor scope
                                  "majority": int(np.sign(sum(r.sign_sum for r in ordered)))}

@@ -1,0 +1,93 @@
+"""LOT's two Ray stages: the feature pass (one task per task model, GPU when present, cached by
+content) and the map of the per-shard closed-form merge over the same shard plan as every method."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from infra.storage import join
+from workers.dtypes import is_float
+from workers.lot.features import FeatureJob, FeatureResult, task_features
+from workers.lot.models import TaskModelSpec, check_model
+from workers.lot.shard import RULES, agreed_rule, lot_shard
+from workers.shard import ShardResult, ShardSpec
+from workflows import runtime
+from workflows.plan import Plan
+
+DEFAULT_CACHE = ".lot_stats"  # under the output; outlives --overwrite, as its files are keyed by content
+
+
+@dataclass
+class LotFeatures:
+    results: list[FeatureResult]  # task order
+    rules: dict[str, int] = field(default_factory=dict)  # tensors per LOT rule
+    memory: int = 0  # bytes a shard worker needs at most (Ray `memory=`)
+
+    @property
+    def stats(self) -> tuple[str, ...]:
+        return tuple(r.uri for r in self.results)
+
+    @property
+    def reused(self) -> int:
+        return sum(r.reused for r in self.results)
+
+    def manifest(self, plan: Plan) -> dict:
+        return {
+            "stats_cache": stats_cache(plan),
+            "stats": {r.task: r.uri for r in self.results},
+            "features_computed": len(self.results) - self.reused,
+            "features_reused": self.reused,
+            "feature_seconds": {r.task: round(r.seconds, 3) for r in self.results},
+            "rules": self.rules,
+        }
+
+
+def stats_cache(plan: Plan) -> str:
+    return plan.config.method.stats_cache or join(plan.config.output, DEFAULT_CACHE)
+
+
+def collect_features(plan: Plan, file_hashes: dict, quiet: bool) -> LotFeatures:
+    """Statistics for every task, from the cache or by running its model. `file_hashes` maps each
+    input file to its sha256 or to the Ray task computing it (Ray hands the value to the worker)."""
+    p = plan.params
+    check_model(p.model)
+    options = plan.config.storage.options()
+    device = plan.shards[0].device if plan.shards else "cpu"
+    calls = []
+    for i, (name, cp) in enumerate(zip(plan.task_names, plan.tasks)):
+        spec = TaskModelSpec(p.model, cp.uri, name, p.exemplars, p.exemplar_seed,
+                             p.exemplar_files[i] if p.exemplar_files else None, options)
+        job = FeatureJob(spec, cp.files, tuple(cp.tensors), stats_cache(plan), device)
+        calls.append((job, *(file_hashes[f] for f in cp.files)))
+    results = runtime.run_tasks(task_features, calls, desc="LOT features", gpu=device == "cuda", quiet=quiet)
+    keys = [set(r.keys) for r in results]
+    rules = dict.fromkeys(RULES, 0)
+    widest = 0
+    for name, info in plan.base.tensors.items():
+        if is_float(info.dtype):
+            rule = agreed_rule(name, plan.task_names, keys)  # fails here, before the map, on disagreement
+            rules[rule] += 1
+            if rule == "linear":
+                widest = max(widest, info.shape[1])
+    return LotFeatures(results, rules, _shard_memory(plan, widest))
+
+
+def _shard_memory(plan: Plan, widest: int) -> int:
+    # every task's float64 Gram of the widest linear input plus pinv and its sum, and T float32 row
+    # blocks of chunk_elems with their float64 products
+    t = len(plan.tasks)
+    return (t + 2) * widest * widest * 8 + 4 * (t + 4) * plan.config.execution.chunk_elems * 4 + 256 * 2**20
+
+
+def map_shards(plan: Plan, specs: list[ShardSpec], journal, quiet: bool, lot: LotFeatures) -> list[ShardResult]:
+    return runtime.run_tasks(
+        lot_shard,
+        [(s, lot.stats) for s in specs],
+        desc="merge (lot)",
+        sizes=[s.nbytes for s in specs],
+        on_result=lambda i, r: journal.record(r),
+        memory=lot.memory,
+        gpu=bool(specs) and specs[0].device == "cuda",
+        quiet=quiet,
+    )
+
