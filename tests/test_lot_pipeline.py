@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from conftest import config_for
 from workers.lot import solve
 from workers.lot.features import ENERGY, GRAM, ROWS, load_stats
-from workers.suite_models import build_suite, load_backbone
+from workers.suite_models import build_suite, evaluate, load_backbone, lot
 from workflows.cli import main
 from workflows.merge import run_merge
 
@@ -110,6 +110,15 @@ def test_lot_drift_is_at_most_task_arithmetic_and_ties(ray_session, suite, tmp_p
         assert drift["lot"] <= drift["ties"] * (1 + 1e-6), (name, drift)
         assert drift["lot"] < drift["task_arithmetic"]  # and strictly better on real, interfering tasks
 
+    # the suite's report computes LOT in memory (workers/lot/rules.py): the same model, the same scores
+    reference = lot(load_backbone(suite_dir / "base"), finetuned, names, seed=0)
+    for name, w in reference.items():
+        torch.testing.assert_close(runs["lot"][name], w, rtol=0, atol=2e-6)
+    meta = json.loads((suite_dir / "suite.json").read_text())
+    for n in names:
+        assert evaluate(tmp_path / "lot" / "model", n, suite_dir, "test") == pytest.approx(
+            meta["accuracy"][n]["test"]["lot_1.0"], abs=1e-6)
+
 
 def test_bad_model_sources_fail_in_one_line(ray_session, suite, tmp_path, capsys):
     suite_dir, names = suite
@@ -132,7 +141,7 @@ def test_bad_model_sources_fail_in_one_line(ray_session, suite, tmp_path, capsys
     for d in ["base", *names]:
         shutil.copytree(suite_dir / d, lone / d)
     err = run({"name": "lot", "model": "suite"}, where=lone)
-    assert "suite.json" in err and f"task 'identity'" in err
+    assert f"suite.json at {lone / 'suite.json'}" in err and err.split("task '")[1].split("'")[0] in names
 
 
 class Backbone(torch.nn.Module):

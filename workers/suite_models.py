@@ -29,7 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-CODE_VERSION = 1  # bump when training or data change: invalidates cached suites
+CODE_VERSION = 2  # bump when training, data or the report change: invalidates cached suites (2: LOT in the report)
 N_CLASSES = 10
 TASK_COUNTS = (8, 14, 20)
 SPLIT = (0.6, 0.2, 0.2)
@@ -40,6 +40,7 @@ PRETRAIN_LR = 1e-3
 FINETUNE_LR = 3e-4
 PROBE_EPOCHS = 5
 PROBE_LR = 1e-3
+LOT_EXEMPLARS = 64  # the paper's recommendation, and method.exemplars' default
 
 
 # --------------------------------------------------------------------------- transforms (8x8 images, 0..16)
@@ -276,6 +277,35 @@ def task_arithmetic(base: dict[str, torch.Tensor], finetuned: list[dict[str, tor
     return {k: base[k] + alpha * sum(ft[k] - base[k] for ft in finetuned) for k in base}
 
 
+def backbone_module(backbone: dict[str, torch.Tensor]) -> SuiteMLP:
+    """The backbone alone, under the checkpoint's tensor names (`backbone.N.*`): what LOT's feature
+    pass runs. The head is left out: it lives apart from the checkpoint and does not change the
+    backbone's features."""
+    first = backbone["backbone.0.weight"]
+    model = SuiteMLP(hidden=first.shape[0], inputs=first.shape[1])
+    model.head = nn.Identity()
+    model.load_state_dict({k: v.float() for k, v in backbone.items()})
+    return model.eval()
+
+
+def lot_exemplars(task: str, seed: int, exemplars: int = LOT_EXEMPLARS, exemplar_seed: int = 0) -> torch.Tensor:
+    """LOT's exemplars for a task: a seeded choice of `exemplars` rows of its train split."""
+    from workers.lot.models import subset
+
+    x, _ = task_data(task, seed, "train")
+    return x[subset(len(x), exemplars, exemplar_seed)]
+
+
+def lot(base: dict[str, torch.Tensor], finetuned: list[dict[str, torch.Tensor]], tasks: list[str], seed: int,
+        alpha: float = 1.0) -> dict[str, torch.Tensor]:
+    """LOT merging in memory: each task's statistics from its own fine-tuned backbone on its exemplars."""
+    from workers.lot.features import collect
+    from workers.lot.rules import merge_state_dicts
+
+    stats = [collect(backbone_module(ft), [lot_exemplars(t, seed)]) for ft, t in zip(finetuned, tasks)]
+    return merge_state_dicts(base, finetuned, stats, alpha)
+
+
 # --------------------------------------------------------------------------- suite files
 
 def _write_checkpoint(sd: dict[str, torch.Tensor], out: Path, hidden: int, head: dict[str, torch.Tensor] | None = None) -> None:
@@ -339,15 +369,15 @@ def build_suite(out_dir: Path, tasks: int = 8, seed: int = 0, *, hidden: int = 5
                              for split in ("val", "test")}
             say(f"{name}: zero-shot val {results[name]['val']['zero_shot']:.3f} -> "
                 f"fine-tuned {results[name]['val']['finetuned']:.3f}")
-        merged = task_arithmetic(base, finetuned, 0.3)
+        merged = {"task_arithmetic_0.3": task_arithmetic(base, finetuned, 0.3), "lot_1.0": lot(base, finetuned, names, seed)}
         for name in names:
             head = load_file(str(out_dir / name / "head.safetensors"))
             for split in ("val", "test"):
-                results[name][split]["task_arithmetic_0.3"] = _accuracy(_model_from(merged, head),
-                                                                        *task_data(name, seed, split))
+                for method, backbone in merged.items():
+                    results[name][split][method] = _accuracy(_model_from(backbone, head), *task_data(name, seed, split))
     build_seconds = time.perf_counter() - t0
     average = {split: {k: float(np.mean([results[n][split][k] for n in names]))
-                       for k in ("zero_shot", "finetuned", "task_arithmetic_0.3")} for split in ("val", "test")}
+                       for k in ("zero_shot", "finetuned", *merged)} for split in ("val", "test")}
     sizes = {k: int(len(v)) for k, v in split_indices(seed).items()}
     meta = {
         "suite": "digits",

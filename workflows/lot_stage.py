@@ -9,7 +9,8 @@ from infra.storage import join
 from workers.dtypes import is_float
 from workers.lot.features import FeatureJob, FeatureResult, task_features
 from workers.lot.models import TaskModelSpec, check_model
-from workers.lot.shard import RULES, agreed_rule, lot_shard
+from workers.lot.rules import RULES, agreed_rule
+from workers.lot.shard import lot_shard
 from workers.shard import ShardResult, ShardSpec
 from workflows import runtime
 from workflows.plan import Plan

@@ -28,13 +28,16 @@ def run(args) -> int:
 
 def table(meta: dict, split: str = "test") -> str:
     acc = meta["accuracy"]
-    ta = "task_arithmetic_0.3"
-    lines = [f"{'task':<18} {'zero-shot':>9} {'fine-tuned':>10} {'TA a=0.3':>9}   ({split} accuracy)"]
+    ta, lot = "task_arithmetic_0.3", "lot_1.0"
+    nan = float("nan")
+    lines = [f"{'task':<18} {'zero-shot':>9} {'fine-tuned':>10} {'TA a=0.3':>9} {'LOT l=1':>8}   ({split} accuracy)"]
     for t in meta["tasks"]:
         r = acc[t["name"]][split]
-        lines.append(f"{t['name']:<18} {r['zero_shot']:>9.3f} {r['finetuned']:>10.3f} {r.get(ta, float('nan')):>9.3f}")
+        lines.append(f"{t['name']:<18} {r['zero_shot']:>9.3f} {r['finetuned']:>10.3f} {r.get(ta, nan):>9.3f} "
+                     f"{r.get(lot, nan):>8.3f}")
     avg = meta["average"][split]
-    lines.append(f"{'average':<18} {avg['zero_shot']:>9.3f} {avg['finetuned']:>10.3f} {avg.get(ta, float('nan')):>9.3f}")
+    lines.append(f"{'average':<18} {avg['zero_shot']:>9.3f} {avg['finetuned']:>10.3f} {avg.get(ta, nan):>9.3f} "
+                 f"{avg.get(lot, nan):>8.3f}")
     return "\n".join(lines)
 
 

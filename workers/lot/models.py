@@ -118,7 +118,7 @@ def load_tensors(checkpoint: str, storage: StorageOptions) -> dict[str, torch.Te
 
 
 def _suite(spec: TaskModelSpec) -> TaskModel:
-    from workers.suite_models import TRANSFORMS, SuiteMLP, task_data
+    from workers.suite_models import TRANSFORMS, backbone_module, lot_exemplars
 
     meta_uri = join(parent(spec.checkpoint), "suite.json")
     try:
@@ -131,18 +131,15 @@ def _suite(spec: TaskModelSpec) -> TaskModel:
     if transform not in TRANSFORMS:
         raise ConfigError(f"task {spec.task!r}: not a digits-suite task (name the task or its checkpoint folder "
                           f"after one of {sorted(TRANSFORMS)[:4]}...)")
-    x, _ = task_data(transform, data_seed, "train")
-    batches = [x[subset(len(x), spec.exemplars, spec.seed)]]
+    batches = [lot_exemplars(transform, data_seed, spec.exemplars, spec.seed)]
 
     def build() -> nn.Module:
-        state = {k: v.float() for k, v in load_tensors(spec.checkpoint, spec.storage).items()}
-        first = state.get("backbone.0.weight")
-        if first is None:
-            raise CheckpointError(f"task {spec.task!r}: {spec.checkpoint} has no backbone.0.weight; not a suite checkpoint")
-        model = SuiteMLP(hidden=first.shape[0], inputs=first.shape[1])
-        model.head = nn.Identity()  # heads live apart from the checkpoint and do not change backbone features
-        _load_strict(model, state, spec)
-        return model
+        state = load_tensors(spec.checkpoint, spec.storage)
+        try:
+            return backbone_module(state)
+        except (KeyError, RuntimeError) as e:
+            raise CheckpointError(f"task {spec.task!r}: {spec.checkpoint} is not a digits-suite backbone "
+                                  f"({str(e).splitlines()[0]})") from None
 
     return TaskModel(batches, build)
 

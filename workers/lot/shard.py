@@ -20,33 +20,10 @@ from workers.errors import CheckpointError
 from workers.layers import layer_of
 from workers.lot import solve
 from workers.lot.features import ENERGY, GRAM, ROWS
+from workers.lot.rules import agreed_rule
 from workers.safetensors_io import TensorInfo, read_header
 from workers.shard import (LayerStats, ShardReader, ShardResult, ShardSpec, TensorJob, _bytes, _open_writers,
                            copy_exact, task_chunks)
-
-RULES = ("linear", "norm_scale", "additive", "mean")
-
-
-def rule_of(name: str, keys: set[str]) -> str:
-    """Which LOT solution a parameter gets, from the statistics one task's feature pass produced."""
-    if GRAM + name in keys:
-        return "linear"
-    if ENERGY + name in keys:
-        return "norm_scale"
-    if ROWS + name in keys:
-        return "additive"
-    return "mean"
-
-
-def agreed_rule(name: str, task_names: tuple[str, ...], keys: list[set[str]]) -> str:
-    rules = [rule_of(name, k) for k in keys]
-    for task, rule in zip(task_names, rules):
-        if rule != rules[0]:
-            raise CheckpointError(
-                f"LOT statistics disagree on tensor {name!r}: task {task_names[0]!r} gives it the {rules[0]} rule, "
-                f"task {task!r} the {rule} rule; every task's model must have the same layers (same method.model)"
-            )
-    return rules[0]
 
 
 def _stat(reader: ShardReader, info: TensorInfo, device: torch.device) -> torch.Tensor:
