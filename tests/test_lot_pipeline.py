@@ -15,19 +15,18 @@ from safetensors.torch import load_file
 from conftest import config_for
 from workers.lot import solve
 from workers.lot.features import ENERGY, GRAM, ROWS, load_stats
-from workers.suite_models import build_suite, evaluate, load_backbone, lot
+from workers.lot.features import collect
+from workers.lot.rules import merge_state_dicts
+from workers.suite_models import backbone_module, load_backbone, lot_exemplars
 from workflows.cli import main
 from workflows.merge import run_merge
 
-TINY = {"tasks": 3, "seed": 0, "hidden": 64, "epochs_scale": 0.4}
 LINEARS = [f"backbone.{i}.weight" for i in (0, 2, 4)]
 
 
-@pytest.fixture(scope="module")
-def suite(tmp_path_factory):
-    root = tmp_path_factory.mktemp("lotsuite")
-    meta = build_suite(root / "suite", **TINY)
-    return root / "suite", [t["name"] for t in meta["tasks"]]
+@pytest.fixture
+def suite(tiny_suite):
+    return tiny_suite
 
 
 def write_config(path, suite_dir, names, output, method: dict) -> str:
@@ -110,14 +109,11 @@ def test_lot_drift_is_at_most_task_arithmetic_and_ties(ray_session, suite, tmp_p
         assert drift["lot"] <= drift["ties"] * (1 + 1e-6), (name, drift)
         assert drift["lot"] < drift["task_arithmetic"]  # and strictly better on real, interfering tasks
 
-    # the suite's report computes LOT in memory (workers/lot/rules.py): the same model, the same scores
-    reference = lot(load_backbone(suite_dir / "base"), finetuned, names, seed=0)
+    # the single-process reference: statistics and the whole merge in memory (workers/lot/rules.py)
+    reference = merge_state_dicts(load_backbone(suite_dir / "base"), finetuned,
+                                  [collect(backbone_module(f), [lot_exemplars(n, 0)]) for f, n in zip(finetuned, names)])
     for name, w in reference.items():
         torch.testing.assert_close(runs["lot"][name], w, rtol=0, atol=2e-6)
-    meta = json.loads((suite_dir / "suite.json").read_text())
-    for n in names:
-        assert evaluate(tmp_path / "lot" / "model", n, suite_dir, "test") == pytest.approx(
-            meta["accuracy"][n]["test"]["lot_1.0"], abs=1e-6)
 
 
 def test_bad_model_sources_fail_in_one_line(ray_session, suite, tmp_path, capsys):
@@ -185,3 +181,24 @@ def test_user_hook_statistics_and_cache(suite, tmp_path):
     torch.testing.assert_close(stats[GRAM + "backbone.0.weight"], x[:24].double().T @ x[:24].double())
     again = task_features(job, *hashes)
     assert again.reused and again.uri == first.uri and set(again.keys) == set(stats)
+
+
+def test_lambda_auto_selects_on_validation_and_equals_a_direct_merge(ray_session, suite, tmp_path):
+    """`lambda: auto` is alpha selection for LOT: the map writes Delta* unscaled (delta/), the
+    chosen lambda is applied afterwards; the model equals a direct LOT merge with that lambda."""
+    from workflows.config import config_from_dict
+
+    suite_dir, names = suite
+    raw = {"base": str(suite_dir / "base"), "tasks": [{"name": n, "checkpoint": str(suite_dir / n)} for n in names],
+           "method": {"name": "lot", "model": "suite", "lambda": "auto", "stats_cache": str(tmp_path / "cache")},
+           "selection": {"evaluator": "workers.suite_models:evaluate", "alphas": [0.5, 1.0, 1.5]}}
+    auto = run_merge(config_from_dict(raw | {"output": str(tmp_path / "auto")}), quiet=True)
+    chosen = auto.manifest["selection"]["alpha"]["chosen"]
+    assert chosen in (0.5, 1.0, 1.5) and auto.manifest["method"]["alpha"] == chosen
+    assert len(auto.manifest["selection"]["alpha"]["trials"]) == 3
+    direct = dict(raw, method=raw["method"] | {"lambda": chosen})
+    direct.pop("selection")
+    again = run_merge(config_from_dict(direct | {"output": str(tmp_path / "direct")}), quiet=True)
+    assert again.manifest["lot"]["features_reused"] == 3
+    part = "model/model-00001-of-00001.safetensors"
+    assert (tmp_path / "auto" / part).read_bytes() == (tmp_path / "direct" / part).read_bytes()

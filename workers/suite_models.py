@@ -29,7 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-CODE_VERSION = 2  # bump when training, data or the report change: invalidates cached suites (2: LOT in the report)
+CODE_VERSION = 1  # bump when training or data change: invalidates cached suites
 N_CLASSES = 10
 TASK_COUNTS = (8, 14, 20)
 SPLIT = (0.6, 0.2, 0.2)
@@ -296,16 +296,6 @@ def lot_exemplars(task: str, seed: int, exemplars: int = LOT_EXEMPLARS, exemplar
     return x[subset(len(x), exemplars, exemplar_seed)]
 
 
-def lot(base: dict[str, torch.Tensor], finetuned: list[dict[str, torch.Tensor]], tasks: list[str], seed: int,
-        alpha: float = 1.0) -> dict[str, torch.Tensor]:
-    """LOT merging in memory: each task's statistics from its own fine-tuned backbone on its exemplars."""
-    from workers.lot.features import collect
-    from workers.lot.rules import merge_state_dicts
-
-    stats = [collect(backbone_module(ft), [lot_exemplars(t, seed)]) for ft, t in zip(finetuned, tasks)]
-    return merge_state_dicts(base, finetuned, stats, alpha)
-
-
 # --------------------------------------------------------------------------- suite files
 
 def _write_checkpoint(sd: dict[str, torch.Tensor], out: Path, hidden: int, head: dict[str, torch.Tensor] | None = None) -> None:
@@ -369,15 +359,15 @@ def build_suite(out_dir: Path, tasks: int = 8, seed: int = 0, *, hidden: int = 5
                              for split in ("val", "test")}
             say(f"{name}: zero-shot val {results[name]['val']['zero_shot']:.3f} -> "
                 f"fine-tuned {results[name]['val']['finetuned']:.3f}")
-        merged = {"task_arithmetic_0.3": task_arithmetic(base, finetuned, 0.3), "lot_1.0": lot(base, finetuned, names, seed)}
+        merged = task_arithmetic(base, finetuned, 0.3)
         for name in names:
             head = load_file(str(out_dir / name / "head.safetensors"))
             for split in ("val", "test"):
-                for method, backbone in merged.items():
-                    results[name][split][method] = _accuracy(_model_from(backbone, head), *task_data(name, seed, split))
+                results[name][split]["task_arithmetic_0.3"] = _accuracy(_model_from(merged, head),
+                                                                        *task_data(name, seed, split))
     build_seconds = time.perf_counter() - t0
     average = {split: {k: float(np.mean([results[n][split][k] for n in names]))
-                       for k in ("zero_shot", "finetuned", *merged)} for split in ("val", "test")}
+                       for k in ("zero_shot", "finetuned", "task_arithmetic_0.3")} for split in ("val", "test")}
     sizes = {k: int(len(v)) for k, v in split_indices(seed).items()}
     meta = {
         "suite": "digits",
@@ -392,7 +382,8 @@ def build_suite(out_dir: Path, tasks: int = 8, seed: int = 0, *, hidden: int = 5
         "build_seconds": round(build_seconds, 2),
     }
     config = {"base": "base", "tasks": [{"name": n, "checkpoint": n} for n in names], "output": "run",
-              "method": {"name": "tall_masks", "alpha": 0.3, "lambda": 0.4}}
+              "method": {"name": "tall_masks", "alpha": "auto", "lambda": "auto"},
+              "selection": {"evaluator": "workers.suite_models:evaluate", "split": "val"}}
     (out_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     meta_path.write_text(json.dumps(meta, indent=1) + "\n")
     meta["cached"] = False
@@ -404,11 +395,19 @@ def _suite_seed(suite_json: str, mtime: float) -> int:
     return int(json.loads(Path(suite_json).read_text())["seed"])
 
 
-def evaluate(backbone: dict[str, torch.Tensor] | Path | str, task: str, suite_dir: Path | str, split: str = "test") -> float:
+def evaluate(backbone: dict[str, torch.Tensor] | Path | str, task: str, suite_dir: Path | str | None = None,
+             split: str = "test", checkpoint: str | None = None) -> float:
     """Accuracy of `backbone` (a state dict, a .safetensors file or a checkpoint dir such as a merge run's
-    model/) on `task`'s `split` ("val" or "test") of the suite in suite_dir, with the task's stored head."""
+    model/) on `task`'s `split` ("val" or "test") of the suite in suite_dir, with the task's stored head.
+
+    This is the suite's evaluator for `selection.evaluator: workers.suite_models:evaluate`: without
+    suite_dir, the suite is the folder holding the task's checkpoint (`checkpoint`)."""
     if split not in ("val", "test", "train"):
         raise ValueError(f"split must be 'val' or 'test', got {split!r}")
+    if suite_dir is None:
+        if checkpoint is None:
+            raise ValueError("evaluate: give suite_dir or the task's checkpoint")
+        suite_dir = Path(checkpoint).parent
     suite_dir = Path(suite_dir)
     meta = suite_dir / "suite.json"
     seed = _suite_seed(str(meta), meta.stat().st_mtime)

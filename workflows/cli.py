@@ -23,19 +23,22 @@ Merge a base checkpoint and T fine-tuned checkpoints as described by CONFIG (YAM
   output: runs/merged                   # or pass --output
   method:
     name: tall_masks                    # task_arithmetic | ties | tall_masks | consensus | lot
-    alpha: 0.3                          # model = base + alpha * merged vector
+    alpha: 0.3                          # model = base + alpha * merged vector; auto: chosen on val
     density: 0.2                        # TIES: share of each task vector kept
     scope: global                       # TIES trim over the whole model or per tensor
     merge: mean                         # TIES disjoint merge: mean | sum
-    lambda: 0.4                         # TALL masks: one value or {task: value}
+    lambda: 0.4                         # TALL masks: one value, {task: value}, or auto (per task)
     base_merge: task_arithmetic         # tau_MTL for tall_masks/consensus: task_arithmetic | ties
     k: 2                                # consensus: keep weights kept by >= k task masks
-  # LOT instead (name: lot): lambda is the scale of the merged vector (default 1.0)
+  # LOT instead (name: lot): lambda is the scale of the merged vector (default 1.0; auto: chosen on val)
   #   model: suite                      # suite | hf | module:function, builds each task's model
   #   exemplars: 64                     # exemplars per task for the feature statistics
   #   exemplar_seed: 0                  # which exemplars, when more are available
   #   exemplar_files: {math: ids/math.json}  # hf: token-id JSON file per task
   #   stats_cache: s3://bucket/lot      # feature statistics cache (default OUT/.lot_stats)
+  selection:                            # needed by auto: how candidates are scored
+    evaluator: pkg.module:function      # fn(model, *, task, split, checkpoint, **options) -> score
+    split: val                          # alphas: [0.1 .. 1.0], lambdas: [0.2 .. 0.6], options: {}
   execution: {shard_size: auto, chunk_elems: 4194304, device: auto}
 
 Outputs: OUT/model (merged HF checkpoint), OUT/compressed (tau_MTL + 1 bit per weight per

@@ -1,5 +1,6 @@
-"""LOT's two Ray stages: the feature pass (one task per task model, GPU when present, cached by
-content) and the map of the per-shard closed-form merge over the same shard plan as every method."""
+"""LOT's feature stage: one Ray task per task model (GPU when present), statistics cached by content.
+The merge map that follows is the ordinary one over the same shard plan, with workers/lot/shard.py's
+lot_shard as the worker and LotFeatures.memory as its Ray `memory=`."""
 
 from __future__ import annotations
 
@@ -10,8 +11,6 @@ from workers.dtypes import is_float
 from workers.lot.features import FeatureJob, FeatureResult, task_features
 from workers.lot.models import TaskModelSpec, check_model
 from workers.lot.rules import RULES, agreed_rule
-from workers.lot.shard import lot_shard
-from workers.shard import ShardResult, ShardSpec
 from workflows import runtime
 from workflows.plan import Plan
 
@@ -78,17 +77,3 @@ def _shard_memory(plan: Plan, widest: int) -> int:
     # blocks of chunk_elems with their float64 products
     t = len(plan.tasks)
     return (t + 2) * widest * widest * 8 + 4 * (t + 4) * plan.config.execution.chunk_elems * 4 + 256 * 2**20
-
-
-def map_shards(plan: Plan, specs: list[ShardSpec], journal, quiet: bool, lot: LotFeatures) -> list[ShardResult]:
-    return runtime.run_tasks(
-        lot_shard,
-        [(s, lot.stats) for s in specs],
-        desc="merge (lot)",
-        sizes=[s.nbytes for s in specs],
-        on_result=lambda i, r: journal.record(r),
-        memory=lot.memory,
-        gpu=bool(specs) and specs[0].device == "cuda",
-        quiet=quiet,
-    )
-

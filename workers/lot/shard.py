@@ -1,7 +1,9 @@
 """LOT's merge of one shard: per tensor, the closed-form solution its statistics allow.
 
-Same inputs and outputs as workers/shard.py's merge_shard (a ShardSpec in; the shard's model
-file out, through the same range reads and streaming writer), plus one statistics file per task.
+Same inputs and outputs as workers/shard.py's merge_shard (a ShardSpec in; the shard's model file
+and/or its float32 delta file out, through the same range reads and streaming writer), plus one
+statistics file per task. The delta file holds Delta* unscaled, so alpha selection and apply_shard
+work on LOT runs as on any other.
 Linear weights stream over row blocks: pinv(sum_t G_t) is computed once per tensor and each block
 of rows is solved on its own, so memory is O(T x in^2) for the Grams plus O(T x block x in).
 """
@@ -23,7 +25,7 @@ from workers.lot.features import ENERGY, GRAM, ROWS
 from workers.lot.rules import agreed_rule
 from workers.safetensors_io import TensorInfo, read_header
 from workers.shard import (LayerStats, ShardReader, ShardResult, ShardSpec, TensorJob, _bytes, _open_writers,
-                           copy_exact, task_chunks)
+                           apply_alpha, copy_exact, task_chunks)
 
 
 def _stat(reader: ShardReader, info: TensorInfo, device: torch.device) -> torch.Tensor:
@@ -41,8 +43,8 @@ def lot_shard(spec: ShardSpec, stats: tuple[str, ...]) -> ShardResult:
     result = ShardResult(spec.index, {}, {})
     with ExitStack() as cleanup, ExitStack() as files:
         reader = ShardReader(spec.storage, files)
-        writers = _open_writers(spec, False, cleanup)
-        model = writers[spec.model_file()]
+        writers = _open_writers(spec, False, cleanup)  # model/ and/or delta/, as spec.write_model/write_delta say
+        model, delta_file = writers.get(spec.model_file()), writers.get(spec.delta_file())
         for job in spec.tensors:
             if not job.is_float:
                 copy_exact(spec, job, reader, model)
@@ -51,7 +53,11 @@ def lot_shard(spec: ShardSpec, stats: tuple[str, ...]) -> ShardResult:
             stats_layer = LayerStats(0, np.zeros(t))
             out_dtype = TORCH_DTYPES[job.dtype]
             for lo, hi, base, delta, taus in _solve(spec, job, rule, headers, reader, device):
-                model.write(job.name, _bytes((base + alpha * delta.to(torch.float32)).to(out_dtype)))
+                delta = delta.to(torch.float32)
+                if model is not None:
+                    model.write(job.name, _bytes(apply_alpha(base, delta, alpha, out_dtype)))
+                if delta_file is not None:
+                    delta_file.write(job.name, _bytes(delta))
                 stats_layer.add(LayerStats(hi - lo, (taus.double() ** 2).sum(dim=1).cpu().numpy()))
             result.layers.setdefault(layer_of(job.name), LayerStats(0, np.zeros(t))).add(stats_layer)
         for rel, w in writers.items():
