@@ -130,3 +130,31 @@ def test_bad_exemplar_files_fail_in_one_line(family, tmp_path):
             task_features(j, *hashes)
         msg = str(err.value)
         assert words in msg and "method.exemplar_files.a" in msg and "\n" not in msg
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_features_and_solve_match_cpu(family, tmp_path):
+    """The GPU path (features and solve on CUDA) against the CPU path: same statistics and model up to
+    float rounding (GEMM and eigen-solver kernels differ, so not bit for bit)."""
+    import dataclasses
+
+    root, tasks = family
+    cpu, gpu = [], []
+    for n, p in tasks:
+        j, hashes = job(root, n, p, cache=str(tmp_path / "cpu"))
+        cpu.append(task_features(j, *hashes))
+        gpu.append(task_features(dataclasses.replace(j, cache=str(tmp_path / "gpu"), device="cuda"), *hashes))
+    for a, b in zip(cpu, gpu):
+        sa, sb = load_stats(a.uri), load_stats(b.uri)
+        assert sa.keys() == sb.keys()
+        for k in sa:
+            torch.testing.assert_close(sb[k], sa[k], rtol=1e-4, atol=1e-4)
+    files = {n: str(root / f"{n}.json") for n, _ in tasks}
+    plan = make_plan(config_for(root / "base", tasks, tmp_path / "run-cpu",
+                                {"name": "lot", "model": "hf", "exemplars": 4, "exemplar_files": files}))
+    lot_shard(plan.shards[0], tuple(r.uri for r in cpu))
+    lot_shard(dataclasses.replace(plan.shards[0], device="cuda", output=str(tmp_path / "run-gpu")), tuple(r.uri for r in cpu))
+    part = "model/model-00001-of-00001.safetensors"
+    a, b = load_file(str(tmp_path / "run-cpu" / part)), load_file(str(tmp_path / "run-gpu" / part))
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-5)

@@ -56,7 +56,7 @@ def norm_scale_delta(deltas: torch.Tensor, energies: torch.Tensor) -> torch.Tens
     e = energies.to(torch.float64)
     num = ordered_sum(list(e * deltas.to(torch.float64)))
     den = ordered_sum(list(e))
-    return torch.where(den > 0, num / torch.where(den > 0, den, 1.0), torch.zeros((), dtype=torch.float64))
+    return torch.where(den > 0, num / torch.where(den > 0, den, 1.0), 0.0)
 
 
 def additive_delta(deltas: torch.Tensor, rows: Sequence[float]) -> torch.Tensor:
