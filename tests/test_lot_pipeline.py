@@ -52,6 +52,8 @@ def test_cli_merge_lot_matches_the_solve_and_reuses_cached_statistics(ray_sessio
     lot = m1["lot"]
     assert (lot["features_computed"], lot["features_reused"]) == (3, 0)
     assert lot["rules"] == {"linear": 3, "norm_scale": 0, "additive": 3, "mean": 0}
+    # 3 tasks x 32 exemplars = 96 feature rows for 64 inputs per layer: flagged as thin
+    assert lot["thin_layers"] == {name: [96, 64] for name in LINEARS}
     assert m1["method"]["alpha"] == 1.0 and m1["method"]["model"] == "suite" and m1["method"]["exemplars"] == 32
     assert {"lot_features", "merge"} <= set(m1["timings"])
     files = sorted(cache.iterdir())
@@ -87,7 +89,7 @@ def test_cli_merge_lot_matches_the_solve_and_reuses_cached_statistics(ray_sessio
     assert main(["merge", cfg64, "--quiet", "--no-tracking"]) == 0
     m3 = json.loads((tmp_path / "run3" / "manifest.json").read_text())
     assert m3["lot"]["features_computed"] == 3 and len(list(cache.iterdir())) == 6
-    assert m3["method"]["alpha"] == 0.5
+    assert m3["method"]["alpha"] == 0.5 and m3["lot"]["thin_layers"] == {}  # 192 rows for 64 inputs
 
 
 def test_lot_drift_is_at_most_task_arithmetic_and_ties(ray_session, suite, tmp_path):
@@ -181,6 +183,7 @@ def test_user_hook_statistics_and_cache(suite, tmp_path):
     torch.testing.assert_close(stats[GRAM + "backbone.0.weight"], x[:24].double().T @ x[:24].double())
     again = task_features(job, *hashes)
     assert again.reused and again.uri == first.uri and set(again.keys) == set(stats)
+    assert again.linear_rows == first.linear_rows == {name: 24 for name in LINEARS}
 
 
 def test_lambda_auto_selects_on_validation_and_equals_a_direct_merge(ray_session, suite, tmp_path):

@@ -59,6 +59,9 @@ def describe(run: str, options: StorageOptions) -> str:
         rules = ", ".join(f"{k} {v}" for k, v in lot["rules"].items() if v)
         lines.append(f"LOT         features of {len(lot['stats'])} task(s): {lot['features_computed']} computed, "
                      f"{lot['features_reused']} reused from {lot['stats_cache']}; tensors per rule: {rules}")
+        if lot.get("thin_layers"):
+            lines.append(f"  warning: {len(lot['thin_layers'])} linear layer(s) saw fewer feature rows than twice their "
+                         "input width (manifest lot.thin_layers); raise method.exemplars")
     t = m.get("timings", {})
     if t:
         lines.append("timings     " + ", ".join(f"{k} {v:.1f}s" for k, v in t.items()))

@@ -4,6 +4,7 @@ lot_shard as the worker and LotFeatures.memory as its Ray `memory=`."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 from infra.storage import join
@@ -14,6 +15,12 @@ from workers.lot.rules import RULES, agreed_rule
 from workflows import runtime
 from workflows.plan import Plan
 
+log = logging.getLogger(__name__)
+
+# Least squares with fewer rows than a few times the unknowns per output fits the exemplars: on the
+# digits suite (512 inputs, one row per exemplar, 8 tasks) 64 exemplars per task (1x) scored 0.23 on
+# validation, 256 (4x) 0.89.
+THIN = 2
 DEFAULT_CACHE = ".lot_stats"  # under the output; outlives --overwrite, as its files are keyed by content
 
 
@@ -21,6 +28,7 @@ DEFAULT_CACHE = ".lot_stats"  # under the output; outlives --overwrite, as its f
 class LotFeatures:
     results: list[FeatureResult]  # task order
     rules: dict[str, int] = field(default_factory=dict)  # tensors per LOT rule
+    thin: dict[str, list[int]] = field(default_factory=dict)  # linear weight -> [feature rows, input width]
     memory: int = 0  # bytes a shard worker needs at most (Ray `memory=`)
 
     @property
@@ -39,6 +47,7 @@ class LotFeatures:
             "features_reused": self.reused,
             "feature_seconds": {r.task: round(r.seconds, 3) for r in self.results},
             "rules": self.rules,
+            "thin_layers": self.thin,
         }
 
 
@@ -63,13 +72,22 @@ def collect_features(plan: Plan, file_hashes: dict, quiet: bool) -> LotFeatures:
     keys = [set(r.keys) for r in results]
     rules = dict.fromkeys(RULES, 0)
     widest = 0
+    thin = {}
     for name, info in plan.base.tensors.items():
         if is_float(info.dtype):
             rule = agreed_rule(name, plan.task_names, keys)  # fails here, before the map, on disagreement
             rules[rule] += 1
             if rule == "linear":
                 widest = max(widest, info.shape[1])
-    return LotFeatures(results, rules, _shard_memory(plan, widest))
+                rows = sum(r.linear_rows.get(name, 0) for r in results)
+                if rows < THIN * info.shape[1]:
+                    thin[name] = [rows, info.shape[1]]
+    if thin:
+        name, (rows, width) = next(iter(thin.items()))
+        log.warning("LOT: %d linear layer(s) saw fewer feature rows than %d x their input width (e.g. %s: %d rows "
+                    "for %d inputs, all tasks together); the solution may fit the exemplars, not the tasks: raise "
+                    "method.exemplars", len(thin), THIN, name, rows, width)
+    return LotFeatures(results, rules=rules, thin=thin, memory=_shard_memory(plan, widest))
 
 
 def _shard_memory(plan: Plan, widest: int) -> int:

@@ -42,8 +42,10 @@ ROWS = [
     Row("tall_masks", "TALL masks (rebuilt models)", {"name": "tall_masks", "alpha": 0.3, "lambda": "auto"}, rebuilt=True),
     Row("consensus_ta", "Consensus TA", {"name": "consensus", "alpha": "auto", "lambda": "auto"}),
     Row("consensus_ties", "Consensus TIES", {"name": "consensus", "base_merge": "ties", "alpha": "auto", "lambda": "auto"}),
-    # LOT's lambda is its model scale: auto selects it like alpha; features from 64 train exemplars per task
-    Row("lot", "LOT", {"name": "lot", "model": "suite", "lambda": "auto"}),
+    # LOT's lambda is its model scale: auto selects it like alpha. The MLP sees one feature row per
+    # exemplar, so 256 train exemplars per task (2048 rows for 512 inputs); 64 rows per task, fine for
+    # a ViT's many tokens per image, leave the 512-wide least squares barely determined (val 0.23).
+    Row("lot", "LOT", {"name": "lot", "model": "suite", "lambda": "auto", "exemplars": 256}),
 ]
 
 

@@ -3,7 +3,8 @@ parameter of the checkpoint, the statistics its closed-form merge needs.
 
 - `gram.<linear>.weight`  X^T X of the layer's input rows (tokens flattened to rows), float64
 - `energy.<norm>.weight`  per channel, sum over rows of x_hat^2 (the normalised input the scale multiplies)
-- `rows.<param>`          rows seen, for biases and norm shifts (the weights of their mean)
+- `rows.<param>`          rows seen, for biases and norm shifts (the weights of their mean), and for
+                          linear weights (how well their least-squares problem is determined)
 
 Parameters with none of these (embeddings, convolutions, layers never called) get the mean task
 vector. Padded tokens are left out when a batch carries an `attention_mask`.
@@ -126,6 +127,7 @@ class FeatureHooks:
             bias = key[: -len("weight")] + "bias"
             if key in self.grams and (keep is None or key in keep):
                 out[GRAM + key] = self.grams[key].cpu()
+                out[ROWS + key] = torch.tensor([float(n)], dtype=torch.float64)
             if key in self.energies and (keep is None or key in keep):
                 out[ENERGY + key] = self.energies[key].cpu()
             if bias in params and (keep is None or bias in keep):
@@ -213,6 +215,7 @@ class FeatureResult:
     reused: bool  # found in the cache: no model was built or run
     seconds: float
     keys: tuple[str, ...] = field(default_factory=tuple)  # statistics tensor names in the file
+    linear_rows: dict[str, int] = field(default_factory=dict)  # linear weight -> feature rows it saw
 
 
 def task_features(job: FeatureJob, *file_sha256: str) -> FeatureResult:
@@ -225,8 +228,8 @@ def task_features(job: FeatureJob, *file_sha256: str) -> FeatureResult:
     uri = stats_uri(job.cache, checkpoint_digest(job.files, file_sha256), exemplar_digest(spec.model, task_model.batches))
     store = storage_for(uri, spec.storage)
     if store.exists(uri):
-        keys = tuple(read_stats_keys(uri, spec.storage))
-        return FeatureResult(spec.task, uri, True, time.perf_counter() - t0, keys)
+        keys, rows = read_stats_summary(uri, spec.storage)
+        return FeatureResult(spec.task, uri, True, time.perf_counter() - t0, keys, rows)
     module = task_model.build()
     tensors = collect(module, task_model.batches, job.device, keep=set(job.names))
     if not tensors:
@@ -236,13 +239,25 @@ def task_features(job: FeatureJob, *file_sha256: str) -> FeatureResult:
                 "exemplars": str(spec.exemplars), "seed": str(spec.seed), "stats_version": str(STATS_VERSION)}
     store.write_bytes(uri, save_safetensors(tensors, metadata=metadata))
     log.info("task %s: LOT statistics for %d tensors in %.1fs -> %s", spec.task, len(tensors), time.perf_counter() - t0, uri)
-    return FeatureResult(spec.task, uri, False, time.perf_counter() - t0, tuple(tensors))
+    rows = {k[len(GRAM):]: int(tensors[ROWS + k[len(GRAM):]]) for k in tensors if k.startswith(GRAM)}
+    return FeatureResult(spec.task, uri, False, time.perf_counter() - t0, tuple(tensors), rows)
 
 
-def read_stats_keys(uri: str, storage: StorageOptions) -> list[str]:
+def read_stats_summary(uri: str, storage: StorageOptions) -> tuple[tuple[str, ...], dict[str, int]]:
+    """A statistics file's tensor names and its linear weights' row counts, without reading a Gram."""
+    from workers.dtypes import TORCH_DTYPES
     from workers.safetensors_io import read_header
 
-    return sorted(read_header(uri, storage).tensors)
+    tensors = read_header(uri, storage).tensors
+    rows = {}
+    reader = storage_for(uri, storage).open_reader(uri)
+    try:
+        for key in tensors:
+            if key.startswith(GRAM) and (info := tensors.get(ROWS + key[len(GRAM):])) is not None:
+                rows[key[len(GRAM):]] = int(torch.frombuffer(reader.read(info.start, info.end), dtype=TORCH_DTYPES[info.dtype])[0])
+    finally:
+        reader.close()
+    return tuple(sorted(tensors)), rows
 
 
 def load_stats(uri: str, storage: StorageOptions | None = None) -> dict[str, torch.Tensor]:
