@@ -27,7 +27,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dir", default="suite-out", help="suite folder (built when missing; default: suite-out)")
     p.add_argument("--tasks", type=int, choices=[8, 14, 20], default=8)
-    p.add_argument("--exemplars", type=int, default=64)
+    p.add_argument("--exemplars", type=int, default=256, help="per task (default 256, as the suite report: the MLP sees one row per exemplar)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     args = p.parse_args()
