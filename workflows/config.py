@@ -103,6 +103,9 @@ class ExecutionConfig(_Model):
     chunk_elems: int = 1 << 22  # elements per task per compute step: memory is O(T x chunk)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     ray_address: str | None = None
+    # delta/: the unscaled merged vector in float32 (4 bytes per parameter, twice a bf16 model). "auto":
+    # `mergeflow remerge` keeps it for Task Arithmetic, whose next re-merge adds new tasks to it.
+    keep_delta: Literal["auto"] | bool = "auto"
 
     @field_validator("shard_size")
     @classmethod
@@ -132,7 +135,8 @@ class StorageConfig(_Model):
 
 class MergeConfig(_Model):
     base: str
-    tasks: list[TaskConfig]
+    tasks: list[TaskConfig] = []
+    tasks_from: str | None = None  # a folder or s3:// prefix whose sub-folders are task checkpoints
     output: str | None = None
     method: MethodConfig
     execution: ExecutionConfig = ExecutionConfig()
@@ -140,15 +144,15 @@ class MergeConfig(_Model):
 
     @model_validator(mode="after")
     def _tasks(self) -> "MergeConfig":
-        if not self.tasks:
-            raise ValueError("tasks: give at least one task")
+        if not self.tasks and self.tasks_from is None:
+            raise ValueError("tasks: give at least one task (or tasks_from: a folder of task checkpoints)")
         seen: set[str] = set()
         for t in self.tasks:
             if t.name in seen:
                 raise ValueError(f"tasks: duplicate task name {t.name!r}")
             seen.add(t.name)
         lam = self.method.lambda_
-        if isinstance(lam, dict):
+        if isinstance(lam, dict) and self.tasks_from is None:  # discovered tasks are checked once resolved
             unknown = sorted(set(lam) - seen)
             missing = [t.name for t in self.tasks if t.name not in lam]
             if unknown:
@@ -234,6 +238,7 @@ def config_from_dict(raw: dict, source: str = "config", root: Path | None = None
         update={
             "base": _resolve(cfg.base, root),
             "tasks": [t.model_copy(update={"checkpoint": _resolve(t.checkpoint, root)}) for t in cfg.tasks],
+            "tasks_from": _resolve(cfg.tasks_from, root) if cfg.tasks_from else None,
             "output": out.rstrip("/"),
         }
     )
