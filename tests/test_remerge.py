@@ -197,6 +197,11 @@ def test_unfinished_runs_are_resumed_or_removed(ray_session, family, tmp_path):
     first = again(base, tasks[:1], root, method)
     latest = (root / LATEST).read_bytes()
     second = again(base, tasks, root, method)
+    # As if killed after its commit but before latest.json moved: it is published, not recomputed.
+    (root / LATEST).write_bytes(latest)
+    published = again(base, tasks, root, method)
+    assert published.run == second.run and published.report.state is OutputState.COMPLETE
+    assert (root / LATEST).read_bytes() != latest
     # As if killed before its commit: no manifest, latest.json still naming the first run.
     (Path(second.run) / "manifest.json").unlink()
     (root / LATEST).write_bytes(latest)
@@ -224,12 +229,13 @@ def test_cli_remerge_lineage_in_mlflow_and_lock(ray_session, family, tmp_path, c
     cfg = tmp_path / "remerge.yaml"
     track = ["--quiet", "--tracking-uri", uri, "--experiment", "remerge-test"]
     assert main(["remerge", write_config(cfg, base, tasks[:2]), *track]) == 0
-    assert main(["remerge", write_config(cfg, base, tasks), *track]) == 0
+    assert main(["remerge", write_config(cfg, base, tasks), *track, "--keep", "1"]) == 0
     out = capsys.readouterr().out
     assert "added task_02; reused the sum of 2 task(s)" in out
 
     root = tmp_path / "root"
     latest = root / json.loads((root / LATEST).read_text())["run"]
+    assert list((root / RUNS_DIR).iterdir()) == [latest]  # --keep 1 removed the parent once published
     manifest = json.loads((latest / "manifest.json").read_text())
     parent_id = manifest["parent"]["mlflow_run_id"]
     child_id = json.loads((latest / "tracking.json").read_text())["run_id"]

@@ -278,19 +278,23 @@ def run_names(root: str, options: StorageOptions) -> list[str]:
 
 
 def pick_run_dir(root: str, options: StorageOptions, fingerprint: str) -> str:
-    """An unfinished run of the same plan is resumed; other unfinished runs (left by killed
-    re-merges: we hold the lock, nobody else writes here) are removed."""
-    store = storage_for(root, options)
+    """Where the new run goes. A run of the same plan is reused: a finished one (killed before
+    latest.json moved, or an earlier run of the same inputs) is only published, an unfinished one
+    resumed. Other unfinished runs (left by killed re-merges: we hold the lock, nobody else writes
+    here) are removed."""
     chosen = None
     for name in reversed(run_names(root, options)):
         run = join(root, RUNS_DIR, name)
-        if store.exists(join(run, MANIFEST)):
+        manifest = read_manifest(run, options)
+        if manifest is not None:
+            if chosen is None and manifest.get("fingerprint") == fingerprint:
+                chosen = run
             continue
         if chosen is None and Journal(run, options).fingerprint() == fingerprint:
             chosen = run
             continue
         log.warning("removing the unfinished run %s", run)
-        store.delete_prefix(run)
+        storage_for(run, options).delete_prefix(run)
     return chosen or join(root, RUNS_DIR, new_run_name())
 
 

@@ -75,9 +75,16 @@ def remerge_once(job: Job) -> int:
         if reused.get("thresholds_of"):
             notes.append(f"reused {len(reused['thresholds_of'])} TIES threshold(s)")
         what = result.changes.describe() if result.changes else "first run"
-        print(f"merged {len(r.plan.tasks)} tasks with {r.plan.params.name} into {result.run} ({what}"
-              f"{'; ' + ', '.join(notes) if notes else ''}; {r.bytes_read / 1e9:.3f} GB read, "
-              f"{r.timings['total']:.1f}s)", flush=True)
+        if r.state.value == "complete":
+            print(f"published {result.run}: it already holds this merge ({what})", flush=True)
+            from infra.storage import join, storage_for
+
+            if storage_for(result.run, cfg.storage.options()).exists(join(result.run, "tracking.json")):
+                return 0  # tracked when it was made
+        else:
+            print(f"merged {len(r.plan.tasks)} tasks with {r.plan.params.name} into {result.run} ({what}"
+                  f"{'; ' + ', '.join(notes) if notes else ''}; {r.bytes_read / 1e9:.3f} GB read, "
+                  f"{r.timings['total']:.1f}s)", flush=True)
         try:
             run_id = track(r, Path(job.config).read_text(), job.tracking,
                            parent_run_id=result.parent.mlflow_run_id if result.parent else None)
