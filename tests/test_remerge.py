@@ -133,6 +133,11 @@ def test_ties_thresholds_are_reused_per_task_content(ray_session, family, tmp_pa
     assert replaced.reused["thresholds_computed_for"] == ["task_01"]
     assert result_files(Path(replaced.run)) == result_files(scratch(tmp_path, base, tasks, method, "ties3-replaced"))
 
+    removed = again(base, [tasks[0], tasks[2]], root, method)  # every threshold known: no histogram pass
+    assert removed.changes.removed == ("task_01",) and removed.reused["thresholds_computed_for"] == []
+    assert result_files(Path(removed.run)) == result_files(
+        scratch(tmp_path, base, [tasks[0], tasks[2]], method, "ties-removed"))
+
     denser = again(base, tasks, root, {"name": "ties", "density": 0.5})  # another density: nothing cached
     assert denser.reused["thresholds_of"] == [] and denser.changes.method_changed
 
@@ -246,6 +251,8 @@ def test_cli_remerge_lineage_in_mlflow_and_lock(ray_session, family, tmp_path, c
 
     assert main(["remerge", str(cfg), "--if-changed", *track]) == 0
     assert capsys.readouterr().out.strip() == f"up to date (run {latest})"
+    assert main(["inspect", str(latest)]) == 0
+    assert f"parent      {manifest['parent']['run']}" in capsys.readouterr().out
 
     with RunLock(str(root), command="another scheduler"):
         assert main(["remerge", str(cfg), "--if-changed", *track]) == EXIT_LOCKED
