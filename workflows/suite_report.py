@@ -173,15 +173,15 @@ def claims(results: dict) -> list[tuple[str, bool, str]]:
     out = []
     if "tall_masks" in by:
         n = by["tall_masks"]["normalized"]
-        out.append(("TALL-mask rebuilt models keep >= 99% of fine-tuned accuracy", n >= 0.99, f"{100 * n:.1f}%"))
+        out.append(("TALL-mask rebuilt models keep >= 99% of fine-tuned accuracy", n >= 0.99, f"{100 * n:.2f}%"))
     for cons, base in (("consensus_ta", "task_arithmetic"), ("consensus_ties", "ties")):
         if cons in by and base in by:
             c, b = by[cons]["average"], by[base]["average"]
-            out.append((f"{by[cons]['label']} improves on {by[base]['label']}", c > b, f"{100 * c:.1f} vs {100 * b:.1f}"))
+            out.append((f"{by[cons]['label']} improves on {by[base]['label']}", c > b, f"{100 * c:.2f} vs {100 * b:.2f}"))
     zs = by["zero_shot"]["average"]
     for r in results["rows"]:
         if r["method"] is not None:
-            out.append((f"{r['label']} beats zero-shot", r["average"] > zs, f"{100 * r['average']:.1f} vs {100 * zs:.1f}"))
+            out.append((f"{r['label']} beats zero-shot", r["average"] > zs, f"{100 * r['average']:.2f} vs {100 * zs:.2f}"))
     return out
 
 
