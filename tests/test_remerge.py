@@ -288,3 +288,28 @@ def test_watch_once_picks_up_a_new_checkpoint_folder(ray_session, family, tmp_pa
     assert result_files(run) == result_files(
         scratch(tmp_path, base, [(n, registry / n) for n in ("task_00", "task_01", "task_02")],
                 {"name": "task_arithmetic"}, "watched", keep_delta=True))
+
+
+def test_alpha_auto_add_one_equals_scratch_and_is_then_up_to_date(ray_session, tiny_suite, tmp_path):
+    """With `alpha: auto` the sum is still extended (selection then scores models built from it), the
+    parent's chosen alpha does not count as a settings change, and the result is a from-scratch run's."""
+    from workflows.config import config_from_dict
+
+    suite, names = tiny_suite
+    selection = {"evaluator": "workers.suite_models:evaluate", "alphas": [0.2, 0.5, 0.8]}
+
+    def cfg(tasks, out, **execution):
+        return config_from_dict({"base": str(suite / "base"), "output": str(out),
+                                 "tasks": [{"name": n, "checkpoint": str(suite / n)} for n in tasks],
+                                 "method": {"name": "task_arithmetic", "alpha": "auto"}, "selection": selection,
+                                 **({"execution": execution} if execution else {})})
+
+    root = tmp_path / "root"
+    remerge(cfg(names[:2], root), quiet=True)
+    added = remerge(cfg(names, root), quiet=True)
+    assert added.reused["sum_of_tasks"] == names[:2] and not added.changes.method_changed
+    scratch_run = tmp_path / "scratch"
+    report = run_merge(cfg(names, scratch_run, keep_delta=True), quiet=True)
+    assert added.report.manifest["method"]["alpha"] == report.manifest["method"]["alpha"]
+    assert result_files(Path(added.run)) == result_files(scratch_run)
+    assert remerge(cfg(names, root), if_changed=True, quiet=True).up_to_date

@@ -23,13 +23,16 @@ Merge a base checkpoint and T fine-tuned checkpoints as described by CONFIG (YAM
   output: runs/merged                   # or pass --output
   method:
     name: tall_masks                    # task_arithmetic | ties | tall_masks | consensus
-    alpha: 0.3                          # model = base + alpha * merged vector
+    alpha: 0.3                          # model = base + alpha * merged vector; auto: chosen on val
     density: 0.2                        # TIES: share of each task vector kept
     scope: global                       # TIES trim over the whole model or per tensor
     merge: mean                         # TIES disjoint merge: mean | sum
-    lambda: 0.4                         # TALL masks: one value or {task: value}
+    lambda: 0.4                         # TALL masks: one value, {task: value}, or auto (per task)
     base_merge: task_arithmetic         # tau_MTL for tall_masks/consensus: task_arithmetic | ties
     k: 2                                # consensus: keep weights kept by >= k task masks
+  selection:                            # needed by auto: how candidates are scored
+    evaluator: pkg.module:function      # fn(model, *, task, split, checkpoint, **options) -> score
+    split: val                          # alphas: [0.1 .. 1.0], lambdas: [0.2 .. 0.6], options: {}
   execution: {shard_size: auto, chunk_elems: 4194304, device: auto}
 
 Outputs: OUT/model (merged HF checkpoint), OUT/compressed (tau_MTL + 1 bit per weight per

@@ -50,7 +50,8 @@ class Plan:
 
     def describe(self) -> str:
         lines = [
-            f"method      {self.params.name} (alpha {self.params.alpha:g})",
+            f"method      {self.params.name} (alpha {'auto' if self.config.select_alpha else f'{self.params.alpha:g}'}"
+            f"{', lambda auto' if self.config.select_lambda else ''})",
             f"tasks       {len(self.tasks)}: {', '.join(self.task_names)}",
             f"tensors     {len(self.base.tensors)} ({self.parameters:,} parameters)",
             f"input       {self.input_bytes / 1e9:.3f} GB in {len(self.base.files) * (len(self.tasks) + 1)} files",
@@ -139,11 +140,17 @@ def fingerprint(config: MergeConfig, params: MethodParams, base: Checkpoint, tas
         "files": stamps,
         "shards": groups,
     }
+    if config.select_alpha or config.select_lambda:
+        doc["selection"] = config.selection.model_dump()
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=list).encode()).hexdigest()
 
 
 def make_plan(config: MergeConfig, device: str = "cpu") -> Plan:
     params = config.method_params()
+    if config.select_alpha or config.select_lambda:
+        from workers.evaluation import load_evaluator
+
+        load_evaluator(config.selection.evaluator)  # a bad evaluator fails here, before any tensor is read
     base, tasks = open_all(config)
     for name, task in zip(config.task_names, tasks):
         check_compatible(base, name, task)

@@ -123,11 +123,24 @@ def method_doc(config: MergeConfig) -> dict:
 
 
 def same_method(config: MergeConfig, manifest: dict) -> bool:
-    """Same method settings; per-task lambdas are compared for the tasks both runs have (a new
-    task's lambda is part of adding it)."""
+    """Same method settings. Per-task lambdas are compared for the tasks both runs have (a new
+    task's lambda is part of adding it); a value chosen by selection (`auto`) is compared by how it
+    is chosen (evaluator, split, grid), not by the value the parent happened to choose."""
     doc, recorded = method_doc(config), manifest["method"]
     lambdas, before = doc.pop("lambdas"), recorded.get("lambdas") or {}
-    return all(recorded.get(k) == v for k, v in doc.items()) and all(before.get(n, v) == v for n, v in lambdas.items())
+    if config.select_alpha:
+        doc.pop("alpha")
+    same = all(recorded.get(k) == v for k, v in doc.items())
+    if not config.select_lambda:
+        same = same and all(before.get(n, v) == v for n, v in lambdas.items())
+    if config.select_alpha or config.select_lambda:
+        sel, was = config.selection, manifest.get("selection") or {}
+        same = same and (was.get("evaluator"), was.get("split")) == (sel.evaluator, sel.split)
+        if config.select_alpha:
+            same = same and (was.get("alpha") or {}).get("grid") == list(sel.alphas)
+        if config.select_lambda:
+            same = same and (was.get("lambda") or {}).get("grid") == list(sel.lambdas)
+    return same
 
 
 @dataclass(frozen=True)
