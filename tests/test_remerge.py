@@ -296,7 +296,7 @@ def test_alpha_auto_add_one_equals_scratch_and_is_then_up_to_date(ray_session, t
     from workflows.config import config_from_dict
 
     suite, names = tiny_suite
-    selection = {"evaluator": "workers.suite_models:evaluate", "alphas": [0.2, 0.5, 0.8]}
+    selection = {"evaluator": "workers.suite_models:evaluate", "alphas": [0.2, 0.8]}
 
     def cfg(tasks, out, **execution):
         return config_from_dict({"base": str(suite / "base"), "output": str(out),

@@ -32,6 +32,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from infra.lock import RunLock
 from infra.storage import StorageOptions, is_s3, join, normalize, sha256_of, storage_for
 from infra.tracking import checkpoint_digest
 from workers.append import PreviousSum, append_shard
@@ -351,7 +352,7 @@ class RemergeResult:
 
 
 def remerge(config: MergeConfig, *, parent: str | None = None, if_changed: bool = False, quiet: bool = False,
-            keep: int = 0, lock=None) -> RemergeResult:
+            keep: int = 0, lock: RunLock | None = None) -> RemergeResult:
     """Re-merge `config` into a new run under its output root. With if_changed, return at once
     (reading no tensor data, starting nothing) when the parent already merged the same contents."""
     root, options = config.output, config.storage.options()
@@ -365,7 +366,7 @@ def remerge(config: MergeConfig, *, parent: str | None = None, if_changed: bool 
     files = checkpoint_files(config)
     every = list(dict.fromkeys(f for fs in files.values() for f in fs))
     hashes = known_hashes(par.manifest, input_stamps(every, options)) if par else {}
-    hashed_bytes = 0
+    from_parent, hashed_bytes = len(hashes), 0
     if par is not None:
         unknown = [f for f in every if f not in hashes]
         if unknown:  # what changed is decided by content: hash only files that are new or touched
@@ -384,15 +385,15 @@ def remerge(config: MergeConfig, *, parent: str | None = None, if_changed: bool 
     plan = make_plan(config)
     k = appendable(config, par, old, new) if par else None
     prev = previous_sum(par, plan, k, options) if k is not None else None
-    cache = threshold_cache(config, par, new) if par and plan.params.uses_ties and plan.params.scope == "global" else {}
+    global_ties = plan.params.uses_ties and plan.params.scope == "global"
+    cache = threshold_cache(config, par, new) if par and global_ties else {}
     names = config.task_names
     result.reused = {
-        "input_hashes": sum(f in hashes for f in every) if par else 0,
+        "input_hashes": from_parent,  # files whose sha256 came from the parent's manifest
         "bytes_hashed_to_compare": hashed_bytes,
         "sum_of_tasks": list(names[:k]) if prev else [],
         "thresholds_of": [names[i] for i in sorted(cache)],
-        "thresholds_computed_for": [n for i, n in enumerate(names) if i not in cache] if plan.params.uses_ties
-        and plan.params.scope == "global" else [],
+        "thresholds_computed_for": [n for i, n in enumerate(names) if i not in cache] if global_ties else [],
     }
     reuse = Reuse(
         input_hashes=hashes,
