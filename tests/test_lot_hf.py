@@ -56,7 +56,7 @@ def family(tmp_path_factory):
 def job(root, name, path, exemplars=4, exemplar_file=None, cache="cache"):
     cp = open_checkpoint(str(path))
     spec = TaskModelSpec("hf", cp.uri, name, exemplars, 0, exemplar_file or str(root / f"{name}.json"))
-    return FeatureJob(spec, cp.files, tuple(cp.tensors), str(root / cache)), [sha256_of(f) for f in cp.files]
+    return FeatureJob(spec, tuple(cp.tensors), str(root / cache)), [sha256_of(f) for f in cp.files]
 
 
 def features(root, name, path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -172,8 +173,8 @@ def test_user_hook_statistics_and_cache(suite, tmp_path):
 
     suite_dir, _ = suite
     cp = open_checkpoint(str(suite_dir / "rot90"))
-    job = FeatureJob(TaskModelSpec("test_lot_pipeline:hook_build", cp.uri, "rot90", 20, 0), cp.files,
-                     tuple(cp.tensors), str(tmp_path / "cache"))
+    job = FeatureJob(TaskModelSpec("test_lot_pipeline:hook_build", cp.uri, "rot90", 20, 0), tuple(cp.tensors),
+                     str(tmp_path / "cache"))
     hashes = [sha256_of(f) for f in cp.files]
     first = task_features(job, *hashes)
     assert not first.reused and first.task == "rot90"
@@ -205,3 +206,24 @@ def test_lambda_auto_selects_on_validation_and_equals_a_direct_merge(ray_session
     assert again.manifest["lot"]["features_reused"] == 3
     part = "model/model-00001-of-00001.safetensors"
     assert (tmp_path / "auto" / part).read_bytes() == (tmp_path / "direct" / part).read_bytes()
+
+
+def test_remerge_adding_a_task_runs_only_the_new_task_model(ray_session, suite, tmp_path):
+    """`mergeflow remerge` keeps one statistics cache under its root: adding a task computes that
+    task's features only, and the result equals a from-scratch LOT merge of all tasks."""
+    from workflows.remerge import remerge
+
+    suite_dir, names = suite
+    tasks = [(n, suite_dir / n) for n in names]
+    method = {"name": "lot", "model": "suite"}
+    root = tmp_path / "root"
+    first = remerge(config_for(suite_dir / "base", tasks[:2], root, method), quiet=True)
+    assert first.report.manifest["lot"]["features_computed"] == 2
+    added = remerge(config_for(suite_dir / "base", tasks, root, method), quiet=True)
+    lot_doc = added.report.manifest["lot"]
+    assert (lot_doc["features_computed"], lot_doc["features_reused"]) == (1, 2)
+    assert lot_doc["stats_cache"] == str(root / ".lot_stats")
+    scratch = run_merge(config_for(suite_dir / "base", tasks, tmp_path / "scratch", method), quiet=True)
+    assert scratch.manifest["lot"]["features_computed"] == 3  # its own cache: computed again, same statistics
+    part = "model/model-00001-of-00001.safetensors"
+    assert (tmp_path / "scratch" / part).read_bytes() == (Path(added.run) / part).read_bytes()

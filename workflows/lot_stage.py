@@ -66,7 +66,7 @@ def collect_features(plan: Plan, file_hashes: dict, quiet: bool) -> LotFeatures:
     for i, (name, cp) in enumerate(zip(plan.task_names, plan.tasks)):
         spec = TaskModelSpec(p.model, cp.uri, name, p.exemplars, p.exemplar_seed,
                              p.exemplar_files[i] if p.exemplar_files else None, options)
-        job = FeatureJob(spec, cp.files, tuple(cp.tensors), stats_cache(plan), device)
+        job = FeatureJob(spec, tuple(cp.tensors), stats_cache(plan), device)
         calls.append((job, *(file_hashes[f] for f in cp.files)))
     results = runtime.run_tasks(task_features, calls, desc="LOT features", gpu=device == "cuda", quiet=quiet)
     keys = [set(r.keys) for r in results]

@@ -11,6 +11,7 @@ import logging
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Callable, Mapping
 
 import numpy as np
 
@@ -38,6 +39,17 @@ class MergeReport:
     shards_run: int = 0
     shards_reused: int = 0
     bytes_read: int = 0
+    bytes_hashed: int = 0
+
+
+@dataclass(frozen=True)
+class Reuse:
+    """Work a re-merge takes from its parent run instead of redoing it (built by workflows/remerge.py)."""
+
+    input_hashes: Mapping[str, str] = field(default_factory=dict)  # input file -> sha256 known to be current
+    thresholds: Callable[[Plan, bool], tuple[float, ...]] | None = None  # global TIES thresholds, from a cache
+    worker: Callable[[ShardSpec], ShardResult] | None = None  # the apply pass, in place of merge_shard
+    manifest: dict = field(default_factory=dict)  # extra manifest keys: the parent, what was reused
 
 
 @contextmanager
@@ -125,7 +137,10 @@ def map_shards(plan: Plan, specs, journal: Journal, quiet: bool, desc: str, fn=m
     return results
 
 
-def run_merge(config: MergeConfig, *, overwrite: bool = False, quiet: bool = False) -> MergeReport:
+def run_merge(config: MergeConfig, *, overwrite: bool = False, quiet: bool = False,
+              reuse: Reuse | None = None) -> MergeReport:
+    reuse = reuse or Reuse()
+    worker = reuse.worker or merge_shard
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
 
@@ -146,12 +161,14 @@ def run_merge(config: MergeConfig, *, overwrite: bool = False, quiet: bool = Fal
     options = config.storage.options()
 
     # Inputs are hashed alongside the merge (Ray overlaps the two); the manifest needs them.
-    hashing = runtime.submit(sha256_of, [(f, options) for f in input_files])
+    known = {f: reuse.input_hashes[f] for f in input_files if f in reuse.input_hashes}
+    to_hash = [f for f in input_files if f not in known]
+    hashing = runtime.submit(sha256_of, [(f, options) for f in to_hash])
     try:
         saved = journal.load_globals() or {}
         if plan.params.uses_ties and plan.params.scope == "global":
             with _timed(timings, "ties_thresholds"):
-                saved["thresholds"] = saved.get("thresholds") or list(ties_thresholds(plan, quiet))
+                saved["thresholds"] = saved.get("thresholds") or list((reuse.thresholds or ties_thresholds)(plan, quiet))
                 journal.save_globals(saved)
                 plan = _with(plan, thresholds=tuple(saved["thresholds"]))
         selection: dict = {}
@@ -166,23 +183,23 @@ def run_merge(config: MergeConfig, *, overwrite: bool = False, quiet: bool = Fal
             plan = _with(plan, write_model=False, write_delta=True)  # the model waits for alpha
 
         lot = None
-        worker: dict = {}
+        shard_worker: dict = {"fn": worker}
         if get_method(plan.params.name).kind == "features":
             with _timed(timings, "lot_features"):
-                lot = lot_stage.collect_features(plan, dict(zip(input_files, hashing)), quiet)
+                lot = lot_stage.collect_features(plan, known | dict(zip(to_hash, hashing)), quiet)
             # LOT solves whole tensors from per-task statistics, in its own shard worker
-            worker = {"fn": lot_shard, "extra": (lot.stats,), "memory": lot.memory}
+            shard_worker = {"fn": lot_shard, "extra": (lot.stats,), "memory": lot.memory}
 
         with _timed(timings, "merge"):
             reused = reusable_shards(plan, journal, quiet) if state is OutputState.RESUME else {}
             todo = [s for s in plan.shards if s.index not in reused]
             results = dict(reused)
-            for r in map_shards(plan, todo, journal, quiet, desc=f"merge ({plan.params.name})", **worker):
+            for r in map_shards(plan, todo, journal, quiet, desc=f"merge ({plan.params.name})", **shard_worker):
                 results[r.index] = r
             report.shards_reused, report.shards_run = len(reused), len(todo)
             if plan.params.uses_ties:
                 _, redo = majority_redo(list(plan.shards), list(results.values()))
-                for r in map_shards(plan, redo, journal, quiet, desc="TIES majority-sign fix-up"):
+                for r in map_shards(plan, redo, journal, quiet, desc="TIES majority-sign fix-up", fn=worker):
                     results[r.index] = r
                 report.shards_run += len(redo)
 
@@ -207,11 +224,13 @@ def run_merge(config: MergeConfig, *, overwrite: bool = False, quiet: bool = Fal
             layers = stats.merge_layers(ordered)
             summary = stats.summary(layers, plan.task_names)
             outputs |= write_stats(plan, layers, summary)
-            hashes = runtime.gather(hashing)
-            inputs = {f: (h, storage_for(f, options).size(f)) for f, h in zip(input_files, hashes)}
+            hashes = known | dict(zip(to_hash, runtime.gather(hashing)))
+            inputs = {f: (hashes[f], storage_for(f, options).size(f)) for f in input_files}
             report.bytes_read = sum(r.bytes_read for r in ordered)
+            report.bytes_hashed = sum(inputs[f][1] for f in to_hash)
             extra = {
-                "summary": summary | sizes_summary(plan, outputs) | {"bytes_read": report.bytes_read},
+                "summary": summary | sizes_summary(plan, outputs)
+                | {"bytes_read": report.bytes_read, "bytes_hashed": report.bytes_hashed},
                 "timings": {k: round(v, 3) for k, v in timings.items()},
             }
             if lot is not None:
@@ -222,6 +241,7 @@ def run_merge(config: MergeConfig, *, overwrite: bool = False, quiet: bool = Fal
             if plan.params.uses_ties:
                 extra["ties"] = {"thresholds": list(plan.shards[0].thresholds or ()),  # empty: per-tensor scope
                                  "majority": int(np.sign(sum(r.sign_sum for r in ordered)))}
+            extra |= reuse.manifest
             report.manifest = commit.write_manifest(plan, outputs, inputs, extra)
     except BaseException:
         runtime.cancel(hashing)
@@ -255,7 +275,7 @@ def sizes_summary(plan: Plan, outputs: dict[str, tuple[str, int]]) -> dict:
     return out
 
 
-def track(report: MergeReport, config_text: str | None, options) -> str | None:
+def track(report: MergeReport, config_text: str | None, options, parent_run_id: str | None = None) -> str | None:
     """One MLflow run per merge, logged after the commit: a tracking failure raises
     TrackingError but can never undo or corrupt the committed result."""
     from infra.tracking import log_merge
@@ -265,7 +285,8 @@ def track(report: MergeReport, config_text: str | None, options) -> str | None:
     output, storage = report.plan.config.output, report.plan.config.storage.options()
     store = storage_for(output, storage)
     files = {rel: store.read_bytes(join(output, rel)) for rel in report.manifest["outputs"] if rel.startswith("stats/")}
-    run_id = log_merge(report.manifest, output=output, config_text=config_text, files=files, options=options)
+    run_id = log_merge(report.manifest, output=output, config_text=config_text, files=files, options=options,
+                       parent_run_id=parent_run_id)
     if run_id:
         import json
 

@@ -177,18 +177,18 @@ def claims(results: dict) -> list[tuple[str, bool, str]]:
     out = []
     if "tall_masks" in by:
         n = by["tall_masks"]["normalized"]
-        out.append(("TALL-mask rebuilt models keep >= 99% of fine-tuned accuracy", n >= 0.99, f"{100 * n:.1f}%"))
+        out.append(("TALL-mask rebuilt models keep >= 99% of fine-tuned accuracy", n >= 0.99, f"{100 * n:.2f}%"))
     for cons, base in (("consensus_ta", "task_arithmetic"), ("consensus_ties", "ties")):
         if cons in by and base in by:
             c, b = by[cons]["average"], by[base]["average"]
-            out.append((f"{by[cons]['label']} improves on {by[base]['label']}", c > b, f"{100 * c:.1f} vs {100 * b:.1f}"))
+            out.append((f"{by[cons]['label']} improves on {by[base]['label']}", c > b, f"{100 * c:.2f} vs {100 * b:.2f}"))
     if "lot" in by and "task_arithmetic" in by:  # LOT paper, table 1: LOT above TA on every benchmark
         lot, ta = by["lot"]["average"], by["task_arithmetic"]["average"]
-        out.append(("LOT improves on Task Arithmetic", lot > ta, f"{100 * lot:.1f} vs {100 * ta:.1f}"))
+        out.append(("LOT improves on Task Arithmetic", lot > ta, f"{100 * lot:.2f} vs {100 * ta:.2f}"))
     zs = by["zero_shot"]["average"]
     for r in results["rows"]:
         if r["method"] is not None:
-            out.append((f"{r['label']} beats zero-shot", r["average"] > zs, f"{100 * r['average']:.1f} vs {100 * zs:.1f}"))
+            out.append((f"{r['label']} beats zero-shot", r["average"] > zs, f"{100 * r['average']:.2f} vs {100 * zs:.2f}"))
     return out
 
 

@@ -26,7 +26,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
-from infra.storage import StorageOptions, basename, join, storage_for
+from infra.storage import StorageOptions, join, storage_for
 from workers.errors import ConfigError
 from workers.lot.models import TaskModelSpec, call_module, open_task_model
 
@@ -161,12 +161,10 @@ def _to(batch: Any, device: str) -> Any:
 # ------------------------------------------------------------------------------ hashing
 
 
-def checkpoint_digest(files: Iterable[str], file_sha256: Iterable[str]) -> str:
-    """One sha256 for a checkpoint: over its files' names and sha256, in file order."""
-    h = hashlib.sha256()
-    for f, sha in zip(files, file_sha256):
-        h.update(f"{basename(f)} {sha}\n".encode())
-    return h.hexdigest()
+def checkpoint_digest(file_sha256: Iterable[str]) -> str:
+    """One sha256 per checkpoint, the one MLflow and re-merges record (infra/tracking.py's
+    checkpoint_digest, which workers may not import): over its files' sha256, sorted, one per line."""
+    return hashlib.sha256("\n".join(sorted(file_sha256)).encode()).hexdigest()
 
 
 def exemplar_digest(model: str, batches: list[Any]) -> str:
@@ -202,7 +200,6 @@ def stats_uri(cache: str, checkpoint_sha: str, exemplar_sha: str) -> str:
 @dataclass(frozen=True)
 class FeatureJob:
     spec: TaskModelSpec
-    files: tuple[str, ...]  # the checkpoint's safetensors files, in order
     names: tuple[str, ...]  # the checkpoint's tensor names: statistics are kept for these only
     cache: str  # URI prefix of the statistics cache
     device: str = "cpu"
@@ -221,11 +218,11 @@ class FeatureResult:
 def task_features(job: FeatureJob, *file_sha256: str) -> FeatureResult:
     """Statistics for one task: from the cache when this checkpoint and these exemplars were seen
     before, else by running the task's model. `file_sha256` are the checkpoint files' hashes
-    (the merge computes them anyway for its manifest)."""
+    (the merge computes them anyway for its manifest), in any order."""
     t0 = time.perf_counter()
     spec = job.spec
     task_model = open_task_model(spec)
-    uri = stats_uri(job.cache, checkpoint_digest(job.files, file_sha256), exemplar_digest(spec.model, task_model.batches))
+    uri = stats_uri(job.cache, checkpoint_digest(file_sha256), exemplar_digest(spec.model, task_model.batches))
     store = storage_for(uri, spec.storage)
     if store.exists(uri):
         keys, rows = read_stats_summary(uri, spec.storage)
