@@ -87,9 +87,16 @@ def reusable_shards(plan: Plan, journal: Journal, quiet: bool) -> dict[int, Shar
     return {i: r for (i, r), good in zip(recorded.items(), ok) if good}
 
 
+def merge_shard_on_node(spec: ShardSpec) -> ShardResult:
+    """merge_shard in a Ray worker, noting which node computed the shard."""
+    result = merge_shard(spec)
+    result.node, result.node_ip = runtime.current_node()
+    return result
+
+
 def map_shards(plan: Plan, specs: list[ShardSpec], journal: Journal, quiet: bool, desc: str) -> list[ShardResult]:
     return runtime.run_tasks(
-        merge_shard,
+        merge_shard_on_node,
         [(s,) for s in specs],
         desc=desc,
         sizes=[s.nbytes for s in specs],
@@ -167,6 +174,7 @@ def run_merge(config: MergeConfig, *, overwrite: bool = False, quiet: bool = Fal
             extra = {
                 "summary": summary | sizes_summary(plan, outputs) | {"bytes_read": report.bytes_read},
                 "timings": {k: round(v, 3) for k, v in timings.items()},
+                "nodes": placement(ordered),
             }
             if plan.params.uses_ties:
                 extra["ties"] = {"thresholds": list(plan.shards[0].thresholds or ()),  # empty: per-tensor scope
@@ -190,6 +198,20 @@ def write_stats(plan: Plan, layers, summary: dict) -> dict[str, tuple[str, int]]
     if png:
         files["stats/task_overlap.png"] = png
     return commit.put_files(plan, files)
+
+
+def placement(results: list[ShardResult]) -> dict[str, dict]:
+    """Which Ray node computed which shards (numbered from 1, as in the file names).
+    A resumed run keeps the node of the run that computed a reused shard."""
+    nodes: dict[str, dict] = {}
+    for r in results:
+        if not r.node:  # journaled before nodes were recorded
+            continue
+        n = nodes.setdefault(r.node, {"ip": r.node_ip, "shards": [], "bytes_read": 0, "seconds": 0.0})
+        n["shards"].append(r.index + 1)
+        n["bytes_read"] += r.bytes_read
+        n["seconds"] = round(n["seconds"] + r.seconds, 3)
+    return nodes
 
 
 def sizes_summary(plan: Plan, outputs: dict[str, tuple[str, int]]) -> dict:
