@@ -146,31 +146,29 @@ class LocalRayCluster:
 
 
 def _serve(nodes: int, cpus: int, object_store_mib: int, announce) -> None:
-    """Run the cluster until stdin closes (or SIGTERM/SIGINT), then shut it down cleanly."""
+    """Run the cluster until stdin closes (or SIGTERM), then shut it down cleanly."""
     from ray.cluster_utils import Cluster
 
-    args = {"num_cpus": cpus, "node_ip_address": _HOST, "object_store_memory": object_store_mib * 2**20,
-            "include_dashboard": False}
-    cluster = Cluster(initialize_head=True, head_node_args=args)
-    stop = [False]
-
-    def on_signal(signum, frame):  # noqa: ARG001
-        stop[0] = True
+    def on_sigterm(signum, frame):  # noqa: ARG001
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGTERM, on_sigterm)
+    args = {"num_cpus": cpus, "node_ip_address": _HOST, "object_store_memory": object_store_mib * 2**20,
+            "include_dashboard": False}
+    cluster = None
     try:
+        cluster = Cluster(initialize_head=True, head_node_args=args)
         for _ in range(nodes - 1):
             cluster.add_node(**args)
         cluster.wait_for_nodes()
         announce(cluster.address, [n.node_id for n in cluster.list_all_nodes()])
-        while not stop[0]:
-            if not sys.stdin.read(4096):
-                break
+        while sys.stdin.read(4096):
+            pass
     except KeyboardInterrupt:
         pass
     finally:
-        cluster.shutdown()
+        if cluster is not None:
+            cluster.shutdown()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,14 +23,13 @@ import numpy as np
 import pytest
 import yaml
 
+from conftest import config_for
 from infra.local_cluster import LocalRayCluster
 from infra.local_services import SeaweedS3Server, s3_client
-from workflows.journal import result_from_json, result_to_json
 from workers.shard import LayerStats, ShardResult
+from workflows.journal import result_from_json, result_to_json
+from workflows.merge import run_merge
 
-pytestmark = pytest.mark.slow
-
-REPO = Path(__file__).resolve().parent.parent
 METHOD = {"name": "tall_masks", "alpha": 0.3, "lambda": 0.4}
 EXECUTION = {"shard_size": 4000}  # ~10 shards of whole layers; whole tensors per read (few S3 requests)
 COMPARED = ("model/", "compressed/", "stats/layers.json")
@@ -42,15 +41,14 @@ def upload(client, bucket: str, local: Path, prefix: str) -> str:
     return f"s3://{bucket}/{prefix}"
 
 
+@pytest.mark.slow
 def test_merge_spreads_over_nodes_and_equals_single_node(ray_session, family, tmp_path):
-    from conftest import config_for
-    from workflows.merge import run_merge
-
     server = SeaweedS3Server(tmp_path / "s3", access_key="mf-cluster", secret_key="mf-cluster-Secret-3kQz")
-    endpoint = server.start()
-    cluster = LocalRayCluster(nodes=3, cpus=1, env=endpoint.env())
-    cluster.launch()  # its ~10-25 s start overlaps the reference merge and the uploads
+    cluster = None
     try:
+        endpoint = server.start()
+        cluster = LocalRayCluster(nodes=3, cpus=1, env=endpoint.env())
+        cluster.launch()  # its ~10-25 s start overlaps the reference merge and the uploads
         base_dir, task_dirs = family(tasks=3, layers=8, hidden=16, vocab=32, shards=2)
         # The reference: the same merge on the session's single-node runtime, from local files.
         local = run_merge(config_for(base_dir, task_dirs, tmp_path / "local", METHOD, **EXECUTION), quiet=True)
@@ -102,7 +100,7 @@ def test_merge_spreads_over_nodes_and_equals_single_node(ray_session, family, tm
         # Both take seconds to stop: in parallel.
         with ThreadPoolExecutor(2) as pool:
             s3_stopped = pool.submit(server.stop)
-            code = cluster.stop()
+            code = cluster.stop() if cluster is not None else None
             s3_stopped.result()
     assert code == 0, "Cluster.shutdown() did not finish cleanly; its log ends:\n" + cluster.log_tail()
 
