@@ -51,7 +51,7 @@ _FAST_HTTP_ENV = {
 }
 
 _SUMMARY_METRICS = (
-    "bytes_read", "input_bytes", "model_bytes", "compressed_bytes", "checkpoints_bytes",
+    "bytes_read", "bytes_hashed", "input_bytes", "model_bytes", "compressed_bytes", "checkpoints_bytes",
     "compression_ratio", "parameters", "selfish_share", "catastrophic_share",
 )
 
@@ -111,6 +111,12 @@ def log_merge(manifest: dict, *, output: str, config_text: str | None, files: di
             client.log_batch(run_id, metrics=metrics, params=params, synchronous=True)
             step = "uploading artifacts"
             _upload(client, run_id, artifacts)
+            step = "logging selection trials"
+            for name, t_params, t_metrics in selection_trials(manifest):
+                child = client.create_run(experiment_id, run_name=name,
+                                          tags={"mlflow.parentRunId": run_id, "mergeflow.trial": name}).info.run_id
+                client.log_batch(child, metrics=t_metrics, params=t_params, synchronous=True)
+                client.set_terminated(child, RunStatus.to_string(RunStatus.FINISHED))
             step = "finishing the run"
             client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
         except TrackingError:
@@ -138,10 +144,33 @@ def run_params(manifest: dict) -> list[Param]:
     values: dict[str, object] = {"method": method.pop("name")}
     values.update(_flatten(method))
     values.update({f"lambda.{task}": v for task, v in lambdas.items()})
+    if sel := manifest.get("selection"):
+        values |= {"selection.evaluator": sel["evaluator"], "selection.split": sel["split"],
+                   "selection.selected": ",".join(k for k in ("alpha", "lambda") if k in sel)}
     values |= {"num_tasks": len(tasks), "tasks": _join_within(tasks, MAX_PARAM_LENGTH), "shards": manifest["shards"]}
     values["input.base.sha256"] = checkpoint_digest(manifest["inputs"]["base"])
     values.update({f"input.task.{t['name']}.sha256": checkpoint_digest(t) for t in manifest["inputs"]["tasks"]})
     return [Param(_key(k), str(v)[:MAX_PARAM_LENGTH]) for k, v in values.items()]
+
+
+def selection_trials(manifest: dict) -> list[tuple[str, list[Param], list[Metric]]]:
+    """One child run per hyper-parameter trial: (run name, params, metrics)."""
+    from mlflow.entities import Metric, Param
+
+    sel = manifest.get("selection") or {}
+    now = int(time.time() * 1000)
+    out = []
+    for tr in (sel.get("lambda") or {}).get("trials", []):
+        params = [Param("trial", "lambda"), Param("task", tr["task"]), Param("lambda", str(tr["lambda"]))]
+        out.append((f"lambda-{tr['task']}-{tr['lambda']:g}", params, [Metric("score", float(tr["score"]), now, 0)]))
+    for tr in (sel.get("alpha") or {}).get("trials", []):
+        metrics = {"avg_normalized": tr["avg_normalized"], "avg_score": tr["avg_score"]}
+        metrics |= {f"score.{t}": v for t, v in tr["scores"].items()}
+        metrics |= {f"normalized.{t}": v for t, v in tr["normalized"].items()}
+        params = [Param("trial", "alpha"), Param("alpha", str(tr["alpha"]))]
+        out.append((f"alpha-{tr['alpha']:g}", params,
+                    [Metric(_key(k), float(v), now, 0) for k, v in metrics.items() if _is_finite_number(v)]))
+    return out
 
 
 def checkpoint_digest(checkpoint: dict) -> str:
@@ -178,6 +207,9 @@ def run_tags(manifest: dict, output: str, parent_run_id: str | None) -> dict[str
     if parent_run_id:
         # mlflow.parentRunId is what the MLflow UI nests by; ours survives a UI that drops it.
         tags["mlflow.parentRunId"] = tags["mergeflow.parent_run"] = parent_run_id
+    if parent := manifest.get("parent"):  # a re-merge: its parent run, even when that one was not tracked
+        tags["mergeflow.parent_uri"] = redact(str(parent["run"]))
+        tags["mergeflow.parent_manifest_sha256"] = str(parent["manifest_sha256"])
     return tags
 
 

@@ -7,6 +7,7 @@ O(T x chunk): no tensor is ever held whole unless it is smaller than a chunk.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from contextlib import ExitStack
@@ -22,7 +23,8 @@ from workers.dtypes import TORCH_DTYPES, is_float, itemsize
 from workers.errors import CheckpointError
 from workers.layers import layer_of
 from workers.methods import ChunkGlobals, MethodParams, get_method
-from workers.safetensors_io import StreamingWriter, TensorInfo
+from workers.methods.tall_masks import task_masks
+from workers.safetensors_io import StreamingWriter, TensorInfo, read_header
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,9 @@ class ShardSpec:
     storage: StorageOptions = StorageOptions()
     thresholds: tuple[float, ...] | None = None  # global-scope TIES thresholds, one per task
     majority: int = 1
+    write_model: bool = True  # model/: theta_0 + alpha * delta (off while alpha is selected)
+    write_delta: bool = False  # delta/: the unscaled merged vector in float32 (alpha selection, re-merging)
+    mask_grid: tuple[float, ...] = ()  # TALL lambda candidates: one mask set per value instead of params.lambdas
 
     @property
     def part(self) -> str:
@@ -74,8 +79,14 @@ class ShardSpec:
     def tau_file(self) -> str:
         return f"compressed/tau_mtl-{self.part}.safetensors"
 
+    def delta_file(self) -> str:
+        return f"delta/delta-{self.part}.safetensors"
+
     def mask_file(self, task: str) -> str:
         return f"compressed/masks/{task}/masks-{self.part}.safetensors"
+
+    def grid_mask_file(self, i: int, task: str) -> str:
+        return f"compressed/mask_grid/{i}/{task}/masks-{self.part}.safetensors"
 
     @property
     def nbytes(self) -> int:
@@ -165,8 +176,9 @@ def task_chunks(spec: ShardSpec, job: TensorJob, reader: ShardReader):
         yield lo, hi, base, torch.stack(rows)
 
 
-def copy_exact(spec: ShardSpec, job: TensorJob, reader: ShardReader, writer: StreamingWriter) -> None:
-    """Integer and bool tensors are copied from the base and must agree everywhere."""
+def copy_exact(spec: ShardSpec, job: TensorJob, reader: ShardReader, writer: StreamingWriter | None) -> None:
+    """Integer and bool tensors are copied from the base and must agree everywhere (checked even
+    when this pass writes no model)."""
     for lo, hi in chunk_ranges(job.numel, spec.chunk_elems):
         base = reader.elements(job.base, lo, hi)
         for name, info in zip(spec.task_names, job.tasks):
@@ -175,7 +187,8 @@ def copy_exact(spec: ShardSpec, job: TensorJob, reader: ShardReader, writer: Str
                     f"task {name!r}: non-float tensor {job.name!r} differs from the base "
                     "(integer/bool tensors must be identical across checkpoints)"
                 )
-        writer.write(job.name, base.numpy().tobytes())
+        if writer is not None:
+            writer.write(job.name, base.numpy().tobytes())
 
 
 # ----------------------------------------------------------------- TIES statistics
@@ -227,12 +240,18 @@ def tensor_thresholds(spec: ShardSpec, job: TensorJob, reader: ShardReader) -> t
 def _open_writers(spec: ShardSpec, compresses: bool, stack: ExitStack) -> dict[str, StreamingWriter]:
     everything = [(j.name, j.dtype, j.shape) for j in spec.tensors]
     floats = [j for j in spec.tensors if j.is_float]
-    files = {spec.model_file(): everything}
+    files = {spec.model_file(): everything} if spec.write_model else {}
+    if spec.write_delta:
+        files[spec.delta_file()] = [(j.name, "F32", j.shape) for j in floats]
     if compresses:
         store = lambda j: "F32" if spec.params.store_dtype == "float32" else j.dtype  # noqa: E731
         files[spec.tau_file()] = [(j.name, store(j), j.shape) for j in floats]
+        packed = [(j.name, "U8", (math.ceil(j.numel / 8),)) for j in floats]
         for task in spec.task_names:
-            files[spec.mask_file(task)] = [(j.name, "U8", (math.ceil(j.numel / 8),)) for j in floats]
+            if spec.mask_grid:
+                files.update({spec.grid_mask_file(i, task): packed for i in range(len(spec.mask_grid))})
+            else:
+                files[spec.mask_file(task)] = packed
     writers = {}
     for rel, entries in files.items():
         w = StreamingWriter(join(spec.output, rel), entries, spec.storage)
@@ -251,7 +270,8 @@ def merge_shard(spec: ShardSpec) -> ShardResult:
     with ExitStack() as cleanup, ExitStack() as files:
         reader = ShardReader(spec.storage, files)
         writers = _open_writers(spec, method.compresses, cleanup)
-        model = writers[spec.model_file()]
+        model = writers.get(spec.model_file())
+        delta_file = writers.get(spec.delta_file())
         for job in spec.tensors:
             if not job.is_float:
                 copy_exact(spec, job, reader, model)
@@ -264,8 +284,10 @@ def merge_shard(spec: ShardSpec) -> ShardResult:
             out_dtype = TORCH_DTYPES[job.dtype]
             for lo, hi, base, taus in task_chunks(spec, job, reader):
                 out = method.fn(taus, spec.params, g)
-                merged = (base + spec.params.alpha * out.delta).to(out_dtype)
-                model.write(job.name, _bytes(merged))
+                if model is not None:
+                    model.write(job.name, _bytes(apply_alpha(base, out.delta, spec.params.alpha, out_dtype)))
+                if delta_file is not None:
+                    delta_file.write(job.name, _bytes(out.delta))
                 result.sign_sum += out.sign_sum
                 result.ambiguous += out.ambiguous
                 chunk = LayerStats(hi - lo, (taus.double() ** 2).sum(dim=1).cpu().numpy())
@@ -273,9 +295,15 @@ def merge_shard(spec: ShardSpec) -> ShardResult:
                     tau_file = writers[spec.tau_file()]
                     store = torch.float32 if spec.params.store_dtype == "float32" else out_dtype
                     tau_file.write(job.name, _bytes(out.tau_mtl.to(store)))
-                    packed = pack_rows(out.masks).cpu()
-                    for row, task in enumerate(spec.task_names):
-                        writers[spec.mask_file(task)].write(job.name, packed[row].numpy().tobytes())
+                    if spec.mask_grid:
+                        for i, lam in enumerate(spec.mask_grid):
+                            packed = pack_rows(task_masks(taus, out.tau_mtl, torch.full((t,), lam, device=taus.device))).cpu()
+                            for row, task in enumerate(spec.task_names):
+                                writers[spec.grid_mask_file(i, task)].write(job.name, packed[row].numpy().tobytes())
+                    else:
+                        packed = pack_rows(out.masks).cpu()
+                        for row, task in enumerate(spec.task_names):
+                            writers[spec.mask_file(task)].write(job.name, packed[row].numpy().tobytes())
                     chunk.kept = out.masks.sum(dim=1).cpu().numpy().astype(np.int64)
                     chunk.count_hist = (
                         torch.bincount(out.masks.sum(dim=0), minlength=t + 1).cpu().numpy().astype(np.int64)
@@ -291,6 +319,11 @@ def merge_shard(spec: ShardSpec) -> ShardResult:
     return result
 
 
+def apply_alpha(base: torch.Tensor, delta: torch.Tensor, alpha: float, dtype: torch.dtype) -> torch.Tensor:
+    """theta_0 + alpha * delta in float32, cast to the stored dtype: the one formula every path uses."""
+    return (base + alpha * delta).to(dtype)
+
+
 def _bytes(x: torch.Tensor) -> bytes:
     """Raw little-endian bytes of a tensor; bf16 has no numpy dtype, so go through a view."""
     x = x.contiguous().cpu()
@@ -298,3 +331,41 @@ def _bytes(x: torch.Tensor) -> bytes:
         x = x.view(torch.int16)
     return x.numpy().tobytes()
 
+
+
+def apply_shard(spec: ShardSpec, alpha: float) -> ShardResult:
+    """Write this shard's model file from the base and its delta file: theta_0 + alpha * delta.
+
+    The second half of a merge whose alpha was chosen after the delta was written; it reads the base
+    and the float32 delta only, never the task checkpoints, and gives the bytes a direct merge with
+    that alpha would have written."""
+    t0 = time.perf_counter()
+    delta = read_header(join(spec.output, spec.delta_file()), spec.storage).tensors
+    result = ShardResult(spec.index, {}, {}, majority_used=spec.majority)
+    with ExitStack() as cleanup, ExitStack() as files:
+        reader = ShardReader(spec.storage, files)
+        writer = StreamingWriter(join(spec.output, spec.model_file()), [(j.name, j.dtype, j.shape) for j in spec.tensors],
+                                 spec.storage)
+        cleanup.callback(writer.abort)
+        for job in spec.tensors:
+            for lo, hi in chunk_ranges(job.numel, spec.chunk_elems):
+                base = reader.elements(job.base, lo, hi)
+                if job.is_float:
+                    d = reader.elements(delta[job.name], lo, hi)
+                    base = apply_alpha(base.to(spec.device).float(), d.to(spec.device), alpha, TORCH_DTYPES[job.dtype])
+                writer.write(job.name, _bytes(base))
+        result.outputs[spec.model_file()] = (writer.commit(), writer.bytes_written)
+        cleanup.pop_all()
+        result.bytes_read = reader.bytes_read
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def majority_redo(specs: list[ShardSpec], results: list[ShardResult]) -> tuple[int, list[ShardSpec]]:
+    """TIES' majority sign is a whole-model sum known only after the map: the true one, and the
+    shards that relied on a different provisional sign at an exact tie and must be redone with it."""
+    majority = int(np.sign(sum(r.sign_sum for r in results)))
+    by_index = {s.index: s for s in specs}
+    redo = [dataclasses.replace(by_index[r.index], majority=majority)
+            for r in results if r.ambiguous and r.majority_used != majority]
+    return majority, redo

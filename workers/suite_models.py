@@ -362,7 +362,8 @@ def build_suite(out_dir: Path, tasks: int = 8, seed: int = 0, *, hidden: int = 5
         "build_seconds": round(build_seconds, 2),
     }
     config = {"base": "base", "tasks": [{"name": n, "checkpoint": n} for n in names], "output": "run",
-              "method": {"name": "tall_masks", "alpha": 0.3, "lambda": 0.4}}
+              "method": {"name": "tall_masks", "alpha": "auto", "lambda": "auto"},
+              "selection": {"evaluator": "workers.suite_models:evaluate", "split": "val"}}
     (out_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     meta_path.write_text(json.dumps(meta, indent=1) + "\n")
     meta["cached"] = False
@@ -374,11 +375,19 @@ def _suite_seed(suite_json: str, mtime: float) -> int:
     return int(json.loads(Path(suite_json).read_text())["seed"])
 
 
-def evaluate(backbone: dict[str, torch.Tensor] | Path | str, task: str, suite_dir: Path | str, split: str = "test") -> float:
+def evaluate(backbone: dict[str, torch.Tensor] | Path | str, task: str, suite_dir: Path | str | None = None,
+             split: str = "test", checkpoint: str | None = None) -> float:
     """Accuracy of `backbone` (a state dict, a .safetensors file or a checkpoint dir such as a merge run's
-    model/) on `task`'s `split` ("val" or "test") of the suite in suite_dir, with the task's stored head."""
+    model/) on `task`'s `split` ("val" or "test") of the suite in suite_dir, with the task's stored head.
+
+    This is the suite's evaluator for `selection.evaluator: workers.suite_models:evaluate`: without
+    suite_dir, the suite is the folder holding the task's checkpoint (`checkpoint`)."""
     if split not in ("val", "test", "train"):
         raise ValueError(f"split must be 'val' or 'test', got {split!r}")
+    if suite_dir is None:
+        if checkpoint is None:
+            raise ValueError("evaluate: give suite_dir or the task's checkpoint")
+        suite_dir = Path(checkpoint).parent
     suite_dir = Path(suite_dir)
     meta = suite_dir / "suite.json"
     seed = _suite_seed(str(meta), meta.stat().st_mtime)

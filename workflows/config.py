@@ -50,13 +50,19 @@ class TaskConfig(_Model):
         return v
 
 
+AUTO = "auto"
+DEFAULT_ALPHAS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+DEFAULT_LAMBDAS = (0.2, 0.3, 0.4, 0.5, 0.6)
+LAMBDA_METHODS = ("tall_masks", "consensus")  # methods whose per-task masks take a lambda
+
+
 class MethodConfig(_Model):
     name: str
-    alpha: float | None = None
+    alpha: float | Literal["auto"] | None = None
     density: float = 0.2
     scope: Literal["global", "tensor"] = "global"
     merge: Literal["mean", "sum"] | None = None
-    lambda_: float | dict[str, float] = Field(0.4, alias="lambda")
+    lambda_: float | dict[str, float] | Literal["auto"] = Field(0.4, alias="lambda")
     base_merge: Literal["task_arithmetic", "ties"] = "task_arithmetic"
     k: int = 2
     store_dtype: Literal["base", "float32"] = "base"
@@ -77,8 +83,8 @@ class MethodConfig(_Model):
 
     @field_validator("alpha")
     @classmethod
-    def _alpha(cls, v: float | None) -> float | None:
-        if v is not None and not math.isfinite(v):
+    def _alpha(cls, v):
+        if isinstance(v, float) and not math.isfinite(v):
             raise ValueError("must be a finite number")
         return v
 
@@ -92,6 +98,8 @@ class MethodConfig(_Model):
     @field_validator("lambda_")
     @classmethod
     def _lambda(cls, v):
+        if v == AUTO:
+            return v
         values = v.values() if isinstance(v, dict) else [v]
         if any(not math.isfinite(x) or x < 0 for x in values):
             raise ValueError("lambda values must be finite and >= 0")
@@ -103,6 +111,9 @@ class ExecutionConfig(_Model):
     chunk_elems: int = 1 << 22  # elements per task per compute step: memory is O(T x chunk)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     ray_address: str | None = None
+    # delta/: the unscaled merged vector in float32 (4 bytes per parameter, twice a bf16 model). "auto":
+    # `mergeflow remerge` keeps it for Task Arithmetic, whose next re-merge adds new tasks to it.
+    keep_delta: Literal["auto"] | bool = "auto"
 
     @field_validator("shard_size")
     @classmethod
@@ -130,25 +141,64 @@ class StorageConfig(_Model):
         return StorageOptions(self.endpoint_url, self.region)
 
 
+class SelectionConfig(_Model):
+    """How `alpha: auto` / `lambda: auto` pick their values: on validation data, with the user's evaluator."""
+
+    evaluator: str  # "package.module:function", see workers/evaluation.py for the contract
+    split: str = "val"
+    options: dict = {}  # keyword arguments passed to the evaluator
+    alphas: tuple[float, ...] = DEFAULT_ALPHAS
+    lambdas: tuple[float, ...] = DEFAULT_LAMBDAS
+
+    @field_validator("evaluator")
+    @classmethod
+    def _evaluator(cls, v: str) -> str:
+        module, sep, fn = v.partition(":")
+        if not (sep and module and fn):
+            raise ValueError(f"{v!r} must look like 'package.module:function'")
+        return v
+
+    @field_validator("alphas", "lambdas")
+    @classmethod
+    def _grid(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        if not v or any(not math.isfinite(x) or x < 0 for x in v):
+            raise ValueError("must be a non-empty list of finite numbers >= 0")
+        return v
+
+
 class MergeConfig(_Model):
     base: str
-    tasks: list[TaskConfig]
+    tasks: list[TaskConfig] = []
+    tasks_from: str | None = None  # a folder or s3:// prefix whose sub-folders are task checkpoints
     output: str | None = None
     method: MethodConfig
+    selection: SelectionConfig | None = None
     execution: ExecutionConfig = ExecutionConfig()
     storage: StorageConfig = StorageConfig()
 
+    @property
+    def select_alpha(self) -> bool:
+        return self.method.alpha == AUTO
+
+    @property
+    def select_lambda(self) -> bool:
+        return self.method.lambda_ == AUTO and self.method.name in LAMBDA_METHODS
+
     @model_validator(mode="after")
     def _tasks(self) -> "MergeConfig":
-        if not self.tasks:
-            raise ValueError("tasks: give at least one task")
+        if not self.tasks and self.tasks_from is None:
+            raise ValueError("tasks: give at least one task (or tasks_from: a folder of task checkpoints)")
         seen: set[str] = set()
         for t in self.tasks:
             if t.name in seen:
                 raise ValueError(f"tasks: duplicate task name {t.name!r}")
             seen.add(t.name)
+        if (self.select_alpha or self.select_lambda) and self.selection is None:
+            key = "alpha" if self.select_alpha else "lambda"
+            raise ValueError(f"method.{key}: auto needs a `selection:` section naming an evaluator "
+                             "(selection: {evaluator: 'package.module:function'})")
         lam = self.method.lambda_
-        if isinstance(lam, dict):
+        if isinstance(lam, dict) and self.tasks_from is None:  # discovered tasks are checked once resolved
             unknown = sorted(set(lam) - seen)
             missing = [t.name for t in self.tasks if t.name not in lam]
             if unknown:
@@ -168,7 +218,11 @@ class MergeConfig(_Model):
         if alpha is None:
             # A mean (plain TIES) is already on the scale of one task vector; sums of T vectors need scaling down.
             alpha = 1.0 if (m.name == "ties" and merge == "mean") else 0.3
+        elif alpha == AUTO:
+            alpha = 1.0  # stands in until selection picks one; no model is written with it
         lam = m.lambda_
+        if lam == AUTO:
+            lam = self.selection.lambdas[0] if self.selection else DEFAULT_LAMBDAS[0]  # likewise replaced
         lambdas = tuple(lam[n] for n in self.task_names) if isinstance(lam, dict) else (lam,) * len(self.tasks)
         get_method(m.name)
         return MethodParams(
@@ -194,7 +248,7 @@ def _format_error(source: str, err: ValidationError) -> str:
         msg = "unknown key (check the spelling; see `mergeflow merge --help`)"
     elif first["type"] == "missing":
         msg = "required key is missing"
-    return f"{source}: {loc}: {msg}"
+    return f"{source}: {loc}: {msg}" if loc != "config" else f"{source}: {msg}"
 
 
 def _resolve(path: str, root: Path) -> str:
@@ -234,6 +288,7 @@ def config_from_dict(raw: dict, source: str = "config", root: Path | None = None
         update={
             "base": _resolve(cfg.base, root),
             "tasks": [t.model_copy(update={"checkpoint": _resolve(t.checkpoint, root)}) for t in cfg.tasks],
+            "tasks_from": _resolve(cfg.tasks_from, root) if cfg.tasks_from else None,
             "output": out.rstrip("/"),
         }
     )

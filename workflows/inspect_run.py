@@ -27,6 +27,7 @@ def describe(run: str, options: StorageOptions) -> str:
     lines = [
         f"run         {run}",
         f"created     {m['created']} (mergeflow {m['mergeflow_version']})",
+        *([f"parent      {m['parent']['run']}"] if m.get("parent") else []),
         f"method      {method['name']} ({', '.join(params)})",
         f"base        {m['inputs']['base']['uri']}",
         f"tasks       {len(tasks)}: {', '.join(tasks)}",

@@ -11,14 +11,16 @@ import logging
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Callable, Mapping
 
 import numpy as np
 
 from infra.storage import join, sha256_of, storage_for
 from workers import kth_value
 from workers.methods import get_method
-from workers.shard import ShardResult, ShardSpec, merge_shard, shard_high_histogram, shard_low_histogram
-from workflows import commit, runtime, stats
+from workers.shard import (ShardResult, ShardSpec, apply_shard, majority_redo, merge_shard, shard_high_histogram,
+                           shard_low_histogram)
+from workflows import commit, runtime, select, stats
 from workflows.commit import OutputState
 from workflows.config import MergeConfig
 from workflows.journal import Journal
@@ -36,6 +38,17 @@ class MergeReport:
     shards_run: int = 0
     shards_reused: int = 0
     bytes_read: int = 0
+    bytes_hashed: int = 0
+
+
+@dataclass(frozen=True)
+class Reuse:
+    """Work a re-merge takes from its parent run instead of redoing it (built by workflows/remerge.py)."""
+
+    input_hashes: Mapping[str, str] = field(default_factory=dict)  # input file -> sha256 known to be current
+    thresholds: Callable[[Plan, bool], tuple[float, ...]] | None = None  # global TIES thresholds, from a cache
+    worker: Callable[[ShardSpec], ShardResult] | None = None  # the apply pass, in place of merge_shard
+    manifest: dict = field(default_factory=dict)  # extra manifest keys: the parent, what was reused
 
 
 @contextmanager
@@ -87,27 +100,54 @@ def reusable_shards(plan: Plan, journal: Journal, quiet: bool) -> dict[int, Shar
     return {i: r for (i, r), good in zip(recorded.items(), ok) if good}
 
 
-def merge_shard_on_node(spec: ShardSpec) -> ShardResult:
-    """merge_shard in a Ray worker, noting which node computed the shard."""
-    result = merge_shard(spec)
+def on_node(fn, *args) -> ShardResult:
+    """fn(*args) in a Ray worker, noting which node computed the shard."""
+    result = fn(*args)
     result.node, result.node_ip = runtime.current_node()
     return result
 
 
-def map_shards(plan: Plan, specs: list[ShardSpec], journal: Journal, quiet: bool, desc: str) -> list[ShardResult]:
-    return runtime.run_tasks(
-        merge_shard_on_node,
-        [(s,) for s in specs],
+def _with(plan: Plan, **changes) -> Plan:
+    return dataclasses.replace(plan, shards=tuple(dataclasses.replace(s, **changes) for s in plan.shards))
+
+
+def _with_params(plan: Plan, **changes) -> Plan:
+    params = dataclasses.replace(plan.params, **changes)
+    return dataclasses.replace(_with(plan, params=params), params=params)
+
+
+def map_shards(plan: Plan, specs, journal: Journal, quiet: bool, desc: str, fn=merge_shard, extra: tuple = (),
+               merge_into: dict[int, ShardResult] | None = None) -> list[ShardResult]:
+    """Run `fn(spec, *extra)` per shard, journaling each result as it lands; with `merge_into`, a
+    result's outputs are added to that shard's earlier result (a second pass over the same shard,
+    which keeps the node of the first)."""
+
+    def record(i: int, r: ShardResult) -> None:
+        if merge_into is not None and r.index in merge_into:
+            earlier = merge_into[r.index]
+            r = dataclasses.replace(earlier, outputs=earlier.outputs | r.outputs, bytes_read=earlier.bytes_read + r.bytes_read,
+                                    seconds=earlier.seconds + r.seconds)
+        journal.record(r)
+        results[i] = r
+
+    results: list = [None] * len(specs)
+    runtime.run_tasks(
+        on_node,
+        [(fn, s, *extra) for s in specs],
         desc=desc,
         sizes=[s.nbytes for s in specs],
-        on_result=lambda i, r: journal.record(r),
+        on_result=record,
         memory=_memory_per_task(plan),
         gpu=plan.shards[0].device == "cuda",
         quiet=quiet,
     )
+    return results
 
 
-def run_merge(config: MergeConfig, *, overwrite: bool = False, quiet: bool = False) -> MergeReport:
+def run_merge(config: MergeConfig, *, overwrite: bool = False, quiet: bool = False,
+              reuse: Reuse | None = None) -> MergeReport:
+    reuse = reuse or Reuse()
+    worker = reuse.worker or merge_shard
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
 
@@ -128,36 +168,51 @@ def run_merge(config: MergeConfig, *, overwrite: bool = False, quiet: bool = Fal
     options = config.storage.options()
 
     # Inputs are hashed alongside the merge (Ray overlaps the two); the manifest needs them.
-    hashing = runtime.submit(sha256_of, [(f, options) for f in input_files])
+    known = {f: reuse.input_hashes[f] for f in input_files if f in reuse.input_hashes}
+    to_hash = [f for f in input_files if f not in known]
+    hashing = runtime.submit(sha256_of, [(f, options) for f in to_hash])
     try:
+        saved = journal.load_globals() or {}
         if plan.params.uses_ties and plan.params.scope == "global":
             with _timed(timings, "ties_thresholds"):
-                saved = journal.load_globals() or {}
-                thresholds = saved.get("thresholds") or ties_thresholds(plan, quiet)
-                journal.save_globals({"thresholds": list(thresholds)})
-                plan = dataclasses.replace(
-                    plan, shards=tuple(dataclasses.replace(s, thresholds=tuple(thresholds)) for s in plan.shards)
-                )
+                saved["thresholds"] = saved.get("thresholds") or list((reuse.thresholds or ties_thresholds)(plan, quiet))
+                journal.save_globals(saved)
+                plan = _with(plan, thresholds=tuple(saved["thresholds"]))
+        selection: dict = {}
+        if config.select_lambda:
+            with _timed(timings, "select_lambda"):
+                selection["lambda"] = saved.get("lambda") or select.select_lambdas(plan, quiet)
+                saved["lambda"] = selection["lambda"]
+                journal.save_globals(saved)
+                chosen = tuple(float(selection["lambda"]["chosen"][t]) for t in plan.task_names)
+                plan = _with_params(plan, lambdas=chosen)
+        if config.select_alpha:
+            plan = _with(plan, write_model=False, write_delta=True)  # the model waits for alpha
 
         with _timed(timings, "merge"):
             reused = reusable_shards(plan, journal, quiet) if state is OutputState.RESUME else {}
             todo = [s for s in plan.shards if s.index not in reused]
             results = dict(reused)
-            for r in map_shards(plan, todo, journal, quiet, desc=f"merge ({plan.params.name})"):
+            for r in map_shards(plan, todo, journal, quiet, desc=f"merge ({plan.params.name})", fn=worker):
                 results[r.index] = r
             report.shards_reused, report.shards_run = len(reused), len(todo)
             if plan.params.uses_ties:
-                # The majority sign is a whole-model sum known only now; shards that relied on
-                # the provisional one at an exact tie are redone with the true one.
-                majority = int(np.sign(sum(r.sign_sum for r in results.values())))
-                redo = [
-                    dataclasses.replace(plan.shards[i], majority=majority)
-                    for i, r in results.items()
-                    if r.ambiguous and r.majority_used != majority
-                ]
-                for r in map_shards(plan, redo, journal, quiet, desc="TIES majority-sign fix-up"):
+                _, redo = majority_redo(list(plan.shards), list(results.values()))
+                for r in map_shards(plan, redo, journal, quiet, desc="TIES majority-sign fix-up", fn=worker):
                     results[r.index] = r
                 report.shards_run += len(redo)
+
+        if config.select_alpha:
+            with _timed(timings, "select_alpha"):
+                selection["alpha"] = saved.get("alpha") or select.select_alpha(plan, list(plan.shards), quiet)
+                saved["alpha"] = selection["alpha"]
+                journal.save_globals(saved)
+                plan = _with_params(plan, alpha=float(selection["alpha"]["chosen"]))
+            with _timed(timings, "merge"):
+                alpha = plan.params.alpha
+                for r in map_shards(plan, plan.shards, journal, quiet, desc=f"write model (alpha {alpha:g})",
+                                    fn=apply_shard, extra=(alpha,), merge_into=results):
+                    results[r.index] = r
 
         with _timed(timings, "commit"):
             ordered = [results[s.index] for s in plan.shards]
@@ -168,17 +223,23 @@ def run_merge(config: MergeConfig, *, overwrite: bool = False, quiet: bool = Fal
             layers = stats.merge_layers(ordered)
             summary = stats.summary(layers, plan.task_names)
             outputs |= write_stats(plan, layers, summary)
-            hashes = runtime.gather(hashing)
-            inputs = {f: (h, storage_for(f, options).size(f)) for f, h in zip(input_files, hashes)}
+            hashes = known | dict(zip(to_hash, runtime.gather(hashing)))
+            inputs = {f: (hashes[f], storage_for(f, options).size(f)) for f in input_files}
             report.bytes_read = sum(r.bytes_read for r in ordered)
+            report.bytes_hashed = sum(inputs[f][1] for f in to_hash)
             extra = {
-                "summary": summary | sizes_summary(plan, outputs) | {"bytes_read": report.bytes_read},
+                "summary": summary | sizes_summary(plan, outputs)
+                | {"bytes_read": report.bytes_read, "bytes_hashed": report.bytes_hashed},
                 "timings": {k: round(v, 3) for k, v in timings.items()},
                 "nodes": placement(ordered),
             }
+            if selection:
+                extra["selection"] = {"evaluator": config.selection.evaluator, "split": config.selection.split,
+                                      **selection}
             if plan.params.uses_ties:
                 extra["ties"] = {"thresholds": list(plan.shards[0].thresholds or ()),  # empty: per-tensor scope
                                  "majority": int(np.sign(sum(r.sign_sum for r in ordered)))}
+            extra |= reuse.manifest
             report.manifest = commit.write_manifest(plan, outputs, inputs, extra)
     except BaseException:
         runtime.cancel(hashing)
@@ -226,7 +287,7 @@ def sizes_summary(plan: Plan, outputs: dict[str, tuple[str, int]]) -> dict:
     return out
 
 
-def track(report: MergeReport, config_text: str | None, options) -> str | None:
+def track(report: MergeReport, config_text: str | None, options, parent_run_id: str | None = None) -> str | None:
     """One MLflow run per merge, logged after the commit: a tracking failure raises
     TrackingError but can never undo or corrupt the committed result."""
     from infra.tracking import log_merge
@@ -236,7 +297,8 @@ def track(report: MergeReport, config_text: str | None, options) -> str | None:
     output, storage = report.plan.config.output, report.plan.config.storage.options()
     store = storage_for(output, storage)
     files = {rel: store.read_bytes(join(output, rel)) for rel in report.manifest["outputs"] if rel.startswith("stats/")}
-    run_id = log_merge(report.manifest, output=output, config_text=config_text, files=files, options=options)
+    run_id = log_merge(report.manifest, output=output, config_text=config_text, files=files, options=options,
+                       parent_run_id=parent_run_id)
     if run_id:
         import json
 

@@ -114,6 +114,7 @@ def run_tasks(
     gpu: bool = False,
     memory: int | None = None,
     quiet: bool = False,
+    unit: str = "B",
 ) -> list[Any]:
     """Run fn(*call) for every call as Ray tasks; results in call order.
 
@@ -130,7 +131,7 @@ def run_tasks(
     results: list[Any] = [None] * len(refs)
     sizes = list(sizes) if sizes is not None else [1] * len(refs)
     pending = list(refs)
-    with tqdm(total=sum(sizes), desc=desc, unit="B", unit_scale=True, disable=quiet, leave=False, smoothing=0) as bar:
+    with tqdm(total=sum(sizes), desc=desc, unit=unit, unit_scale=unit == "B", disable=quiet, leave=False, smoothing=0) as bar:
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
             i = index[done[0]]
