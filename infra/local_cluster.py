@@ -44,16 +44,18 @@ class ClusterInfo:
 
 
 class LocalRayCluster:
-    """A head and `nodes - 1` worker nodes with `cpus` CPUs each, in a child process.
+    """A head and `nodes - 1` worker nodes with `cpus` CPUs each (the head `head_cpus`: 0 makes
+    it a driver-only head, as in the cluster configs), in a child process.
 
     `env` is added to the nodes' environment, and so to every Ray worker's: on a real
     cluster that is where S3 credentials come from (an instance role, a Secret)."""
 
-    def __init__(self, nodes: int = 3, cpus: int = 1, env: dict[str, str] | None = None,
+    def __init__(self, nodes: int = 3, cpus: int = 1, env: dict[str, str] | None = None, head_cpus: int | None = None,
                  object_store_mib: int = 150, start_timeout: float = 120) -> None:
-        if nodes < 1 or cpus < 0:
+        if nodes < 1 or cpus < 0 or (head_cpus or 0) < 0:
             raise ValueError("a cluster needs at least one node and cpus >= 0")
         self.nodes, self.cpus, self.env = nodes, cpus, dict(env or {})
+        self.head_cpus = cpus if head_cpus is None else head_cpus
         self.object_store_mib = object_store_mib
         self.start_timeout = start_timeout
         self.info: ClusterInfo | None = None
@@ -75,7 +77,7 @@ class LocalRayCluster:
         self._temp = tempfile.mkdtemp(prefix="mfrc", dir="/tmp")
         env = os.environ | self.env | {"RAY_TMPDIR": self._temp} | LOOPBACK_ENV
         cmd = [sys.executable, "-m", "infra.local_cluster", "--nodes", str(self.nodes), "--cpus", str(self.cpus),
-               "--object-store-mib", str(self.object_store_mib), "--serve"]
+               "--head-cpus", str(self.head_cpus), "--object-store-mib", str(self.object_store_mib), "--serve"]
         log = open(Path(self._temp) / "cluster.log", "w")
         self._proc = subprocess.Popen(
             cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True, env=env,
@@ -145,7 +147,7 @@ class LocalRayCluster:
         self.stop()
 
 
-def _serve(nodes: int, cpus: int, object_store_mib: int, announce) -> None:
+def _serve(nodes: int, cpus: int, head_cpus: int, object_store_mib: int, announce) -> None:
     """Run the cluster until stdin closes (or SIGTERM), then shut it down cleanly."""
     from ray.cluster_utils import Cluster
 
@@ -157,7 +159,7 @@ def _serve(nodes: int, cpus: int, object_store_mib: int, announce) -> None:
             "include_dashboard": False}
     cluster = None
     try:
-        cluster = Cluster(initialize_head=True, head_node_args=args)
+        cluster = Cluster(initialize_head=True, head_node_args=args | {"num_cpus": head_cpus})
         for _ in range(nodes - 1):
             cluster.add_node(**args)
         cluster.wait_for_nodes()
@@ -175,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m infra.local_cluster", description=__doc__.split("\n\n")[0])
     p.add_argument("--nodes", type=int, default=3, help="head + workers (default 3)")
     p.add_argument("--cpus", type=int, default=1, help="CPUs each node offers to Ray (default 1)")
+    p.add_argument("--head-cpus", type=int, default=None, help="CPUs of the head (default: --cpus; 0: driver only)")
     p.add_argument("--object-store-mib", type=int, default=150)
     p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)  # child mode of LocalRayCluster
     args = p.parse_args(argv)
@@ -183,10 +186,11 @@ def main(argv: list[str] | None = None) -> int:
         def announce(address, node_ids):
             print(json.dumps({"address": address, "node_ids": node_ids}), flush=True)
 
-        _serve(args.nodes, args.cpus, args.object_store_mib, announce)
+        _serve(args.nodes, args.cpus, args.cpus if args.head_cpus is None else args.head_cpus, args.object_store_mib,
+               announce)
         return 0
 
-    cluster = LocalRayCluster(args.nodes, args.cpus, object_store_mib=args.object_store_mib)
+    cluster = LocalRayCluster(args.nodes, args.cpus, head_cpus=args.head_cpus, object_store_mib=args.object_store_mib)
     t0 = time.monotonic()
     info = cluster.start()
     print(f"{len(info.node_ids)} Ray nodes on {_HOST} in {time.monotonic() - t0:.1f}s; in another shell:\n"
