@@ -63,6 +63,12 @@ def describe(run: str, options: StorageOptions) -> str:
         if lot.get("thin_layers"):
             lines.append(f"  warning: {len(lot['thin_layers'])} linear layer(s) saw fewer feature rows than twice their "
                          "input width (manifest lot.thin_layers); raise method.exemplars")
+    nodes = m.get("nodes", {})
+    if nodes:
+        lines.append(f"ray nodes   {len(nodes)} computed the shards:")
+        for node_id, n in nodes.items():
+            lines.append(f"  {n['ip']:<15} {node_id[:12]}  {len(n['shards']):>4} shard(s) {_gb(n['bytes_read']):>10} "
+                         f"read, {n['seconds']:.1f}s  shards {_ranges(n['shards'])}")
     t = m.get("timings", {})
     if t:
         lines.append("timings     " + ", ".join(f"{k} {v:.1f}s" for k, v in t.items()))
@@ -70,6 +76,17 @@ def describe(run: str, options: StorageOptions) -> str:
     if store.exists(join(run, "stats/task_overlap.png")):
         lines.append(f"plot        {join(run, 'stats/task_overlap.png')}")
     return "\n".join(lines)
+
+
+def _ranges(numbers: list[int]) -> str:
+    """[1, 2, 3, 5] -> '1-3,5'."""
+    runs: list[list[int]] = []
+    for x in sorted(numbers):
+        if runs and x == runs[-1][1] + 1:
+            runs[-1][1] = x
+        else:
+            runs.append([x, x])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
 def layers_table(run: str, options: StorageOptions) -> dict:

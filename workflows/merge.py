@@ -101,6 +101,13 @@ def reusable_shards(plan: Plan, journal: Journal, quiet: bool) -> dict[int, Shar
     return {i: r for (i, r), good in zip(recorded.items(), ok) if good}
 
 
+def on_node(fn, *args) -> ShardResult:
+    """fn(*args) in a Ray worker, noting which node computed the shard."""
+    result = fn(*args)
+    result.node, result.node_ip = runtime.current_node()
+    return result
+
+
 def _with(plan: Plan, **changes) -> Plan:
     return dataclasses.replace(plan, shards=tuple(dataclasses.replace(s, **changes) for s in plan.shards))
 
@@ -113,7 +120,8 @@ def _with_params(plan: Plan, **changes) -> Plan:
 def map_shards(plan: Plan, specs, journal: Journal, quiet: bool, desc: str, fn=merge_shard, extra: tuple = (),
                merge_into: dict[int, ShardResult] | None = None, memory: int | None = None) -> list[ShardResult]:
     """Run `fn(spec, *extra)` per shard, journaling each result as it lands; with `merge_into`, a
-    result's outputs are added to that shard's earlier result (a second pass over the same shard)."""
+    result's outputs are added to that shard's earlier result (a second pass over the same shard,
+    which keeps the node of the first)."""
 
     def record(i: int, r: ShardResult) -> None:
         if merge_into is not None and r.index in merge_into:
@@ -125,8 +133,8 @@ def map_shards(plan: Plan, specs, journal: Journal, quiet: bool, desc: str, fn=m
 
     results: list = [None] * len(specs)
     runtime.run_tasks(
-        fn,
-        [(s, *extra) for s in specs],
+        on_node,
+        [(fn, s, *extra) for s in specs],
         desc=desc,
         sizes=[s.nbytes for s in specs],
         on_result=record,
@@ -232,6 +240,7 @@ def run_merge(config: MergeConfig, *, overwrite: bool = False, quiet: bool = Fal
                 "summary": summary | sizes_summary(plan, outputs)
                 | {"bytes_read": report.bytes_read, "bytes_hashed": report.bytes_hashed},
                 "timings": {k: round(v, 3) for k, v in timings.items()},
+                "nodes": placement(ordered),
             }
             if lot is not None:
                 extra["lot"] = lot.manifest(plan)
@@ -261,6 +270,20 @@ def write_stats(plan: Plan, layers, summary: dict) -> dict[str, tuple[str, int]]
     if png:
         files["stats/task_overlap.png"] = png
     return commit.put_files(plan, files)
+
+
+def placement(results: list[ShardResult]) -> dict[str, dict]:
+    """Which Ray node computed which shards (numbered from 1, as in the file names).
+    A resumed run keeps the node of the run that computed a reused shard."""
+    nodes: dict[str, dict] = {}
+    for r in results:
+        if not r.node:  # journaled before nodes were recorded
+            continue
+        n = nodes.setdefault(r.node, {"ip": r.node_ip, "shards": [], "bytes_read": 0, "seconds": 0.0})
+        n["shards"].append(r.index + 1)
+        n["bytes_read"] += r.bytes_read
+        n["seconds"] = round(n["seconds"] + r.seconds, 3)
+    return nodes
 
 
 def sizes_summary(plan: Plan, outputs: dict[str, tuple[str, int]]) -> dict:
