@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from workers import kth_value
-from workers.bits import pack_rows, unpack
+from workers.bits import pack_rows, pack_rows_torch, unpack
 from workers.methods import ChunkGlobals, MethodParams, get_method
 
 THETA0 = torch.tensor([1.0, -1.0, 0.5, 0.0, 2.0, -0.5])
@@ -92,6 +92,46 @@ def test_pack_rows_matches_numpy_packbits_on_odd_lengths():
     for n in [1, 7, 8, 9, 61]:
         m = torch.rand(3, n, generator=gen) > 0.5
         packed = pack_rows(m)
+        assert torch.equal(pack_rows_torch(m), packed)  # the accelerator path, run here on the CPU
         for t in range(3):
             assert packed[t].numpy().tolist() == np.packbits(m[t].numpy()).tolist()
             assert torch.equal(unpack(packed[t], n), m[t])
+
+
+def _whole_tensor_ties(taus, thresholds, majority, merge):
+    """The whole-tensor TIES formulas the row-wise worker code must match bit for bit."""
+    zero = torch.zeros(())
+    trimmed = torch.where(taus.abs() >= thresholds[:, None], taus, zero)
+    summed = trimmed[0].clone()
+    for t in range(1, len(trimmed)):
+        summed += trimmed[t]
+    raw = torch.sign(summed)
+    signs = torch.where(raw == 0, torch.full_like(raw, float(majority)), raw)
+    keep = (torch.sign(trimmed) == signs[None, :]) & (trimmed != 0)
+    selected = torch.where(keep, trimmed, zero)
+    total = selected[0].clone()
+    for t in range(1, len(selected)):
+        total += selected[t]
+    return total if merge == "sum" else total / torch.clamp(keep.sum(dim=0).to(total.dtype), min=1)
+
+
+@pytest.mark.parametrize("merge", ["sum", "mean"])
+@pytest.mark.parametrize("majority", [1, -1, 0])
+def test_row_wise_ties_and_consensus_match_whole_tensor_formulas_bit_for_bit(merge, majority):
+    gen = torch.Generator().manual_seed(7)
+    taus = torch.randn(5, 4001, generator=gen)
+    taus[:, ::3] = 0.0
+    taus[:, 1::7] = -0.0  # zero signs must come out as the whole-tensor formulas give them
+    taus[1:3, 5::11] = -taus[0, 5::11]  # exact cancellations: elected sign 0, majority fallback
+    thresholds = torch.tensor([0.5, 0.0, 1.0, 0.2, 3.0])
+    out = get_method("ties").fn(taus, MethodParams("ties", 1.0, merge=merge), ChunkGlobals(thresholds, majority))
+    want = _whole_tensor_ties(taus, thresholds, majority, merge)
+    assert torch.equal(out.delta.view(torch.int32), want.view(torch.int32))
+
+    lambdas = (0.3, 0.5, 0.0, 1.0, 0.7)
+    out = get_method("consensus").fn(taus, MethodParams("consensus", 1.0, lambdas=lambdas, k=2), ChunkGlobals())
+    tau_mtl = out.tau_mtl  # the running sum, checked by test_task_arithmetic_sum_and_scaled_model
+    masks = taus.abs() > torch.tensor(lambdas)[:, None] * (tau_mtl[None, :] - taus).abs()
+    assert torch.equal(out.masks, masks)
+    cons = torch.where(masks.sum(dim=0) >= 2, tau_mtl, torch.zeros(()))
+    assert torch.equal(out.delta.view(torch.int32), cons.view(torch.int32))

@@ -26,26 +26,38 @@ def new_histogram(tasks: int, bins: int) -> torch.Tensor:
     return torch.zeros(tasks * bins, dtype=torch.int64)
 
 
-def _accumulate(hist: torch.Tensor, bins: int, rows: torch.Tensor, values: torch.Tensor) -> None:
-    # index_add_ costs O(chunk), not O(bins): tiny tensors (norm scales, biases) stay cheap.
-    flat = rows * bins + values.to(torch.int64)
-    hist.index_add_(0, flat.cpu(), torch.ones(flat.numel(), dtype=torch.int64))
+# |tau| bit patterns from here up are Inf (0x7F800000) and NaN: their high halves.
+NONFINITE_HIGH = 0x7F80
+
+
+def _rows(hist: torch.Tensor, bins: int) -> torch.Tensor:
+    return hist.view(-1, bins)
 
 
 def add_high_histogram(hist: torch.Tensor, taus: torch.Tensor) -> None:
     """Accumulate the high 16 bits of |tau_t| into hist, a flat (T * HIGH_BINS) counter."""
-    bits = abs_bits(taus) >> 16
-    rows = torch.arange(taus.shape[0], device=taus.device)[:, None].expand_as(bits)
-    _accumulate(hist, HIGH_BINS, rows.reshape(-1), bits.reshape(-1))
+    rows = _rows(hist, HIGH_BINS)
+    for t in range(taus.shape[0]):
+        # one row at a time: temporaries stay O(chunk), and bincount is a single pass
+        high = abs_bits(taus[t]) >> 16
+        rows[t] += torch.bincount(high, minlength=HIGH_BINS).cpu()
 
 
 def add_low_histogram(hist: torch.Tensor, taus: torch.Tensor, high_bins: np.ndarray) -> None:
     """Accumulate the low 16 bits of |tau_t| among values in row t's chosen high bin."""
-    bits = abs_bits(taus)
-    target = torch.as_tensor(high_bins, device=taus.device)[:, None]
-    hit = (bits >> 16) == target
-    rows = torch.arange(taus.shape[0], device=taus.device)[:, None].expand_as(bits)
-    _accumulate(hist, LOW_BINS, rows[hit], bits[hit] & 0xFFFF)
+    rows = _rows(hist, LOW_BINS)
+    for t in range(taus.shape[0]):
+        if high_bins[t] < 0:
+            continue
+        bits = abs_bits(taus[t])
+        low = bits[(bits >> 16) == int(high_bins[t])] & 0xFFFF
+        if low.numel():
+            rows[t] += torch.bincount(low, minlength=LOW_BINS).cpu()
+
+
+def nonfinite_count(hist: torch.Tensor, tasks: int) -> int:
+    """How many NaN/Inf values a high histogram has counted, over all tasks."""
+    return int(_rows(hist, HIGH_BINS)[:, NONFINITE_HIGH:].sum())
 
 
 def as_rows(hist: torch.Tensor, tasks: int) -> np.ndarray:

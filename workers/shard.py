@@ -18,12 +18,12 @@ import torch
 
 from infra.storage import RangeReader, StorageOptions, join, storage_for
 from workers import kth_value
-from workers.bits import pack_rows
+from workers.bits import pack_rows, row_counts
 from workers.dtypes import TORCH_DTYPES, is_float, itemsize
 from workers.errors import CheckpointError
 from workers.layers import layer_of
 from workers.methods import ChunkGlobals, MethodParams, get_method
-from workers.methods.tall_masks import task_masks
+from workers.methods.tall_masks import mask_counts, task_masks
 from workers.safetensors_io import StreamingWriter, TensorInfo, read_header
 
 
@@ -135,21 +135,44 @@ class ShardReader:
         self._storage = storage
         self._readers: dict[str, RangeReader] = {}
         self._stack = stack
+        self._scratch = bytearray()
         self.bytes_read = 0
 
-    def elements(self, info: TensorInfo, lo: int, hi: int) -> torch.Tensor:
-        """Elements [lo, hi) of the flattened tensor, in its stored dtype."""
+    def _reader(self, info: TensorInfo) -> RangeReader:
         reader = self._readers.get(info.file)
         if reader is None:
             reader = storage_for(info.file, self._storage).open_reader(info.file)
             self._stack.callback(reader.close)
             self._readers[info.file] = reader
+        return reader
+
+    def elements(self, info: TensorInfo, lo: int, hi: int) -> torch.Tensor:
+        """Elements [lo, hi) of the flattened tensor, in its stored dtype (a tensor of its own)."""
         size = itemsize(info.dtype)
-        buf = reader.read(info.start + lo * size, info.start + hi * size)
+        buf = self._reader(info).read(info.start + lo * size, info.start + hi * size)
         self.bytes_read += len(buf)
         if not buf:
             return torch.empty(0, dtype=TORCH_DTYPES[info.dtype])
         return torch.frombuffer(buf, dtype=TORCH_DTYPES[info.dtype])
+
+    def scratch_elements(self, info: TensorInfo, lo: int, hi: int) -> torch.Tensor:
+        """Like elements(), but read into one buffer reused by the next call: for bytes that are
+        converted right away. Saves an allocation, its zero-fill and its page faults per read."""
+        size = itemsize(info.dtype)
+        nbytes = (hi - lo) * size
+        if nbytes == 0:
+            return torch.empty(0, dtype=TORCH_DTYPES[info.dtype])
+        if len(self._scratch) < nbytes:
+            self._scratch = bytearray(nbytes)
+        view = memoryview(self._scratch)[:nbytes]
+        reader = self._reader(info)
+        read_into = getattr(reader, "read_into", None)
+        if read_into is not None:
+            read_into(info.start + lo * size, view)
+        else:
+            view[:] = reader.read(info.start + lo * size, info.start + hi * size)
+        self.bytes_read += nbytes
+        return torch.frombuffer(view, dtype=TORCH_DTYPES[info.dtype])
 
 
 def chunk_ranges(numel: int, chunk: int):
@@ -162,18 +185,52 @@ def _finite(x: torch.Tensor, who: str, job: TensorJob) -> None:
         raise CheckpointError(f"{who}: tensor {job.name!r} contains NaN or Inf values")
 
 
-def task_chunks(spec: ShardSpec, job: TensorJob, reader: ShardReader):
-    """Yield (lo, hi, base_f32, taus) over a float tensor, taus = (T, n) float32."""
-    device = torch.device(spec.device)
+def check_finite(spec: ShardSpec, job: TensorJob, reader: ShardReader) -> None:
+    """Raise the one-line error naming the checkpoint and tensor that hold a NaN or Inf.
+
+    The hot path does not test every row: a NaN or Inf anywhere in the base or a task makes
+    some tau_t non-finite, which shows in a reduction it computes anyway (the sum of squares,
+    the TIES histograms' top bins). Only then is the tensor read again, here, to say where."""
     for lo, hi in chunk_ranges(job.numel, spec.chunk_elems):
-        base = reader.elements(job.base, lo, hi).to(device).float()
-        _finite(base, "base", job)
-        rows = []
+        _finite(reader.elements(job.base, lo, hi), "base", job)
         for name, info in zip(spec.task_names, job.tasks):
-            row = reader.elements(info, lo, hi).to(device).float()
-            _finite(row, f"task {name!r}", job)
-            rows.append(row - base)
-        yield lo, hi, base, torch.stack(rows)
+            _finite(reader.elements(info, lo, hi), f"task {name!r}", job)
+
+
+class ChunkBuffers:
+    """Float32 work buffers reused across the chunks and tensors of a shard: a (T, chunk)
+    block of task-vector rows and one base row. Allocating them per chunk would cost a
+    fresh mmap, zeroed pages and a torch.stack copy every time."""
+
+    def __init__(self, spec: ShardSpec):
+        self._spec = spec
+        self._taus: torch.Tensor | None = None
+        self._base: torch.Tensor | None = None
+
+    def get(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        t = len(self._spec.task_names)
+        if self._taus is None or self._base.numel() < n:
+            device = torch.device(self._spec.device)
+            size = max(n, min(self._spec.chunk_elems, max((j.numel for j in self._spec.tensors), default=n)))
+            self._taus = torch.empty(t * size, dtype=torch.float32, device=device)
+            self._base = torch.empty(size, dtype=torch.float32, device=device)
+        # rows of one contiguous (T, n) block: methods may view or reshape it freely
+        return self._base[:n], self._taus[: t * n].view(t, n)
+
+
+def task_chunks(spec: ShardSpec, job: TensorJob, reader: ShardReader, buffers: ChunkBuffers | None = None):
+    """Yield (lo, hi, base_f32, taus) over a float tensor, taus = (T, n) float32.
+
+    Both are views of reused buffers, overwritten by the next chunk: consume them before
+    asking for the next one. Values are not checked for NaN/Inf here (see check_finite)."""
+    buffers = buffers or ChunkBuffers(spec)
+    for lo, hi in chunk_ranges(job.numel, spec.chunk_elems):
+        base, taus = buffers.get(hi - lo)
+        base.copy_(reader.scratch_elements(job.base, lo, hi))  # exact widening to float32, on the device
+        for row, info in zip(taus, job.tasks):
+            row.copy_(reader.scratch_elements(info, lo, hi))
+            row.sub_(base)
+        yield lo, hi, base, taus
 
 
 def copy_exact(spec: ShardSpec, job: TensorJob, reader: ShardReader, writer: StreamingWriter | None) -> None:
@@ -191,6 +248,30 @@ def copy_exact(spec: ShardSpec, job: TensorJob, reader: ShardReader, writer: Str
             writer.write(job.name, base.numpy().tobytes())
 
 
+NORM_BLOCK = 1024  # float32 partial sums over this many squares are accurate to ~1e-7
+
+
+def tau_sq_sums(taus: torch.Tensor) -> torch.Tensor | None:
+    """Per-task sum of tau_t^2 over the chunk (float64), or None when it is not finite: a NaN or
+    Inf in the inputs (or squares past float32's range, left to the caller).
+
+    Norms of blocks of NORM_BLOCK elements in float32, squared and added in float64: one read of
+    the chunk, no temporary copy of it, and a relative error near 1e-7 where one float32 norm over
+    the whole row drifts to 1e-4 (and float64 conversion of the chunk costs ~10x more). Squares
+    below float32's range (|tau| < ~1e-19) count as 0: these are diagnostics, not merge inputs."""
+    t, n = taus.shape
+    whole = n - n % NORM_BLOCK
+    sq = torch.zeros(t, dtype=torch.float64, device=taus.device)
+    if whole:
+        blocks = torch.linalg.vector_norm(taus[:, :whole].reshape(t, -1, NORM_BLOCK), dim=2)
+        sq += (blocks.double() ** 2).sum(dim=1)
+    if whole < n:
+        sq += (taus[:, whole:].double() ** 2).sum(dim=1)
+    if not bool(torch.isfinite(sq).all()):
+        return None
+    return sq
+
+
 # ----------------------------------------------------------------- TIES statistics
 
 
@@ -198,38 +279,51 @@ def _float_jobs(spec: ShardSpec):
     return [j for j in spec.tensors if j.is_float]
 
 
+def _high_pass(spec: ShardSpec, job: TensorJob, reader: ShardReader, buffers: ChunkBuffers, hist: torch.Tensor) -> None:
+    """Add one tensor's |tau| high-half counts to hist; NaN/Inf land in the top bins, so the
+    finite check costs nothing unless they are there."""
+    t = len(spec.task_names)
+    before = int(kth_value.nonfinite_count(hist, t))
+    for _, _, _, taus in task_chunks(spec, job, reader, buffers):
+        kth_value.add_high_histogram(hist, taus)
+    if int(kth_value.nonfinite_count(hist, t)) != before:
+        check_finite(spec, job, reader)  # raises, naming the input; else a finite difference overflowed
+
+
 def shard_high_histogram(spec: ShardSpec) -> np.ndarray:
     """First stats pass of global TIES: (T, 32768) histogram over this shard."""
     hist = kth_value.new_histogram(len(spec.task_names), kth_value.HIGH_BINS)
     with ExitStack() as stack:
         reader = ShardReader(spec.storage, stack)
+        buffers = ChunkBuffers(spec)
         for job in _float_jobs(spec):
-            for _, _, _, taus in task_chunks(spec, job, reader):
-                kth_value.add_high_histogram(hist, taus)
+            _high_pass(spec, job, reader, buffers, hist)
     return kth_value.as_rows(hist, len(spec.task_names))
 
 
 def shard_low_histogram(spec: ShardSpec, high_bins: np.ndarray) -> np.ndarray:
-    """Second stats pass of global TIES: low-half histogram inside each task's winning bin."""
+    """Second stats pass of global TIES: low-half histogram inside each task's winning bin.
+    (The first pass has already checked the same bytes for NaN/Inf.)"""
     hist = kth_value.new_histogram(len(spec.task_names), kth_value.LOW_BINS)
     with ExitStack() as stack:
         reader = ShardReader(spec.storage, stack)
+        buffers = ChunkBuffers(spec)
         for job in _float_jobs(spec):
-            for _, _, _, taus in task_chunks(spec, job, reader):
+            for _, _, _, taus in task_chunks(spec, job, reader, buffers):
                 kth_value.add_low_histogram(hist, taus, high_bins)
     return kth_value.as_rows(hist, len(spec.task_names))
 
 
-def tensor_thresholds(spec: ShardSpec, job: TensorJob, reader: ShardReader) -> torch.Tensor:
+def tensor_thresholds(spec: ShardSpec, job: TensorJob, reader: ShardReader, buffers: ChunkBuffers | None = None) -> torch.Tensor:
     """Per-tensor TIES thresholds (scope "tensor"): the same two passes, over one tensor."""
     t = len(spec.task_names)
+    buffers = buffers or ChunkBuffers(spec)
     high = kth_value.new_histogram(t, kth_value.HIGH_BINS)
-    for _, _, _, taus in task_chunks(spec, job, reader):
-        kth_value.add_high_histogram(high, taus)
+    _high_pass(spec, job, reader, buffers, high)
     k = np.full(t, kth_value.kth_rank(job.numel, spec.params.density), dtype=np.int64)
     bins, within = kth_value.locate(kth_value.as_rows(high, t), k)
     low = kth_value.new_histogram(t, kth_value.LOW_BINS)
-    for _, _, _, taus in task_chunks(spec, job, reader):
+    for _, _, _, taus in task_chunks(spec, job, reader, buffers):
         kth_value.add_low_histogram(low, taus, bins)
     return torch.from_numpy(kth_value.thresholds_from(bins, kth_value.as_rows(low, t), within))
 
@@ -269,6 +363,7 @@ def merge_shard(spec: ShardSpec) -> ShardResult:
     global_thr = torch.tensor(spec.thresholds, dtype=torch.float32) if spec.thresholds is not None else None
     with ExitStack() as cleanup, ExitStack() as files:
         reader = ShardReader(spec.storage, files)
+        buffers = ChunkBuffers(spec)
         writers = _open_writers(spec, method.compresses, cleanup)
         model = writers.get(spec.model_file())
         delta_file = writers.get(spec.delta_file())
@@ -278,11 +373,15 @@ def merge_shard(spec: ShardSpec) -> ShardResult:
                 continue
             thresholds = global_thr
             if spec.params.uses_ties and spec.params.scope == "tensor":
-                thresholds = tensor_thresholds(spec, job, reader)
+                thresholds = tensor_thresholds(spec, job, reader, buffers)
             g = ChunkGlobals(thresholds=thresholds, majority=spec.majority)
             stats = LayerStats(0, np.zeros(t))
             out_dtype = TORCH_DTYPES[job.dtype]
-            for lo, hi, base, taus in task_chunks(spec, job, reader):
+            for lo, hi, base, taus in task_chunks(spec, job, reader, buffers):
+                sq = tau_sq_sums(taus)
+                if sq is None:
+                    check_finite(spec, job, reader)  # raises when an input holds NaN or Inf
+                    sq = (taus.double() ** 2).sum(dim=1)  # finite inputs whose squares overflow float32
                 out = method.fn(taus, spec.params, g)
                 if model is not None:
                     model.write(job.name, _bytes(apply_alpha(base, out.delta, spec.params.alpha, out_dtype)))
@@ -290,23 +389,23 @@ def merge_shard(spec: ShardSpec) -> ShardResult:
                     delta_file.write(job.name, _bytes(out.delta))
                 result.sign_sum += out.sign_sum
                 result.ambiguous += out.ambiguous
-                chunk = LayerStats(hi - lo, (taus.double() ** 2).sum(dim=1).cpu().numpy())
+                chunk = LayerStats(hi - lo, sq.cpu().numpy())
                 if method.compresses:
                     tau_file = writers[spec.tau_file()]
                     store = torch.float32 if spec.params.store_dtype == "float32" else out_dtype
                     tau_file.write(job.name, _bytes(out.tau_mtl.to(store)))
+                    packed = pack_rows(out.masks).cpu()
                     if spec.mask_grid:
                         for i, lam in enumerate(spec.mask_grid):
-                            packed = pack_rows(task_masks(taus, out.tau_mtl, torch.full((t,), lam, device=taus.device))).cpu()
+                            grid = pack_rows(task_masks(taus, out.tau_mtl, torch.full((t,), lam, device=taus.device))).cpu()
                             for row, task in enumerate(spec.task_names):
-                                writers[spec.grid_mask_file(i, task)].write(job.name, packed[row].numpy().tobytes())
+                                writers[spec.grid_mask_file(i, task)].write(job.name, _bytes(grid[row]))
                     else:
-                        packed = pack_rows(out.masks).cpu()
                         for row, task in enumerate(spec.task_names):
-                            writers[spec.mask_file(task)].write(job.name, packed[row].numpy().tobytes())
-                    chunk.kept = out.masks.sum(dim=1).cpu().numpy().astype(np.int64)
+                            writers[spec.mask_file(task)].write(job.name, _bytes(packed[row]))
+                    chunk.kept = row_counts(out.masks, packed)
                     chunk.count_hist = (
-                        torch.bincount(out.masks.sum(dim=0), minlength=t + 1).cpu().numpy().astype(np.int64)
+                        torch.bincount(mask_counts(out.masks), minlength=t + 1).cpu().numpy().astype(np.int64)
                     )
                 stats.add(chunk)
             result.layers.setdefault(layer_of(job.name), LayerStats(0, np.zeros(t))).add(stats)
@@ -320,17 +419,19 @@ def merge_shard(spec: ShardSpec) -> ShardResult:
 
 
 def apply_alpha(base: torch.Tensor, delta: torch.Tensor, alpha: float, dtype: torch.dtype) -> torch.Tensor:
-    """theta_0 + alpha * delta in float32, cast to the stored dtype: the one formula every path uses."""
-    return (base + alpha * delta).to(dtype)
+    """theta_0 + alpha * delta in float32, cast to the stored dtype: the one formula every path uses.
+    alpha * delta first, then + base: two roundings as the reference has them (no fused multiply-add),
+    with one float32 temporary instead of two."""
+    return torch.mul(delta, alpha).add_(base).to(dtype)
 
 
-def _bytes(x: torch.Tensor) -> bytes:
-    """Raw little-endian bytes of a tensor; bf16 has no numpy dtype, so go through a view."""
-    x = x.contiguous().cpu()
+def _bytes(x: torch.Tensor) -> memoryview:
+    """Raw little-endian bytes of a tensor, without a copy on the CPU (the view keeps the
+    tensor alive); bf16 has no numpy dtype, so go through an int16 view."""
+    x = x.contiguous().cpu().reshape(-1)
     if x.dtype == torch.bfloat16:
         x = x.view(torch.int16)
-    return x.numpy().tobytes()
-
+    return memoryview(x.numpy()).cast("B")
 
 
 def apply_shard(spec: ShardSpec, alpha: float) -> ShardResult:

@@ -39,7 +39,7 @@ Merge a base checkpoint and T fine-tuned checkpoints as described by CONFIG (YAM
   selection:                            # needed by auto: how candidates are scored
     evaluator: pkg.module:function      # fn(model, *, task, split, checkpoint, **options) -> score
     split: val                          # alphas: [0.1 .. 1.0], lambdas: [0.2 .. 0.6], options: {}
-  execution: {shard_size: auto, chunk_elems: 4194304, device: auto}
+  execution: {shard_size: auto, device: auto}   # chunk_elems: by default sized per device
 
 Outputs: OUT/model (merged HF checkpoint), OUT/compressed (tau_MTL + 1 bit per weight per
 task, for tall_masks and consensus), OUT/stats, and OUT/manifest.json written last.

@@ -61,7 +61,8 @@ def _timed(timings: dict[str, float], stage: str):
 
 def _memory_per_task(plan: Plan) -> int:
     # float32 task rows, their abs/bit views and masks: ~6 words per element per task, plus I/O buffers.
-    return 6 * 4 * plan.config.execution.chunk_elems * (len(plan.tasks) + 2) + 256 * 2**20
+    chunk = plan.shards[0].chunk_elems if plan.shards else plan.config.execution.chunk_elems
+    return 6 * 4 * chunk * (len(plan.tasks) + 2) + 256 * 2**20
 
 
 def ties_thresholds(plan: Plan, quiet: bool) -> tuple[float, ...]:
@@ -163,7 +164,10 @@ def run_merge(config: MergeConfig, *, overwrite: bool = False, quiet: bool = Fal
     with _timed(timings, "ray_start"):
         runtime.connect(config.execution.ray_address)
         device = runtime.resolve_device(config.execution.device)
-        plan = dataclasses.replace(plan, shards=tuple(dataclasses.replace(s, device=device) for s in plan.shards))
+        chunk = config.execution.chunk_for(device, len(plan.tasks))
+        plan = dataclasses.replace(
+            plan, shards=tuple(dataclasses.replace(s, device=device, chunk_elems=chunk) for s in plan.shards)
+        )
     journal = Journal(config.output, config.storage.options())
     input_files = [f for cp in [plan.base, *plan.tasks] for f in cp.files]
     options = config.storage.options()

@@ -3,12 +3,13 @@
 import torch
 
 from workers.methods.registry import ChunkGlobals, MethodOutput, MethodParams, merge_method
-from workers.methods.tall_masks import lambdas_on, multitask_vector, task_masks
+from workers.methods.tall_masks import lambdas_on, mask_counts, multitask_vector, task_masks
 
 
 def consensus_vector(masks: torch.Tensor, tau_mtl: torch.Tensor, k: int) -> torch.Tensor:
-    keep = masks.sum(dim=0) >= k
-    return torch.where(keep, tau_mtl, torch.zeros((), dtype=tau_mtl.dtype, device=tau_mtl.device))
+    keep = mask_counts(masks) >= k
+    # where(keep, tau_mtl, +0.0) by multiplying (faster on the CPU); + 0.0 turns -0.0 into +0.0
+    return torch.mul(tau_mtl, keep).add_(0.0)
 
 
 @merge_method("consensus", compresses=True)

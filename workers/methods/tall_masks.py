@@ -15,8 +15,26 @@ def multitask_vector(taus: torch.Tensor, params: MethodParams, g: ChunkGlobals) 
 
 
 def task_masks(taus: torch.Tensor, tau_mtl: torch.Tensor, lambdas: torch.Tensor) -> torch.Tensor:
-    # Strict '>' as in the reference code; the paper's '>=' differs only where both sides are 0.
-    return taus.abs() > lambdas[:, None] * (tau_mtl[None, :] - taus).abs()
+    """|tau_t| > lambda_t * |tau_MTL - tau_t| per task row.
+
+    Strict '>' as in the reference code; the paper's '>=' differs only where both sides are 0.
+    Row by row into reused buffers (same float32 operations as the broadcast formula)."""
+    masks = torch.empty(taus.shape, dtype=torch.bool, device=taus.device)
+    other = torch.empty_like(tau_mtl)
+    mag = torch.empty_like(tau_mtl)
+    for t in range(taus.shape[0]):
+        torch.sub(tau_mtl, taus[t], out=other).abs_().mul_(lambdas[t])
+        torch.gt(torch.abs(taus[t], out=mag), other, out=masks[t])
+    return masks
+
+
+def mask_counts(masks: torch.Tensor) -> torch.Tensor:
+    """How many task masks keep each weight: masks.sum(dim=0), added row by row in a small
+    integer type (torch reduces bool tensors over their first dimension slowly)."""
+    count = masks[0].to(torch.int16)
+    for t in range(1, masks.shape[0]):
+        count += masks[t]
+    return count
 
 
 def lambdas_on(params: MethodParams, like: torch.Tensor) -> torch.Tensor:

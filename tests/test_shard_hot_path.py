@@ -1,0 +1,81 @@
+"""The shard hot path without Ray: NaN/Inf are found by reductions the workers compute anyway
+(sum of squares, the TIES histograms' top bins) and still reported in one line naming the
+checkpoint and tensor; the float32 block norms match a float64 sum of squares."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import config_for
+from workers.errors import CheckpointError
+from workers.shard import merge_shard, shard_high_histogram, tau_sq_sums
+from workflows.plan import make_plan
+
+NAME = "model.layers.1.mlp.up_proj.weight"
+
+
+def poison(path, index: int, value: float) -> None:
+    f = path / "model.safetensors"
+    sd = load_file(f)
+    t = sd[NAME].clone()
+    t.view(-1)[index] = value
+    sd[NAME] = t
+    save_file(sd, f)
+
+
+def spec_for(base, tasks, tmp_path, method: dict, chunk: int = 64):
+    plan = make_plan(config_for(base, tasks, tmp_path / "out", method, shard_size=10**9, chunk_elems=chunk))
+    (spec,) = plan.shards
+    return spec
+
+
+@pytest.mark.parametrize("method", [
+    {"name": "task_arithmetic"},
+    {"name": "tall_masks"},
+    {"name": "ties", "scope": "tensor"},
+], ids=["ta", "tall", "ties-tensor"])
+@pytest.mark.parametrize("where", ["task", "base"])
+def test_apply_pass_names_the_nonfinite_input(family, tmp_path, method, where):
+    base, tasks = family(tasks=3)
+    poison(tasks[1][1] if where == "task" else base, 100, float("nan") if where == "task" else float("-inf"))
+    who = "task 'task_01'" if where == "task" else "base"
+    with pytest.raises(CheckpointError, match=f"{who}: tensor '{NAME}' contains NaN or Inf"):
+        merge_shard(spec_for(base, tasks, tmp_path, method))
+
+
+def test_ties_histogram_pass_names_the_nonfinite_input(family, tmp_path):
+    base, tasks = family(tasks=3)
+    poison(tasks[2][1], 7, float("inf"))
+    with pytest.raises(CheckpointError, match=f"task 'task_02': tensor '{NAME}' contains NaN or Inf"):
+        shard_high_histogram(spec_for(base, tasks, tmp_path, {"name": "ties"}))
+
+
+def test_finite_inputs_whose_difference_overflows_are_not_an_input_error(family, tmp_path):
+    """3e38 - (-3e38) is Inf in float32 although both inputs are finite: as before, no error."""
+    base, tasks = family(tasks=2, dtype=torch.float32)
+    poison(base, 3, -3e38)
+    poison(tasks[0][1], 3, 3e38)
+    spec = spec_for(base, tasks, tmp_path, {"name": "task_arithmetic"})
+    result = merge_shard(spec)
+    layer = result.layers["model.layers.1"]
+    assert np.isinf(layer.tau_sq[0]) and np.isfinite(layer.tau_sq[1])
+    _ = shard_high_histogram(dataclasses.replace(spec, output=str(tmp_path / "out2")))
+
+
+@pytest.mark.parametrize("n", [1, 1000, 1024, 5 * 1024 + 17, 300_000])
+def test_tau_sq_sums_match_float64(n):
+    gen = torch.Generator().manual_seed(n)
+    u = torch.rand(4, n, generator=gen) - 0.5
+    taus = -torch.sign(u) * torch.log1p(-2 * u.abs().clamp(max=0.4999)) * 1e-3  # Laplace: heavy tails
+    taus[1] *= 1e-9  # tiny and huge magnitudes both stay accurate (squares inside float32 range)
+    taus[2] *= 1e15
+    want = (taus.double() ** 2).sum(dim=1)
+    got = tau_sq_sums(taus)
+    assert torch.allclose(got, want, rtol=1e-6, atol=0), (got, want)
+    taus[3, n // 2] = float("nan")
+    assert tau_sq_sums(taus) is None
