@@ -51,7 +51,7 @@ _FAST_HTTP_ENV = {
 }
 
 _SUMMARY_METRICS = (
-    "bytes_read", "input_bytes", "model_bytes", "compressed_bytes", "checkpoints_bytes",
+    "bytes_read", "bytes_hashed", "input_bytes", "model_bytes", "compressed_bytes", "checkpoints_bytes",
     "compression_ratio", "parameters", "selfish_share", "catastrophic_share",
 )
 
@@ -207,6 +207,9 @@ def run_tags(manifest: dict, output: str, parent_run_id: str | None) -> dict[str
     if parent_run_id:
         # mlflow.parentRunId is what the MLflow UI nests by; ours survives a UI that drops it.
         tags["mlflow.parentRunId"] = tags["mergeflow.parent_run"] = parent_run_id
+    if parent := manifest.get("parent"):  # a re-merge: its parent run, even when that one was not tracked
+        tags["mergeflow.parent_uri"] = redact(str(parent["run"]))
+        tags["mergeflow.parent_manifest_sha256"] = str(parent["manifest_sha256"])
     return tags
 
 

@@ -46,3 +46,13 @@ def config_for(base, tasks, output, method: dict, **execution) -> "MergeConfig":
     if execution:
         raw["execution"] = execution
     return config_from_dict(raw)
+
+
+@pytest.fixture(scope="session")
+def tiny_suite(tmp_path_factory):
+    """A 3-task digits suite small enough to build in seconds: (folder, task names)."""
+    from workers.suite_models import build_suite
+
+    root = tmp_path_factory.mktemp("tinysuite") / "suite"
+    meta = build_suite(root, tasks=3, seed=0, hidden=64, epochs_scale=0.4)
+    return root, [t["name"] for t in meta["tasks"]]

@@ -12,20 +12,17 @@ import pytest
 from infra.storage import StorageOptions
 from infra.tracking import TrackingOptions
 from workers.errors import ConfigError
-from workers.suite_models import build_suite, evaluate
+from workers.suite_models import evaluate
 from workflows.merge import run_merge, track
 from workflows.reconstruct import reconstruct
 from workflows.select import _argmax
 
-TINY = {"tasks": 3, "seed": 0, "hidden": 64, "epochs_scale": 0.4}
 SELECTION = {"evaluator": "workers.suite_models:evaluate", "alphas": [0.2, 0.5, 0.8], "lambdas": [0.3, 0.6]}
 
 
-@pytest.fixture(scope="module")
-def suite(tmp_path_factory) -> tuple[Path, list[str]]:
-    root = tmp_path_factory.mktemp("selsuite") / "suite"
-    meta = build_suite(root, **TINY)
-    return root, [t["name"] for t in meta["tasks"]]
+@pytest.fixture
+def suite(tiny_suite):
+    return tiny_suite
 
 
 def _config(suite, out: Path, method: dict, selection: dict | None = SELECTION):

@@ -26,6 +26,7 @@ def test_workers_import_and_merge_without_ray_mlflow_boto3(family, tmp_path):
         from workers.checkpoint import open_checkpoint
         from workers.methods import MethodParams
         from workers.shard import ShardSpec, TensorJob, merge_shard
+        import workers.lot.features, workers.lot.models, workers.lot.rules, workers.lot.shard  # LOT's workers too
         base = open_checkpoint({str(base)!r})
         tasks = [open_checkpoint(p) for p in {[str(p) for _, p in tasks]!r}]
         jobs = tuple(TensorJob(n, base.tensors[n], tuple(t.tensors[n] for t in tasks)) for n in sorted(base.tensors))

@@ -92,10 +92,7 @@ class Scoring:
 
 def score_finetuned(scoring: Scoring, task: str, storage: StorageOptions) -> float:
     """The task's own fine-tuned model: the denominator of normalized accuracy."""
-    from workers.checkpoint import open_checkpoint
-
-    files = open_checkpoint(scoring.checkpoints[task], storage).files
-    return scoring.score(load_tensors(files, storage), task)
+    return score_checkpoint(scoring, scoring.checkpoints[task], task, storage)
 
 
 def score_scaled(scoring: Scoring, base_files: tuple[str, ...], delta_files: tuple[str, ...], alpha: float,
@@ -111,3 +108,22 @@ def score_masked(scoring: Scoring, base_files: tuple[str, ...], tau_files: tuple
     model = masked_model(load_tensors(base_files, storage), load_tensors(tau_files, storage),
                          load_tensors(mask_files, storage))
     return scoring.score(model, task)
+
+
+def score_checkpoint(scoring: Scoring, uri: str, task: str, storage: StorageOptions) -> float:
+    """Any checkpoint (base, a fine-tuned model, a run's model/) scored on `task`."""
+    from workers.checkpoint import open_checkpoint
+
+    return scoring.score(load_tensors(open_checkpoint(uri, storage).files, storage), task)
+
+
+def score_rebuilt(scoring: Scoring, run: str, base_files: tuple[str, ...], task: str, storage: StorageOptions) -> float:
+    """Task `task`'s model rebuilt from a run's compressed bundle (theta_0 + m_t * tau_MTL), scored on it."""
+    import json
+
+    from infra.storage import join
+
+    index = json.loads(storage_for(run, storage).read_bytes(join(run, "compressed/index.json")))
+    tau = tuple(join(run, f) for f in index["tau_mtl"]["files"])
+    masks = tuple(join(run, f) for f in index["masks"][task])
+    return score_masked(scoring, base_files, tau, masks, task, storage)

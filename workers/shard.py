@@ -121,6 +121,8 @@ class ShardResult:
     bytes_read: int = 0
     seconds: float = 0.0
     extras: dict = field(default_factory=dict)
+    node: str = ""  # where it was computed (Ray node id and IP), filled in by the Ray wrapper
+    node_ip: str = ""
 
 
 # ------------------------------------------------------------------------- reading

@@ -40,6 +40,7 @@ PRETRAIN_LR = 1e-3
 FINETUNE_LR = 3e-4
 PROBE_EPOCHS = 5
 PROBE_LR = 1e-3
+LOT_EXEMPLARS = 64  # the paper's recommendation, and method.exemplars' default
 
 
 # --------------------------------------------------------------------------- transforms (8x8 images, 0..16)
@@ -274,6 +275,25 @@ def _finetune(base: dict[str, torch.Tensor], head: dict[str, torch.Tensor], task
 def task_arithmetic(base: dict[str, torch.Tensor], finetuned: list[dict[str, torch.Tensor]], alpha: float = 0.3) -> dict[str, torch.Tensor]:
     """base + alpha * sum_t (theta_t - base): plain Task Arithmetic, in memory."""
     return {k: base[k] + alpha * sum(ft[k] - base[k] for ft in finetuned) for k in base}
+
+
+def backbone_module(backbone: dict[str, torch.Tensor]) -> SuiteMLP:
+    """The backbone alone, under the checkpoint's tensor names (`backbone.N.*`): what LOT's feature
+    pass runs. The head is left out: it lives apart from the checkpoint and does not change the
+    backbone's features."""
+    first = backbone["backbone.0.weight"]
+    model = SuiteMLP(hidden=first.shape[0], inputs=first.shape[1])
+    model.head = nn.Identity()
+    model.load_state_dict({k: v.float() for k, v in backbone.items()})
+    return model.eval()
+
+
+def lot_exemplars(task: str, seed: int, exemplars: int = LOT_EXEMPLARS, exemplar_seed: int = 0) -> torch.Tensor:
+    """LOT's exemplars for a task: a seeded choice of `exemplars` rows of its train split."""
+    from workers.lot.models import subset
+
+    x, _ = task_data(task, seed, "train")
+    return x[subset(len(x), exemplars, exemplar_seed)]
 
 
 # --------------------------------------------------------------------------- suite files

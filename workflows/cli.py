@@ -22,14 +22,23 @@ Merge a base checkpoint and T fine-tuned checkpoints as described by CONFIG (YAM
     - {name: code, checkpoint: ckpts/code}
   output: runs/merged                   # or pass --output
   method:
-    name: tall_masks                    # task_arithmetic | ties | tall_masks | consensus
-    alpha: 0.3                          # model = base + alpha * merged vector
+    name: tall_masks                    # task_arithmetic | ties | tall_masks | consensus | lot
+    alpha: 0.3                          # model = base + alpha * merged vector; auto: chosen on val
     density: 0.2                        # TIES: share of each task vector kept
     scope: global                       # TIES trim over the whole model or per tensor
     merge: mean                         # TIES disjoint merge: mean | sum
-    lambda: 0.4                         # TALL masks: one value or {task: value}
+    lambda: 0.4                         # TALL masks: one value, {task: value}, or auto (per task)
     base_merge: task_arithmetic         # tau_MTL for tall_masks/consensus: task_arithmetic | ties
     k: 2                                # consensus: keep weights kept by >= k task masks
+  # LOT instead (name: lot): lambda is the scale of the merged vector (default 1.0; auto: chosen on val)
+  #   model: suite                      # suite | hf | module:function, builds each task's model
+  #   exemplars: 64                     # exemplars per task for the feature statistics
+  #   exemplar_seed: 0                  # which exemplars, when more are available
+  #   exemplar_files: {math: ids/math.json}  # hf: token-id JSON file per task
+  #   stats_cache: s3://bucket/lot      # feature statistics cache (default OUT/.lot_stats)
+  selection:                            # needed by auto: how candidates are scored
+    evaluator: pkg.module:function      # fn(model, *, task, split, checkpoint, **options) -> score
+    split: val                          # alphas: [0.1 .. 1.0], lambdas: [0.2 .. 0.6], options: {}
   execution: {shard_size: auto, device: auto}   # chunk_elems: by default sized per device
 
 Outputs: OUT/model (merged HF checkpoint), OUT/compressed (tau_MTL + 1 bit per weight per
@@ -85,18 +94,88 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--method", default="tall_masks", help="method written into the generated config.yaml")
 
+    _add_remerge_parsers(sub)
+
     from workflows.suite import add_parser as _add_suite_parser
 
     _add_suite_parser(sub)
     return p
 
 
+REMERGE_HELP = """\
+Re-merge CONFIG into a new run under its output ROOT, reusing the parent run's work:
+
+  ROOT/runs/<UTC stamp>/   one complete run per re-merge (manifest.json names its parent)
+  ROOT/latest.json         the newest run; the default parent (else ROOT itself, if `merge` wrote it)
+  ROOT/.mergeflow.lock     held while it runs: a second scheduler exits with code 75
+
+Inputs are compared by content hash. Task Arithmetic with tasks appended at the end adds them to
+the previous sum (bit-identical to a from-scratch merge, reading only that sum, the base and the new
+tasks); TIES thresholds are reused per task; anything else that changed is recomputed. Tasks come
+from the config's list or from `tasks_from: DIR_OR_S3_PREFIX` (one sub-folder per task).
+
+Exit codes: 0 merged or up to date, 2 bad input, 3 merged but tracking failed, 75 locked.
+"""
+
+
+def _add_remerge_parsers(sub) -> None:
+    def common(p) -> None:
+        p.add_argument("config", help="YAML or JSON config file (re-read at every run)")
+        p.add_argument("--output", help="output root (overrides the config's output)")
+        p.add_argument("--keep", type=int, default=0, metavar="N", help="keep only the newest N runs (default: all)")
+        p.add_argument("--lock-ttl", type=float, default=120.0, metavar="SECONDS",
+                       help="a lock without heartbeat for this long is stale and taken over (default: 120)")
+        p.add_argument("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS, else a local runtime)")
+        p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where workers compute")
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
+        p.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db)")
+        p.add_argument("--experiment", default="mergeflow", help="MLflow experiment name (default: mergeflow)")
+        p.add_argument("--no-tracking", action="store_true", help="do not log runs to MLflow")
+
+    r = sub.add_parser("remerge", help="refresh a merge after tasks were added, removed or replaced",
+                       description=REMERGE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common(r)
+    r.add_argument("--from", dest="parent", metavar="RUN", help="parent run (default: the run ROOT/latest.json names)")
+    r.add_argument("--if-changed", action="store_true",
+                   help="do nothing (exit 0, one line) when the inputs and settings equal the parent's")
+
+    w = sub.add_parser("watch", help="poll the task registry and re-merge when it changes",
+                       description="Run `remerge --if-changed` now and then every --every, under the output's "
+                                   "lock; Ctrl-C or SIGTERM stops it. Exit codes as for remerge.")
+    common(w)
+    w.add_argument("--every", default="10m", help="poll interval: 30s, 10m, 1h (default: 10m)")
+    w.add_argument("--once", action="store_true", help="one tick, then exit with its code")
+
+
+def _job(args):
+    from infra.tracking import TrackingOptions
+    from workflows.watch import Job
+
+    return Job(config=args.config, output=args.output, parent=getattr(args, "parent", None),
+               if_changed=getattr(args, "if_changed", False), keep=args.keep, quiet=args.quiet,
+               lock_ttl=args.lock_ttl, ray_address=args.ray_address, device=args.device,
+               tracking=TrackingOptions(enabled=not args.no_tracking, uri=args.tracking_uri, experiment=args.experiment))
+
+
+def _remerge(args) -> int:
+    from workflows.watch import remerge_once
+
+    return remerge_once(_job(args))
+
+
+def _watch(args) -> int:
+    from workflows.watch import parse_duration, watch
+
+    return watch(_job(args), parse_duration(args.every), once=args.once)
+
+
 def _merge(args) -> int:
     from workflows.config import load_config
     from workflows.merge import run_merge
     from workflows.plan import make_plan
+    from workflows.registry import resolve
 
-    cfg = load_config(args.config, output=args.output)
+    cfg = resolve(load_config(args.config, output=args.output))
     ex = cfg.execution.model_copy(update={k: v for k, v in
                                           {"ray_address": args.ray_address, "device": args.device}.items() if v})
     cfg = cfg.model_copy(update={"execution": ex})
@@ -203,9 +282,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     commands = {"merge": _merge, "reconstruct": _reconstruct, "inspect": _inspect, "make-family": _make_family,
-                "suite": _suite}
+                "suite": _suite, "remerge": _remerge, "watch": _watch}
+    from infra.lock import EXIT_LOCKED, LockHeld
+
     try:
         return commands[args.command](args)
+    except LockHeld as e:  # not a failure: another scheduler is on it; retry later
+        print(f"mergeflow: {e}", file=sys.stderr)
+        return EXIT_LOCKED
     except MergeflowError as e:
         if args.debug:
             raise

@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 FORMAT = "mergeflow.run/1"
-OUR_DIRS = ("model", "compressed", "stats", JOURNAL_DIR)
+OUR_DIRS = ("model", "compressed", "delta", "stats", JOURNAL_DIR)
 SIDECAR_SUFFIXES = (".json", ".txt", ".model")  # config, tokenizer and friends copied next to the weights
 
 
@@ -150,7 +150,9 @@ def write_manifest(plan: Plan, outputs: dict[str, tuple[str, int]], inputs: dict
     from workflows import __version__
 
     def files_of(cp) -> dict:
-        return {basename(f): {"sha256": inputs[f][0], "size": inputs[f][1]} for f in cp.files}
+        # The stamp (size + mtime or ETag) lets a re-merge trust this sha256 without reading the file again.
+        stamp = lambda f: {"stamp": plan.stamps[f]} if f in plan.stamps else {}  # noqa: E731
+        return {basename(f): {"sha256": inputs[f][0], "size": inputs[f][1], **stamp(f)} for f in cp.files}
 
     doc = {
         "format": FORMAT,

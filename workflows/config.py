@@ -53,6 +53,7 @@ class TaskConfig(_Model):
 AUTO = "auto"
 DEFAULT_ALPHAS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 DEFAULT_LAMBDAS = (0.2, 0.3, 0.4, 0.5, 0.6)
+DEFAULT_LAMBDA = 0.4  # TALL masks / consensus, when lambda is not given
 LAMBDA_METHODS = ("tall_masks", "consensus")  # methods whose per-task masks take a lambda
 
 
@@ -62,10 +63,24 @@ class MethodConfig(_Model):
     density: float = 0.2
     scope: Literal["global", "tensor"] = "global"
     merge: Literal["mean", "sum"] | None = None
-    lambda_: float | dict[str, float] | Literal["auto"] = Field(0.4, alias="lambda")
+    # None: 0.4 for TALL masks / consensus, 1.0 for LOT (its model scale)
+    lambda_: float | dict[str, float] | Literal["auto"] | None = Field(None, alias="lambda")
     base_merge: Literal["task_arithmetic", "ties"] = "task_arithmetic"
     k: int = 2
     store_dtype: Literal["base", "float32"] = "base"
+    # LOT (lambda is its model scale, default 1.0)
+    model: str | None = None  # suite | hf | module:function (workers/lot/models.py)
+    exemplars: int = 64
+    exemplar_seed: int = 0
+    exemplar_files: dict[str, str] | None = None  # hf: task -> token-id JSON file
+    stats_cache: str | None = None  # default OUTPUT/.lot_stats; a shared place lets re-merges reuse it
+
+    @field_validator("exemplars")
+    @classmethod
+    def _exemplars(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError(f"must be >= 1, got {v}")
+        return v
 
     @field_validator("name")
     @classmethod
@@ -98,7 +113,7 @@ class MethodConfig(_Model):
     @field_validator("lambda_")
     @classmethod
     def _lambda(cls, v):
-        if v == AUTO:
+        if v is None or v == AUTO:
             return v
         values = v.values() if isinstance(v, dict) else [v]
         if any(not math.isfinite(x) or x < 0 for x in values):
@@ -120,6 +135,9 @@ class ExecutionConfig(_Model):
     chunk_elems: int = 1 << 18  # elements per task per compute step: memory is O(T x chunk); see chunk_for
     device: Literal["auto", "cpu", "cuda"] = "auto"
     ray_address: str | None = None
+    # delta/: the unscaled merged vector in float32 (4 bytes per parameter, twice a bf16 model). "auto":
+    # `mergeflow remerge` keeps it for Task Arithmetic, whose next re-merge adds new tasks to it.
+    keep_delta: Literal["auto"] | bool = "auto"
 
     @field_validator("shard_size")
     @classmethod
@@ -183,7 +201,8 @@ class SelectionConfig(_Model):
 
 class MergeConfig(_Model):
     base: str
-    tasks: list[TaskConfig]
+    tasks: list[TaskConfig] = []
+    tasks_from: str | None = None  # a folder or s3:// prefix whose sub-folders are task checkpoints
     output: str | None = None
     method: MethodConfig
     selection: SelectionConfig | None = None
@@ -192,7 +211,8 @@ class MergeConfig(_Model):
 
     @property
     def select_alpha(self) -> bool:
-        return self.method.alpha == AUTO
+        # LOT's lambda is its model scale, so `lambda: auto` there is alpha selection
+        return self.method.alpha == AUTO or (self.method.name == "lot" and self.method.lambda_ == AUTO)
 
     @property
     def select_lambda(self) -> bool:
@@ -200,19 +220,21 @@ class MergeConfig(_Model):
 
     @model_validator(mode="after")
     def _tasks(self) -> "MergeConfig":
-        if not self.tasks:
-            raise ValueError("tasks: give at least one task")
+        if not self.tasks and self.tasks_from is None:
+            raise ValueError("tasks: give at least one task (or tasks_from: a folder of task checkpoints)")
         seen: set[str] = set()
         for t in self.tasks:
             if t.name in seen:
                 raise ValueError(f"tasks: duplicate task name {t.name!r}")
             seen.add(t.name)
         if (self.select_alpha or self.select_lambda) and self.selection is None:
-            key = "alpha" if self.select_alpha else "lambda"
+            key = "alpha" if self.method.alpha == AUTO else "lambda"
             raise ValueError(f"method.{key}: auto needs a `selection:` section naming an evaluator "
                              "(selection: {evaluator: 'package.module:function'})")
         lam = self.method.lambda_
-        if isinstance(lam, dict):
+        if self.method.name == "lot":
+            _check_lot(self.method, seen if self.tasks_from is None else None)
+        elif isinstance(lam, dict) and self.tasks_from is None:  # discovered tasks are checked once resolved
             unknown = sorted(set(lam) - seen)
             missing = [t.name for t in self.tasks if t.name not in lam]
             if unknown:
@@ -229,12 +251,19 @@ class MergeConfig(_Model):
         m = self.method
         merge = m.merge or "mean"
         alpha = m.alpha
+        lot: dict = {}
+        if m.name == "lot":
+            # LOT's lambda scales the merged vector: it is this method's alpha (default 1.0, the paper's)
+            alpha = m.lambda_ if m.lambda_ is not None else (1.0 if alpha is None else alpha)
+            files = m.exemplar_files or {}
+            lot = {"exemplars": m.exemplars, "exemplar_seed": m.exemplar_seed, "model": m.model,
+                   "exemplar_files": tuple(files[n] for n in self.task_names) if files else ()}
         if alpha is None:
             # A mean (plain TIES) is already on the scale of one task vector; sums of T vectors need scaling down.
             alpha = 1.0 if (m.name == "ties" and merge == "mean") else 0.3
         elif alpha == AUTO:
             alpha = 1.0  # stands in until selection picks one; no model is written with it
-        lam = m.lambda_
+        lam = DEFAULT_LAMBDA if m.lambda_ is None else m.lambda_
         if lam == AUTO:
             lam = self.selection.lambdas[0] if self.selection else DEFAULT_LAMBDAS[0]  # likewise replaced
         lambdas = tuple(lam[n] for n in self.task_names) if isinstance(lam, dict) else (lam,) * len(self.tasks)
@@ -249,7 +278,26 @@ class MergeConfig(_Model):
             base_merge=m.base_merge,
             k=m.k,
             store_dtype=m.store_dtype,
+            **lot,
         )
+
+
+def _check_lot(m: MethodConfig, tasks: set[str] | None) -> None:
+    """`tasks` None: tasks are discovered later (tasks_from) and checked once resolved."""
+    if isinstance(m.lambda_, dict):
+        raise ValueError("method.lambda: LOT takes one number (the scale of the merged vector)")
+    if m.alpha is not None and m.lambda_ is not None and m.alpha != m.lambda_:
+        raise ValueError("method.alpha: LOT's scale is method.lambda; give one of the two")
+    if not m.model:
+        raise ValueError("method.model: LOT runs each task's model on its exemplars; give suite, hf or module:function")
+    if m.model == "hf" and tasks is not None:
+        files = m.exemplar_files or {}
+        missing = sorted(tasks - set(files))
+        if missing:
+            raise ValueError(f"method.exemplar_files: no token-id file for task {missing[0]!r} (model hf needs one per task)")
+        unknown = sorted(set(files) - tasks)
+        if unknown:
+            raise ValueError(f"method.exemplar_files: names unknown task {unknown[0]!r}")
 
 
 def _format_error(source: str, err: ValidationError) -> str:
@@ -298,10 +346,18 @@ def config_from_dict(raw: dict, source: str = "config", root: Path | None = None
         out = _resolve(cfg.output, root)
     else:
         raise ConfigError(f"{source}: output: required key is missing (or pass --output DIR)")
+    method = cfg.method
+    if method.exemplar_files or method.stats_cache:
+        method = method.model_copy(update={
+            "exemplar_files": {k: _resolve(v, root) for k, v in (method.exemplar_files or {}).items()} or None,
+            "stats_cache": _resolve(method.stats_cache, root) if method.stats_cache else None,
+        })
     return cfg.model_copy(
         update={
+            "method": method,
             "base": _resolve(cfg.base, root),
             "tasks": [t.model_copy(update={"checkpoint": _resolve(t.checkpoint, root)}) for t in cfg.tasks],
+            "tasks_from": _resolve(cfg.tasks_from, root) if cfg.tasks_from else None,
             "output": out.rstrip("/"),
         }
     )

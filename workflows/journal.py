@@ -33,6 +33,8 @@ def result_to_json(r: ShardResult) -> dict:
         "majority_used": r.majority_used,
         "bytes_read": r.bytes_read,
         "seconds": r.seconds,
+        "node": r.node,
+        "node_ip": r.node_ip,
     }
 
 
@@ -53,6 +55,8 @@ def result_from_json(d: dict) -> ShardResult:
         majority_used=d["majority_used"],
         bytes_read=d["bytes_read"],
         seconds=d["seconds"],
+        node=d.get("node", ""),  # absent in records written before nodes were recorded
+        node_ip=d.get("node_ip", ""),
     )
 
 

@@ -11,15 +11,17 @@ import logging
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Callable, Mapping
 
 import numpy as np
 
 from infra.storage import join, sha256_of, storage_for
 from workers import kth_value
+from workers.lot.shard import lot_shard
 from workers.methods import get_method
 from workers.shard import (ShardResult, ShardSpec, apply_shard, majority_redo, merge_shard, shard_high_histogram,
                            shard_low_histogram)
-from workflows import commit, runtime, select, stats
+from workflows import commit, lot_stage, runtime, select, stats
 from workflows.commit import OutputState
 from workflows.config import MergeConfig
 from workflows.journal import Journal
@@ -37,6 +39,17 @@ class MergeReport:
     shards_run: int = 0
     shards_reused: int = 0
     bytes_read: int = 0
+    bytes_hashed: int = 0
+
+
+@dataclass(frozen=True)
+class Reuse:
+    """Work a re-merge takes from its parent run instead of redoing it (built by workflows/remerge.py)."""
+
+    input_hashes: Mapping[str, str] = field(default_factory=dict)  # input file -> sha256 known to be current
+    thresholds: Callable[[Plan, bool], tuple[float, ...]] | None = None  # global TIES thresholds, from a cache
+    worker: Callable[[ShardSpec], ShardResult] | None = None  # the apply pass, in place of merge_shard
+    manifest: dict = field(default_factory=dict)  # extra manifest keys: the parent, what was reused
 
 
 @contextmanager
@@ -89,6 +102,13 @@ def reusable_shards(plan: Plan, journal: Journal, quiet: bool) -> dict[int, Shar
     return {i: r for (i, r), good in zip(recorded.items(), ok) if good}
 
 
+def on_node(fn, *args) -> ShardResult:
+    """fn(*args) in a Ray worker, noting which node computed the shard."""
+    result = fn(*args)
+    result.node, result.node_ip = runtime.current_node()
+    return result
+
+
 def _with(plan: Plan, **changes) -> Plan:
     return dataclasses.replace(plan, shards=tuple(dataclasses.replace(s, **changes) for s in plan.shards))
 
@@ -99,9 +119,10 @@ def _with_params(plan: Plan, **changes) -> Plan:
 
 
 def map_shards(plan: Plan, specs, journal: Journal, quiet: bool, desc: str, fn=merge_shard, extra: tuple = (),
-               merge_into: dict[int, ShardResult] | None = None) -> list[ShardResult]:
+               merge_into: dict[int, ShardResult] | None = None, memory: int | None = None) -> list[ShardResult]:
     """Run `fn(spec, *extra)` per shard, journaling each result as it lands; with `merge_into`, a
-    result's outputs are added to that shard's earlier result (a second pass over the same shard)."""
+    result's outputs are added to that shard's earlier result (a second pass over the same shard,
+    which keeps the node of the first)."""
 
     def record(i: int, r: ShardResult) -> None:
         if merge_into is not None and r.index in merge_into:
@@ -113,19 +134,22 @@ def map_shards(plan: Plan, specs, journal: Journal, quiet: bool, desc: str, fn=m
 
     results: list = [None] * len(specs)
     runtime.run_tasks(
-        fn,
-        [(s, *extra) for s in specs],
+        on_node,
+        [(fn, s, *extra) for s in specs],
         desc=desc,
         sizes=[s.nbytes for s in specs],
         on_result=record,
-        memory=_memory_per_task(plan),
+        memory=memory or _memory_per_task(plan),
         gpu=plan.shards[0].device == "cuda",
         quiet=quiet,
     )
     return results
 
 
-def run_merge(config: MergeConfig, *, overwrite: bool = False, quiet: bool = False) -> MergeReport:
+def run_merge(config: MergeConfig, *, overwrite: bool = False, quiet: bool = False,
+              reuse: Reuse | None = None) -> MergeReport:
+    reuse = reuse or Reuse()
+    worker = reuse.worker or merge_shard
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
 
@@ -149,12 +173,14 @@ def run_merge(config: MergeConfig, *, overwrite: bool = False, quiet: bool = Fal
     options = config.storage.options()
 
     # Inputs are hashed alongside the merge (Ray overlaps the two); the manifest needs them.
-    hashing = runtime.submit(sha256_of, [(f, options) for f in input_files])
+    known = {f: reuse.input_hashes[f] for f in input_files if f in reuse.input_hashes}
+    to_hash = [f for f in input_files if f not in known]
+    hashing = runtime.submit(sha256_of, [(f, options) for f in to_hash])
     try:
         saved = journal.load_globals() or {}
         if plan.params.uses_ties and plan.params.scope == "global":
             with _timed(timings, "ties_thresholds"):
-                saved["thresholds"] = saved.get("thresholds") or list(ties_thresholds(plan, quiet))
+                saved["thresholds"] = saved.get("thresholds") or list((reuse.thresholds or ties_thresholds)(plan, quiet))
                 journal.save_globals(saved)
                 plan = _with(plan, thresholds=tuple(saved["thresholds"]))
         selection: dict = {}
@@ -168,16 +194,24 @@ def run_merge(config: MergeConfig, *, overwrite: bool = False, quiet: bool = Fal
         if config.select_alpha:
             plan = _with(plan, write_model=False, write_delta=True)  # the model waits for alpha
 
+        lot = None
+        shard_worker: dict = {"fn": worker}
+        if get_method(plan.params.name).kind == "features":
+            with _timed(timings, "lot_features"):
+                lot = lot_stage.collect_features(plan, known | dict(zip(to_hash, hashing)), quiet)
+            # LOT solves whole tensors from per-task statistics, in its own shard worker
+            shard_worker = {"fn": lot_shard, "extra": (lot.stats,), "memory": lot.memory}
+
         with _timed(timings, "merge"):
             reused = reusable_shards(plan, journal, quiet) if state is OutputState.RESUME else {}
             todo = [s for s in plan.shards if s.index not in reused]
             results = dict(reused)
-            for r in map_shards(plan, todo, journal, quiet, desc=f"merge ({plan.params.name})"):
+            for r in map_shards(plan, todo, journal, quiet, desc=f"merge ({plan.params.name})", **shard_worker):
                 results[r.index] = r
             report.shards_reused, report.shards_run = len(reused), len(todo)
             if plan.params.uses_ties:
                 _, redo = majority_redo(list(plan.shards), list(results.values()))
-                for r in map_shards(plan, redo, journal, quiet, desc="TIES majority-sign fix-up"):
+                for r in map_shards(plan, redo, journal, quiet, desc="TIES majority-sign fix-up", fn=worker):
                     results[r.index] = r
                 report.shards_run += len(redo)
 
@@ -202,19 +236,25 @@ def run_merge(config: MergeConfig, *, overwrite: bool = False, quiet: bool = Fal
             layers = stats.merge_layers(ordered)
             summary = stats.summary(layers, plan.task_names)
             outputs |= write_stats(plan, layers, summary)
-            hashes = runtime.gather(hashing)
-            inputs = {f: (h, storage_for(f, options).size(f)) for f, h in zip(input_files, hashes)}
+            hashes = known | dict(zip(to_hash, runtime.gather(hashing)))
+            inputs = {f: (hashes[f], storage_for(f, options).size(f)) for f in input_files}
             report.bytes_read = sum(r.bytes_read for r in ordered)
+            report.bytes_hashed = sum(inputs[f][1] for f in to_hash)
             extra = {
-                "summary": summary | sizes_summary(plan, outputs) | {"bytes_read": report.bytes_read},
+                "summary": summary | sizes_summary(plan, outputs)
+                | {"bytes_read": report.bytes_read, "bytes_hashed": report.bytes_hashed},
                 "timings": {k: round(v, 3) for k, v in timings.items()},
+                "nodes": placement(ordered),
             }
+            if lot is not None:
+                extra["lot"] = lot.manifest(plan)
             if selection:
                 extra["selection"] = {"evaluator": config.selection.evaluator, "split": config.selection.split,
                                       **selection}
             if plan.params.uses_ties:
                 extra["ties"] = {"thresholds": list(plan.shards[0].thresholds or ()),  # empty: per-tensor scope
                                  "majority": int(np.sign(sum(r.sign_sum for r in ordered)))}
+            extra |= reuse.manifest
             report.manifest = commit.write_manifest(plan, outputs, inputs, extra)
     except BaseException:
         runtime.cancel(hashing)
@@ -236,6 +276,20 @@ def write_stats(plan: Plan, layers, summary: dict) -> dict[str, tuple[str, int]]
     return commit.put_files(plan, files)
 
 
+def placement(results: list[ShardResult]) -> dict[str, dict]:
+    """Which Ray node computed which shards (numbered from 1, as in the file names).
+    A resumed run keeps the node of the run that computed a reused shard."""
+    nodes: dict[str, dict] = {}
+    for r in results:
+        if not r.node:  # journaled before nodes were recorded
+            continue
+        n = nodes.setdefault(r.node, {"ip": r.node_ip, "shards": [], "bytes_read": 0, "seconds": 0.0})
+        n["shards"].append(r.index + 1)
+        n["bytes_read"] += r.bytes_read
+        n["seconds"] = round(n["seconds"] + r.seconds, 3)
+    return nodes
+
+
 def sizes_summary(plan: Plan, outputs: dict[str, tuple[str, int]]) -> dict:
     """Storage accounting for the compressed bundle against keeping every checkpoint."""
     compressed = sum(size for rel, (_, size) in outputs.items() if rel.startswith("compressed/"))
@@ -248,7 +302,7 @@ def sizes_summary(plan: Plan, outputs: dict[str, tuple[str, int]]) -> dict:
     return out
 
 
-def track(report: MergeReport, config_text: str | None, options) -> str | None:
+def track(report: MergeReport, config_text: str | None, options, parent_run_id: str | None = None) -> str | None:
     """One MLflow run per merge, logged after the commit: a tracking failure raises
     TrackingError but can never undo or corrupt the committed result."""
     from infra.tracking import log_merge
@@ -258,7 +312,8 @@ def track(report: MergeReport, config_text: str | None, options) -> str | None:
     output, storage = report.plan.config.output, report.plan.config.storage.options()
     store = storage_for(output, storage)
     files = {rel: store.read_bytes(join(output, rel)) for rel in report.manifest["outputs"] if rel.startswith("stats/")}
-    run_id = log_merge(report.manifest, output=output, config_text=config_text, files=files, options=options)
+    run_id = log_merge(report.manifest, output=output, config_text=config_text, files=files, options=options,
+                       parent_run_id=parent_run_id)
     if run_id:
         import json
 

@@ -11,7 +11,7 @@ import hashlib
 import json
 import math
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from infra.storage import storage_for
 from workers.checkpoint import Checkpoint, open_checkpoint
@@ -34,6 +34,7 @@ class Plan:
     tasks: tuple[Checkpoint, ...]
     shards: tuple[ShardSpec, ...]
     fingerprint: str  # changes whenever the inputs, method or shard layout change
+    stamps: dict[str, str] = field(default_factory=dict)  # input file -> size:mtime or size:ETag
 
     @property
     def task_names(self) -> tuple[str, ...]:
@@ -120,15 +121,18 @@ def group_layers(base: Checkpoint, tasks: list[Checkpoint], shard_size: int) -> 
     return shards
 
 
-def fingerprint(config: MergeConfig, params: MethodParams, base: Checkpoint, tasks: list[Checkpoint], groups) -> str:
-    options = config.storage.options()
-    files = [f for cp in [base, *tasks] for f in cp.files]
+def input_stamps(files: list[str], options) -> dict[str, str]:
+    """Cheap change detection for every input file: size and mtime (local) or ETag (S3)."""
 
     def fp(f: str) -> str:
         return storage_for(f, options).fingerprint(f)
 
     with ThreadPoolExecutor(max_workers=8) as pool:
-        stamps = dict(zip(files, pool.map(fp, files)))
+        return dict(zip(files, pool.map(fp, files)))
+
+
+def fingerprint(config: MergeConfig, params: MethodParams, base: Checkpoint, tasks: list[Checkpoint], groups,
+                stamps: dict[str, str]) -> str:
     doc = {
         "params": params.__dict__,
         "base": base.uri,
@@ -165,7 +169,9 @@ def make_plan(config: MergeConfig, device: str = "cpu") -> Plan:
             chunk_elems=ex.chunk_elems,
             device=device,
             storage=config.storage.options(),
+            write_delta=ex.keep_delta is True,
         )
         for i, names in enumerate(groups)
     )
-    return Plan(config, params, base, tuple(tasks), specs, fingerprint(config, params, base, tasks, groups))
+    stamps = input_stamps([f for cp in [base, *tasks] for f in cp.files], config.storage.options())
+    return Plan(config, params, base, tuple(tasks), specs, fingerprint(config, params, base, tasks, groups, stamps), stamps)

@@ -36,6 +36,16 @@ def connect(address: str | None = None) -> None:
     log.info("ray %s in %.1fs: %s", "joined" if address else "started", time.perf_counter() - t0, ray.cluster_resources())
 
 
+def disconnect() -> None:
+    """Leave the runtime (a local one we started stops with it); connect() may follow."""
+    ray.shutdown()
+
+
+def current_node() -> tuple[str, str]:
+    """(Ray node id, node IP) of the process calling it: where a task ran."""
+    return ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address()
+
+
 def resolve_device(requested: str) -> str:
     """'auto' means CUDA when the cluster has GPUs."""
     gpus = ray.cluster_resources().get("GPU", 0)

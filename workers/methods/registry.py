@@ -30,6 +30,10 @@ class MethodParams:
     base_merge: str = "task_arithmetic"  # what tau_MTL is for tall_masks / consensus
     k: int = 2  # consensus: keep weights that at least k task masks keep
     store_dtype: str = "base"  # dtype of tau_MTL in compressed/: "base" or "float32"
+    exemplars: int = 64  # LOT: exemplars per task for the feature statistics
+    exemplar_seed: int = 0  # LOT: which exemplars, when more are available
+    model: str = ""  # LOT: how to build each task's model: "suite", "hf" or "module:function"
+    exemplar_files: tuple[str, ...] = ()  # LOT with model "hf": token-id file per task, in task order
 
     @property
     def uses_ties(self) -> bool:
@@ -65,9 +69,13 @@ MethodFn = Callable[[torch.Tensor, MethodParams, ChunkGlobals], MethodOutput]
 @dataclass(frozen=True)
 class MergeMethod:
     name: str
-    fn: MethodFn
+    fn: MethodFn | None  # None for methods that are not element-wise (kind "features")
     compresses: bool  # writes compressed/: tau_MTL plus per-task bit-packed masks
     summary: str
+    # "chunk": fn over float32 chunks of task vectors (workers/shard.py merge_shard).
+    # "features": needs per-task feature statistics and solves whole tensors in its own shard
+    # worker (LOT: workers/lot/shard.py lot_shard after workflows/lot_stage.py's feature pass).
+    kind: str = "chunk"
 
 
 METHODS: dict[str, MergeMethod] = {}
@@ -84,6 +92,13 @@ def merge_method(name: str, *, compresses: bool = False):
         return fn
 
     return register
+
+
+def register_features_method(name: str, summary: str) -> None:
+    """Register a method whose shard worker is not element-wise (see MergeMethod.kind)."""
+    if name in METHODS:
+        raise ValueError(f"merge method {name!r} registered twice")
+    METHODS[name] = MergeMethod(name, None, False, summary, kind="features")
 
 
 def get_method(name: str) -> MergeMethod:

@@ -1,0 +1,241 @@
+"""`mergeflow suite report`: every method on the digits suite, hyper-parameters chosen on validation
+data, scored on test data, as one table (Markdown + JSON) and one bar chart (PNG).
+
+Rows: zero-shot (the base), fine-tuned (each task's own model), then one merge per method, each run
+by the ordinary merge job (`run_merge`) with `auto` selection. TALL masks are scored as the paper
+does, on each task's model rebuilt from the compressed bundle; every other merge on its one model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from infra.storage import StorageOptions
+from workers.errors import OutputError
+from workers.evaluation import Scoring, score_checkpoint, score_rebuilt
+from workers.methods import METHODS
+from workflows import runtime
+from workflows.config import MergeConfig, config_from_dict
+
+log = logging.getLogger(__name__)
+
+EVALUATOR = "workers.suite_models:evaluate"
+
+
+@dataclass(frozen=True)
+class Row:
+    key: str
+    label: str
+    method: dict | None = None  # None: zero-shot / fine-tuned, scored without a merge
+    rebuilt: bool = False  # score each task's model rebuilt from the bundle
+
+
+ROWS = [
+    Row("zero_shot", "Zero-shot (base)"),
+    Row("finetuned", "Fine-tuned (one model per task)"),
+    Row("task_arithmetic", "Task Arithmetic", {"name": "task_arithmetic", "alpha": "auto"}),
+    Row("ties", "TIES", {"name": "ties", "alpha": "auto"}),
+    # model/ of a tall_masks run is plain TA; the masks are what is scored, so alpha stays fixed.
+    Row("tall_masks", "TALL masks (rebuilt models)", {"name": "tall_masks", "alpha": 0.3, "lambda": "auto"}, rebuilt=True),
+    Row("consensus_ta", "Consensus TA", {"name": "consensus", "alpha": "auto", "lambda": "auto"}),
+    Row("consensus_ties", "Consensus TIES", {"name": "consensus", "base_merge": "ties", "alpha": "auto", "lambda": "auto"}),
+    # LOT's lambda is its model scale: auto selects it like alpha. The MLP sees one feature row per
+    # exemplar, so 256 train exemplars per task (2048 rows for 512 inputs); 64 rows per task, fine for
+    # a ViT's many tokens per image, leave the 512-wide least squares barely determined (val 0.23).
+    Row("lot", "LOT", {"name": "lot", "model": "suite", "lambda": "auto", "exemplars": 256}),
+]
+
+
+def rows() -> list[Row]:
+    return [r for r in ROWS if r.method is None or r.method["name"] in METHODS]
+
+
+def merge_config(suite_dir: Path, tasks: list[str], row: Row, output: Path) -> MergeConfig:
+    raw = {"base": str(suite_dir / "base"), "tasks": [{"name": t, "checkpoint": str(suite_dir / t)} for t in tasks],
+           "output": str(output), "method": row.method, "selection": {"evaluator": EVALUATOR, "split": "val"}}
+    return config_from_dict(raw, source=f"suite report ({row.key})")
+
+
+def run_merges(suite_dir: Path, tasks: list[str], out: Path, track_options, quiet: bool) -> dict[str, dict]:
+    """One merge job per method row; a finished run of the same inputs and settings is reused."""
+    from workflows.merge import run_merge, track
+
+    manifests = {}
+    for row in rows():
+        if row.method is None:
+            continue
+        cfg = merge_config(suite_dir, tasks, row, out / "runs" / row.key)
+        try:
+            report = run_merge(cfg, quiet=quiet)
+        except OutputError:  # these run folders belong to the report: an older run of other settings goes
+            report = run_merge(cfg, overwrite=True, quiet=quiet)
+        if report.state.value != "complete":
+            track(report, json.dumps({"method": row.method}), track_options)
+        manifests[row.key] = report.manifest
+        log.info("%s: %s", row.key, report.manifest["method"])
+    return manifests
+
+
+def score_all(suite_dir: Path, tasks: list[str], out: Path, manifests: dict, split: str, quiet: bool) -> dict:
+    """Test scores of every row on every task, as Ray tasks."""
+    storage = StorageOptions()
+    checkpoints = {t: str(suite_dir / t) for t in tasks}
+    scoring = Scoring(EVALUATOR, split, checkpoints)
+    base_files = (str(suite_dir / "base" / "model.safetensors"),)
+    fns, calls, keys = [], [], []
+    for row in rows():
+        for t in tasks:
+            run = str(out / "runs" / row.key)
+            if row.key == "zero_shot":
+                fn, call = score_checkpoint, (scoring, str(suite_dir / "base"), t, storage)
+            elif row.key == "finetuned":
+                fn, call = score_checkpoint, (scoring, checkpoints[t], t, storage)
+            elif row.rebuilt:
+                fn, call = score_rebuilt, (scoring, run, base_files, t, storage)
+            else:
+                fn, call = score_checkpoint, (scoring, str(out / "runs" / row.key / "model"), t, storage)
+            fns.append(fn)
+            calls.append(call)
+            keys.append((row.key, t))
+    values = runtime.run_tasks(_dispatch, list(zip(fns, calls)), desc=f"{split} scores", quiet=quiet, unit="model")
+    scores: dict[str, dict[str, float]] = {}
+    for (key, t), v in zip(keys, values):
+        scores.setdefault(key, {})[t] = v
+    return scores
+
+
+def _dispatch(fn, call):
+    return fn(*call)
+
+
+def hyperparameters(manifest: dict | None) -> str:
+    if manifest is None:
+        return ""
+    m, sel = manifest["method"], manifest.get("selection", {})
+    parts = []
+    if "alpha" in sel:
+        parts.append(f"{'lambda' if m['name'] == 'lot' else 'alpha'} {m['alpha']:g}")
+    if "lambda" in sel:
+        lams = sorted(m["lambdas"].values())
+        parts.append(f"lambda {lams[0]:g}-{lams[-1]:g} (median {lams[len(lams) // 2]:g})" if lams[0] != lams[-1]
+                     else f"lambda {lams[0]:g}")
+    if m["name"] == "consensus":
+        parts.append(f"k {m['k']}")
+    return ", ".join(parts)
+
+
+def artifact(manifest: dict | None, suite_dir: Path, tasks: list[str]) -> dict:
+    """Bytes a user keeps for this row against keeping every fine-tuned checkpoint."""
+    checkpoints = sum((suite_dir / t / "model.safetensors").stat().st_size for t in tasks)
+    if manifest is None:
+        return {"bytes": checkpoints, "checkpoints_bytes": checkpoints, "what": "T checkpoints"}
+    s = manifest["summary"]
+    if "compressed_bytes" in s:
+        return {"bytes": s["compressed_bytes"], "checkpoints_bytes": checkpoints, "what": "tau_MTL + T masks"}
+    return {"bytes": s["model_bytes"], "checkpoints_bytes": checkpoints, "what": "one merged model"}
+
+
+def build_results(meta: dict, suite_dir: Path, manifests: dict, scores: dict, split: str) -> dict:
+    tasks = [t["name"] for t in meta["tasks"]]
+    ft = scores["finetuned"]
+    out_rows = []
+    for row in rows():
+        acc = scores[row.key]
+        normalized = {t: acc[t] / ft[t] for t in tasks}
+        manifest = manifests.get(row.key)
+        out_rows.append({
+            "key": row.key, "label": row.label, "accuracy": acc,
+            "average": sum(acc.values()) / len(acc), "normalized": sum(normalized.values()) / len(normalized),
+            "hyperparameters": hyperparameters(manifest),
+            "method": manifest["method"] if manifest else None,
+            "artifact": artifact(manifest, suite_dir, tasks) if row.key != "zero_shot" else None,
+        })
+    return {"suite": {"tasks": tasks, "seed": meta["seed"], "splits": meta["splits"],
+                      "settings": meta["settings"]},
+            "split": split, "selection_split": "val", "evaluator": EVALUATOR, "rows": out_rows}
+
+
+def markdown(results: dict) -> str:
+    tasks = results["suite"]["tasks"]
+    head = ["model", *tasks, "avg acc", "avg normalized", "chosen on val", "kept on disk"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results["rows"]:
+        a = r["artifact"]
+        size = f"{a['bytes'] / 1e6:.2f} MB ({a['bytes'] / a['checkpoints_bytes']:.2f}x of checkpoints)" if a else ""
+        cells = [r["label"], *(f"{100 * r['accuracy'][t]:.1f}" for t in tasks), f"**{100 * r['average']:.1f}**",
+                 f"{100 * r['normalized']:.1f}%", r["hyperparameters"], size]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def claims(results: dict) -> list[tuple[str, bool, str]]:
+    """The papers' claims, checked against this run: (claim, holds, the numbers)."""
+    by = {r["key"]: r for r in results["rows"]}
+    out = []
+    if "tall_masks" in by:
+        n = by["tall_masks"]["normalized"]
+        out.append(("TALL-mask rebuilt models keep >= 99% of fine-tuned accuracy", n >= 0.99, f"{100 * n:.2f}%"))
+    for cons, base in (("consensus_ta", "task_arithmetic"), ("consensus_ties", "ties")):
+        if cons in by and base in by:
+            c, b = by[cons]["average"], by[base]["average"]
+            out.append((f"{by[cons]['label']} improves on {by[base]['label']}", c > b, f"{100 * c:.2f} vs {100 * b:.2f}"))
+    if "lot" in by and "task_arithmetic" in by:  # LOT paper, table 1: LOT above TA on every benchmark
+        lot, ta = by["lot"]["average"], by["task_arithmetic"]["average"]
+        out.append(("LOT improves on Task Arithmetic", lot > ta, f"{100 * lot:.2f} vs {100 * ta:.2f}"))
+    zs = by["zero_shot"]["average"]
+    for r in results["rows"]:
+        if r["method"] is not None:
+            out.append((f"{r['label']} beats zero-shot", r["average"] > zs, f"{100 * r['average']:.2f} vs {100 * zs:.2f}"))
+    return out
+
+
+def bar_chart(results: dict) -> bytes:
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    tasks, rows_ = results["suite"]["tasks"], results["rows"]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(10, 1.1 * len(tasks) + 4), 9),
+                                      gridspec_kw={"height_ratios": [1, 1.4]})
+    labels = [r["label"] for r in rows_]
+    y = np.arange(len(rows_))
+    top.barh(y + 0.2, [100 * r["average"] for r in rows_], 0.4, label="average accuracy (%)")
+    top.barh(y - 0.2, [100 * r["normalized"] for r in rows_], 0.4, label="normalized to fine-tuned (%)")
+    top.set_yticks(y, labels)
+    top.invert_yaxis()
+    top.set_xlim(0, 105)
+    top.legend(loc="lower right", fontsize=8)
+    top.set_title(f"digits suite, {len(tasks)} tasks: {results['split']} accuracy (hyper-parameters chosen on val)")
+    x = np.arange(len(tasks))
+    width = 0.8 / len(rows_)
+    for i, r in enumerate(rows_):
+        bottom.bar(x + (i - len(rows_) / 2 + 0.5) * width, [100 * r["accuracy"][t] for t in tasks], width, label=r["label"])
+    bottom.set_xticks(x, tasks, rotation=30, ha="right")
+    bottom.set_ylabel("accuracy (%)")
+    bottom.set_ylim(0, 100)
+    bottom.legend(fontsize=7, ncols=4, loc="upper center", bbox_to_anchor=(0.5, -0.22))
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def write_report(out: Path, results: dict) -> dict[str, Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    checks = claims(results)
+    results = results | {"claims": [{"claim": c, "holds": ok, "numbers": n} for c, ok, n in checks]}
+    text = markdown(results) + "\nClaims from the papers, checked on this run:\n\n" + "".join(
+        f"- {'holds' if ok else 'does NOT hold'}: {c} ({n})\n" for c, ok, n in checks)
+    paths = {"markdown": out / "results.md", "json": out / "results.json", "png": out / "results.png"}
+    paths["markdown"].write_text(text)
+    paths["json"].write_text(json.dumps(results, indent=1) + "\n")
+    paths["png"].write_bytes(bar_chart(results))
+    return paths
