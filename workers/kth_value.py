@@ -55,7 +55,7 @@ def add_low_histogram(hist: torch.Tensor, taus: torch.Tensor, high_bins: np.ndar
             rows[t] += torch.bincount(low, minlength=LOW_BINS).cpu()
 
 
-def nonfinite_count(hist: torch.Tensor, tasks: int) -> int:
+def nonfinite_count(hist: torch.Tensor) -> int:
     """How many NaN/Inf values a high histogram has counted, over all tasks."""
     return int(_rows(hist, HIGH_BINS)[:, NONFINITE_HIGH:].sum())
 

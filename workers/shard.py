@@ -282,11 +282,10 @@ def _float_jobs(spec: ShardSpec):
 def _high_pass(spec: ShardSpec, job: TensorJob, reader: ShardReader, buffers: ChunkBuffers, hist: torch.Tensor) -> None:
     """Add one tensor's |tau| high-half counts to hist; NaN/Inf land in the top bins, so the
     finite check costs nothing unless they are there."""
-    t = len(spec.task_names)
-    before = int(kth_value.nonfinite_count(hist, t))
+    before = kth_value.nonfinite_count(hist)
     for _, _, _, taus in task_chunks(spec, job, reader, buffers):
         kth_value.add_high_histogram(hist, taus)
-    if int(kth_value.nonfinite_count(hist, t)) != before:
+    if kth_value.nonfinite_count(hist) != before:
         check_finite(spec, job, reader)  # raises, naming the input; else a finite difference overflowed
 
 
