@@ -31,6 +31,7 @@ from workers.shard import (
     _open_writers,
     apply_alpha,
     chunk_ranges,
+    commit_writers,
     copy_exact,
 )
 
@@ -89,10 +90,7 @@ def append_shard(spec: ShardSpec, previous: PreviousSum) -> ShardResult:
             stats.add(LayerStats(job.numel, old))
         for layer, stats in result.layers.items():
             stats.tau_sq[:k] = previous.tau_sq[layer]
-        for rel, w in writers.items():
-            result.outputs[rel] = (w.commit(), w.bytes_written)
-        cleanup.pop_all()
-        result.bytes_read = reader.bytes_read
+        commit_writers(writers, cleanup, reader, result)
     result.seconds = time.perf_counter() - t0
     return result
 

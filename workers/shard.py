@@ -408,13 +408,19 @@ def merge_shard(spec: ShardSpec) -> ShardResult:
                     )
                 stats.add(chunk)
             result.layers.setdefault(layer_of(job.name), LayerStats(0, np.zeros(t))).add(stats)
-        for rel, w in writers.items():
-            sha = w.commit()
-            result.outputs[rel] = (sha, w.bytes_written)
-        cleanup.pop_all()
-        result.bytes_read = reader.bytes_read
+        commit_writers(writers, cleanup, reader, result)
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def commit_writers(writers: dict[str, StreamingWriter], cleanup: ExitStack, reader: ShardReader,
+                   result: ShardResult) -> None:
+    """Publish every output file of a shard pass and record its hash; the temp-file cleanup is
+    dropped only once all of them are committed."""
+    for rel, w in writers.items():
+        result.outputs[rel] = (w.commit(), w.bytes_written)
+    cleanup.pop_all()
+    result.bytes_read = reader.bytes_read
 
 
 def apply_alpha(base: torch.Tensor, delta: torch.Tensor, alpha: float, dtype: torch.dtype) -> torch.Tensor:

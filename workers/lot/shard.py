@@ -25,7 +25,7 @@ from workers.lot.features import ENERGY, GRAM, ROWS
 from workers.lot.rules import agreed_rule
 from workers.safetensors_io import TensorInfo, read_header
 from workers.shard import (LayerStats, ShardReader, ShardResult, ShardSpec, TensorJob, _bytes, _open_writers,
-                           apply_alpha, copy_exact, task_chunks)
+                           apply_alpha, commit_writers, copy_exact, task_chunks)
 
 
 def _stat(reader: ShardReader, info: TensorInfo, device: torch.device) -> torch.Tensor:
@@ -60,10 +60,7 @@ def lot_shard(spec: ShardSpec, stats: tuple[str, ...]) -> ShardResult:
                     delta_file.write(job.name, _bytes(delta))
                 stats_layer.add(LayerStats(hi - lo, (taus.double() ** 2).sum(dim=1).cpu().numpy()))
             result.layers.setdefault(layer_of(job.name), LayerStats(0, np.zeros(t))).add(stats_layer)
-        for rel, w in writers.items():
-            result.outputs[rel] = (w.commit(), w.bytes_written)
-        cleanup.pop_all()
-        result.bytes_read = reader.bytes_read
+        commit_writers(writers, cleanup, reader, result)
     result.seconds = time.perf_counter() - t0
     return result
 
