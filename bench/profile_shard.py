@@ -22,7 +22,8 @@ import torch
 
 
 def main() -> None:
-    from workers.shard import merge_shard, shard_high_histogram
+    from workers import kth_value
+    from workers.shard import merge_shard, shard_counts, shard_ties_sample
     from workflows.config import config_from_dict
     from workflows.plan import make_plan
 
@@ -31,8 +32,9 @@ def main() -> None:
     ap.add_argument("--method", default="task_arithmetic")
     ap.add_argument("--scope", default="global")
     ap.add_argument("--shard", type=int, default=1)
-    ap.add_argument("--pass", dest="which", choices=["apply", "high"], default="apply",
-                    help="apply: merge_shard; high: the first TIES histogram pass")
+    ap.add_argument("--pass", dest="which", choices=["apply", "sample", "zeros", "window", "high"], default="apply",
+                    help="apply: merge_shard; sample: the TIES threshold sample; zeros / window / high: a TIES "
+                         "threshold counting pass of that kind (window: 4 high-half bins wide)")
     ap.add_argument("--chunk-elems", type=int, default=1 << 22)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--profile", action="store_true")
@@ -52,7 +54,10 @@ def main() -> None:
         import dataclasses
 
         spec = dataclasses.replace(spec, thresholds=(1e-3,) * len(tasks))  # any value: same work
-    fn = (lambda: merge_shard(spec)) if args.which == "apply" else (lambda: shard_high_histogram(spec))
+    count = {"zeros": kth_value.Count("window", 0, 1), "window": kth_value.Count("window", 0x3A000000, 1 << 18),
+             "high": kth_value.Count("high")}.get(args.which)
+    fn = {"apply": lambda: merge_shard(spec), "sample": lambda: shard_ties_sample(spec)}.get(
+        args.which, lambda: shard_counts(spec, (count,) * len(tasks)))
     times = []
     for _ in range(args.repeats):
         t0 = time.perf_counter()

@@ -1,39 +1,132 @@
-"""Histogram selection is bit-identical to torch.kthvalue, the reference code's trim, even
-when the data is split into arbitrary parts (as shards and chunks split it)."""
+"""The k-th smallest |tau| selection is bit-identical to torch.kthvalue, the reference code's
+trim, however the data is split into parts (as shards and chunks split it), in one pass where
+the sample places the value well, and in more passes where it does not."""
 
 import numpy as np
 import pytest
 import torch
 
 from workers import kth_value
+from workers.kth_value import Count
 
 
-def select(parts: list[torch.Tensor], density: float) -> np.ndarray:
+def select(parts: list[torch.Tensor], density: float, sample: kth_value.Sample | None = None):
+    """kth_value.select over parts counted apart, sent compact and added up, as shards are.
+    Returns the thresholds and each pass's plan."""
     t = parts[0].shape[0]
-    high = sum(kth_value.high_histogram(p) for p in parts)
     total = sum(p.shape[1] for p in parts)
+    if sample is None:
+        sample = kth_value.Sample.empty(t)
+        for p in parts:
+            for lo, hi in kth_value.sample_ranges(p.shape[1], phase=p.shape[1]):
+                sample.add(p[:, lo:hi])
+    plans = []
+
+    def run_pass(plan, i):
+        assert i == len(plans)
+        plans.append(plan)
+        counts = [np.zeros(c.columns, dtype=np.int64) for c in plan]
+        for p in parts:
+            part = kth_value.new_counts(plan)
+            kth_value.add_counts(part, p, plan)
+            kth_value.add_compact(counts, kth_value.compact([c.numpy() for c in part]))
+        return counts
+
     k = np.full(t, kth_value.kth_rank(total, density))
-    bins, within = kth_value.locate(high, k)
-    low = sum(kth_value.low_histogram(p, bins) for p in parts)
-    return kth_value.thresholds_from(bins, low, within)
+    return kth_value.select(run_pass, sample, total, k), plans
 
 
-@pytest.mark.parametrize("seed", range(5))
-@pytest.mark.parametrize("density", [0.01, 0.2, 0.5, 0.9])
+def reference(x: torch.Tensor, density: float) -> np.ndarray:
+    k = x.shape[1] - int(x.shape[1] * density)
+    return x.abs().kthvalue(k, dim=1).values.numpy() if k > 0 else np.zeros(x.shape[0], np.float32)
+
+
+def split(x: torch.Tensor, gen: torch.Generator) -> list[torch.Tensor]:
+    n = x.shape[1]
+    cuts = sorted(set(torch.randint(1, n, (4,), generator=gen).tolist()))
+    return [x[:, a:b] for a, b in zip([0, *cuts], [*cuts, n])]
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("density", [0.01, 0.2, 0.5, 0.9, 1.0])
 def test_matches_kthvalue_over_split_data(seed, density):
     gen = torch.Generator().manual_seed(seed)
     n = 5000 + 37 * seed
     x = torch.randn(4, n, generator=gen) * torch.logspace(-6, 1, n).view(1, -1)[:, torch.randperm(n, generator=gen)]
     x[:, :100] = 0.0  # exact zeros and duplicates, as sparse task vectors have
     x[:, 100:200] = x[:, 200:300]
-    cuts = sorted(torch.randint(1, n, (3,), generator=gen).tolist())
-    parts = [x[:, a:b] for a, b in zip([0, *cuts], [*cuts, n]) if b > a]
-    got = select(parts, density)
-    k = n - int(n * density)
-    want = x.abs().kthvalue(k, dim=1).values.numpy()
-    assert np.array_equal(got, want)
+    x[3, : n // 2] = 0.0
+    got, _ = select(split(x, gen), density)
+    assert np.array_equal(got, reference(x, density))
+    assert np.array_equal(kth_value.exact_thresholds(x, density), reference(x, density))
 
 
-def test_density_one_keeps_everything():
+def laplace_rows(n: int, seed: int) -> torch.Tensor:
+    """Task-vector-like rows: Laplace values scaled per row of 1024 by a log-normal factor;
+    row 1 mostly exact zeros (bf16 fine-tunes), row 2 with zeros just short of the k-th rank."""
+    gen = torch.Generator().manual_seed(seed)
+    u = torch.rand(3, n, generator=gen) - 0.5
+    x = -torch.sign(u) * torch.log1p(-2 * u.abs().clamp(max=0.4999)) * 1e-3
+    x *= torch.exp(0.3 * torch.randn(3, n // 1024 + 1, generator=gen)).repeat_interleave(1024, dim=1)[:, :n]
+    x[1, torch.rand(n, generator=gen) < 0.85] = 0.0
+    x[2, torch.rand(n, generator=gen) < 0.7] = 0.0
+    return x
+
+
+@pytest.mark.parametrize("density", [0.2, 0.5])
+def test_sparse_task_vectors_take_one_pass_dense_ones_two(density):
+    x = laplace_rows(1 << 22, seed=1)
+    gen = torch.Generator().manual_seed(0)
+    got, plans = select(split(x, gen), density)
+    assert np.array_equal(got, reference(x, density))
+    # 85% zeros: the k-th value is 0 with room to spare, so the one pass counts zeros only
+    assert plans[0][1] == Count("window", 0, 1)
+    # dense Laplace rows: a sample of 131072 places the k-th value within ~15 bins, too wide
+    # a window; they take the histogram, then a window on its bin
+    assert plans[0][0] == Count("high") and plans[1][0].kind == "window" and plans[1][0].width == 1 << 16
+    assert len(plans) == 2 and plans[1][1] == kth_value.SKIP
+
+
+def test_a_misleading_sample_costs_passes_not_exactness():
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 200_000, generator=gen)
+    lying = kth_value.Sample.empty(2)
+    lying.add(torch.full((2, 100_000), 1e-3))  # a sample of other data: every value 0.001
+    got, plans = select(split(x, gen), 0.2, sample=lying)
+    assert np.array_equal(got, reference(x, 0.2))
+    assert [c.kind for c in plans[0]] == ["window"] * 2  # it believed the sample ...
+    assert [c.kind for c in plans[1]] == ["high"] * 2  # ... the window missed, a histogram ...
+    assert [c.kind for c in plans[2]] == ["window"] * 2 and all(c.width == 1 << 16 for c in plans[2])  # ... then its bin
+
+
+def test_wide_windows_go_straight_to_the_histogram():
+    x = torch.randn(1, 3000) * torch.logspace(-8, 8, 3000)  # 40 octaves: no narrow window exists
+    got, plans = select([x], 0.5)
+    assert np.array_equal(got, reference(x, 0.5))
+    assert [c.kind for c in plans[0]] == ["high"] and len(plans) == 2
+
+
+def test_density_one_keeps_everything_without_a_pass():
     x = torch.randn(2, 100)
-    assert select([x], 1.0).tolist() == [0.0, 0.0]
+    got, plans = select([x], 1.0)
+    assert got.tolist() == [0.0, 0.0] and plans == []
+
+
+@pytest.mark.parametrize("count", [Count("high"), Count("window", 0, 1), Count("window", 0x3A000000, 1 << 16)],
+                         ids=["high", "zeros", "window"])
+def test_counting_passes_report_nonfinite_values(count):
+    x = torch.randn(2, 5000)
+    counts = kth_value.new_counts((count, count))
+    assert kth_value.add_counts(counts, x, (count, count)) < kth_value.NONFINITE_HIGH << 16
+    x[1, 7] = float("nan")
+    assert kth_value.add_counts(counts, x, (count, count)) >= kth_value.NONFINITE_HIGH << 16
+
+
+def test_sample_reads_one_block_in_32_of_every_tensor():
+    for numel in (1, 31, 32, 1000, 65_536 * 32 + 5, 10_000_000):
+        ranges = list(kth_value.sample_ranges(numel, phase=numel))
+        sampled = sum(hi - lo for lo, hi in ranges)
+        assert all(0 <= lo < hi <= numel for lo, hi in ranges)
+        assert sampled <= max(1, numel // 32) + kth_value.SAMPLE_BLOCK  # tensors under 32 values may give none
+        if numel >= 32 * 32:
+            assert abs(sampled - numel / 32) <= numel / 32 * 0.05 + 1

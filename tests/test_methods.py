@@ -22,11 +22,7 @@ TAUS = torch.tensor(
 
 
 def thresholds(taus: torch.Tensor, density: float) -> torch.Tensor:
-    high = kth_value.high_histogram(taus)
-    k = np.full(taus.shape[0], kth_value.kth_rank(taus.shape[1], density))
-    bins, within = kth_value.locate(high, k)
-    low = kth_value.low_histogram(taus, bins)
-    return torch.from_numpy(kth_value.thresholds_from(bins, low, within))
+    return torch.from_numpy(kth_value.exact_thresholds(taus, density))
 
 
 def run(name: str, **kw):

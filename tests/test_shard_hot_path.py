@@ -13,7 +13,8 @@ from safetensors.torch import load_file, save_file
 
 from conftest import config_for
 from workers.errors import CheckpointError
-from workers.shard import merge_shard, shard_high_histogram, tau_sq_sums
+from workers import kth_value
+from workers.shard import merge_shard, shard_counts, tau_sq_sums
 from workflows.plan import make_plan
 
 NAME = "model.layers.1.mlp.up_proj.weight"
@@ -48,11 +49,13 @@ def test_apply_pass_names_the_nonfinite_input(family, tmp_path, method, where):
         merge_shard(spec_for(base, tasks, tmp_path, method))
 
 
-def test_ties_histogram_pass_names_the_nonfinite_input(family, tmp_path):
+@pytest.mark.parametrize("count", [kth_value.Count("high"), kth_value.Count("window", 0, 1),
+                                   kth_value.Count("window", 0x3A000000, 1 << 16)], ids=["high", "zeros", "window"])
+def test_ties_threshold_pass_names_the_nonfinite_input(family, tmp_path, count):
     base, tasks = family(tasks=3)
     poison(tasks[2][1], 7, float("inf"))
     with pytest.raises(CheckpointError, match=f"task 'task_02': tensor '{NAME}' contains NaN or Inf"):
-        shard_high_histogram(spec_for(base, tasks, tmp_path, {"name": "ties"}))
+        shard_counts(spec_for(base, tasks, tmp_path, {"name": "ties"}), (kth_value.SKIP, kth_value.SKIP, count))
 
 
 def test_finite_inputs_whose_difference_overflows_are_not_an_input_error(family, tmp_path):
@@ -64,7 +67,7 @@ def test_finite_inputs_whose_difference_overflows_are_not_an_input_error(family,
     result = merge_shard(spec)
     layer = result.layers["model.layers.1"]
     assert np.isinf(layer.tau_sq[0]) and np.isfinite(layer.tau_sq[1])
-    _ = shard_high_histogram(dataclasses.replace(spec, output=str(tmp_path / "out2")))
+    _ = shard_counts(dataclasses.replace(spec, output=str(tmp_path / "out2")), (kth_value.Count("high"),) * 2)
 
 
 @pytest.mark.parametrize("n", [1, 1000, 1024, 5 * 1024 + 17, 300_000])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+import zlib
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 
@@ -218,13 +219,15 @@ class ChunkBuffers:
         return self._base[:n], self._taus[: t * n].view(t, n)
 
 
-def task_chunks(spec: ShardSpec, job: TensorJob, reader: ShardReader, buffers: ChunkBuffers | None = None):
-    """Yield (lo, hi, base_f32, taus) over a float tensor, taus = (T, n) float32.
+def task_chunks(spec: ShardSpec, job: TensorJob, reader: ShardReader, buffers: ChunkBuffers | None = None,
+                ranges=None):
+    """Yield (lo, hi, base_f32, taus) over a float tensor (or the element ranges given, each at
+    most a chunk long), taus = (T, n) float32.
 
     Both are views of reused buffers, overwritten by the next chunk: consume them before
     asking for the next one. Values are not checked for NaN/Inf here (see check_finite)."""
     buffers = buffers or ChunkBuffers(spec)
-    for lo, hi in chunk_ranges(job.numel, spec.chunk_elems):
+    for lo, hi in ranges if ranges is not None else chunk_ranges(job.numel, spec.chunk_elems):
         base, taus = buffers.get(hi - lo)
         base.copy_(reader.scratch_elements(job.base, lo, hi))  # exact widening to float32, on the device
         for row, info in zip(taus, job.tasks):
@@ -279,52 +282,63 @@ def _float_jobs(spec: ShardSpec):
     return [j for j in spec.tensors if j.is_float]
 
 
-def _high_pass(spec: ShardSpec, job: TensorJob, reader: ShardReader, buffers: ChunkBuffers, hist: torch.Tensor) -> None:
-    """Add one tensor's |tau| high-half counts to hist; NaN/Inf land in the top bins, so the
-    finite check costs nothing unless they are there."""
-    before = kth_value.nonfinite_count(hist)
+def _phase(name: str) -> int:
+    return zlib.crc32(name.encode())  # a fixed, name-dependent offset for each tensor's sample blocks
+
+
+def _sample(spec: ShardSpec, job: TensorJob, reader: ShardReader, buffers: ChunkBuffers, sample: kth_value.Sample) -> None:
+    for _, _, _, taus in task_chunks(spec, job, reader, buffers, kth_value.sample_ranges(job.numel, _phase(job.name))):
+        sample.add(taus)
+
+
+def _count(spec: ShardSpec, job: TensorJob, reader: ShardReader, buffers: ChunkBuffers, plan: kth_value.Plan,
+           counts: list[torch.Tensor]) -> None:
+    """Add one tensor to a threshold pass's counts. A NaN or Inf shows as the largest bit
+    pattern, so the finite check costs nothing unless one is there."""
+    top = 0
     for _, _, _, taus in task_chunks(spec, job, reader, buffers):
-        kth_value.add_high_histogram(hist, taus)
-    if kth_value.nonfinite_count(hist) != before:
+        top = max(top, kth_value.add_counts(counts, taus, plan))
+    if top >= kth_value.NONFINITE_HIGH << 16:
         check_finite(spec, job, reader)  # raises, naming the input; else a finite difference overflowed
 
 
-def shard_high_histogram(spec: ShardSpec) -> np.ndarray:
-    """First stats pass of global TIES: (T, 32768) histogram over this shard."""
-    hist = kth_value.new_histogram(len(spec.task_names), kth_value.HIGH_BINS)
+def shard_ties_sample(spec: ShardSpec) -> tuple[kth_value.Sample, int]:
+    """Global TIES thresholds, first step: |tau| statistics of a 1/32 sample of this shard, and
+    how many values the shard holds per task."""
+    sample = kth_value.Sample.empty(len(spec.task_names))
     with ExitStack() as stack:
         reader = ShardReader(spec.storage, stack)
         buffers = ChunkBuffers(spec)
         for job in _float_jobs(spec):
-            _high_pass(spec, job, reader, buffers, hist)
-    return kth_value.as_rows(hist, len(spec.task_names))
+            _sample(spec, job, reader, buffers, sample)
+    return sample, sum(j.numel for j in _float_jobs(spec))
 
 
-def shard_low_histogram(spec: ShardSpec, high_bins: np.ndarray) -> np.ndarray:
-    """Second stats pass of global TIES: low-half histogram inside each task's winning bin.
-    (The first pass has already checked the same bytes for NaN/Inf.)"""
-    hist = kth_value.new_histogram(len(spec.task_names), kth_value.LOW_BINS)
+def shard_counts(spec: ShardSpec, plan: kth_value.Plan) -> list[tuple[np.ndarray, np.ndarray]]:
+    """One counting pass of the global TIES thresholds over this shard (see kth_value.select)."""
+    counts = kth_value.new_counts(plan, spec.device)
     with ExitStack() as stack:
         reader = ShardReader(spec.storage, stack)
         buffers = ChunkBuffers(spec)
         for job in _float_jobs(spec):
-            for _, _, _, taus in task_chunks(spec, job, reader, buffers):
-                kth_value.add_low_histogram(hist, taus, high_bins)
-    return kth_value.as_rows(hist, len(spec.task_names))
+            _count(spec, job, reader, buffers, plan, counts)
+    return kth_value.compact([c.cpu().numpy() for c in counts])
 
 
 def tensor_thresholds(spec: ShardSpec, job: TensorJob, reader: ShardReader, buffers: ChunkBuffers | None = None) -> torch.Tensor:
-    """Per-tensor TIES thresholds (scope "tensor"): the same two passes, over one tensor."""
+    """Per-tensor TIES thresholds (scope "tensor"): the global selection's steps over one tensor."""
     t = len(spec.task_names)
     buffers = buffers or ChunkBuffers(spec)
-    high = kth_value.new_histogram(t, kth_value.HIGH_BINS)
-    _high_pass(spec, job, reader, buffers, high)
+    sample = kth_value.Sample.empty(t)
+    _sample(spec, job, reader, buffers, sample)
+
+    def run_pass(plan: kth_value.Plan, _: int) -> list[np.ndarray]:
+        counts = kth_value.new_counts(plan, spec.device)
+        _count(spec, job, reader, buffers, plan, counts)
+        return [c.cpu().numpy() for c in counts]
+
     k = np.full(t, kth_value.kth_rank(job.numel, spec.params.density), dtype=np.int64)
-    bins, within = kth_value.locate(kth_value.as_rows(high, t), k)
-    low = kth_value.new_histogram(t, kth_value.LOW_BINS)
-    for _, _, _, taus in task_chunks(spec, job, reader, buffers):
-        kth_value.add_low_histogram(low, taus, bins)
-    return torch.from_numpy(kth_value.thresholds_from(bins, kth_value.as_rows(low, t), within))
+    return torch.from_numpy(kth_value.select(run_pass, sample, job.numel, k))
 
 
 # --------------------------------------------------------------------- apply pass

@@ -19,8 +19,8 @@ from infra.storage import join, sha256_of, storage_for
 from workers import kth_value
 from workers.lot.shard import lot_shard
 from workers.methods import get_method
-from workers.shard import (ShardResult, ShardSpec, apply_shard, majority_redo, merge_shard, shard_high_histogram,
-                           shard_low_histogram)
+from workers.shard import (ShardResult, ShardSpec, apply_shard, majority_redo, merge_shard, shard_counts,
+                           shard_ties_sample)
 from workflows import commit, lot_stage, runtime, select, stats
 from workflows.commit import OutputState
 from workflows.config import MergeConfig
@@ -65,21 +65,35 @@ def _memory_per_task(plan: Plan) -> int:
     return 6 * 4 * chunk * (len(plan.tasks) + 2) + 256 * 2**20
 
 
+def _pass_options(plan: Plan, quiet: bool) -> dict:
+    return dict(sizes=[s.nbytes for s in plan.shards], quiet=quiet, memory=_memory_per_task(plan),
+                gpu=plan.shards[0].device == "cuda")
+
+
 def ties_thresholds(plan: Plan, quiet: bool) -> tuple[float, ...]:
-    """Exact whole-model TIES thresholds: two histogram passes, reduced on the driver."""
+    """Exact whole-model TIES thresholds (per task, the k-th smallest |tau_t| over the model).
+
+    A 1/32 sample places each k-th value in a narrow window; one counting pass then finds it
+    exactly. Tasks whose window would be too wide, or missed, take two histogram passes."""
     t = len(plan.tasks)
-    sizes = [s.nbytes for s in plan.shards]
-    kw = dict(sizes=sizes, quiet=quiet, memory=_memory_per_task(plan), gpu=plan.shards[0].device == "cuda")
-    high = np.zeros((t, kth_value.HIGH_BINS), dtype=np.int64)
-    for h in runtime.run_tasks(shard_high_histogram, [(s,) for s in plan.shards], desc="TIES threshold 1/2", **kw):
-        high += h
-    total = int(high[0].sum())
+    kw = _pass_options(plan, quiet)
+    sample, total = kth_value.Sample.empty(t), 0
+    for part, numel in runtime.run_tasks(shard_ties_sample, [(s,) for s in plan.shards], desc="TIES threshold: sample", **kw):
+        sample, total = sample + part, total + numel
+
+    def run_pass(counting: kth_value.Plan, i: int) -> list[np.ndarray]:
+        kinds = sorted({c.kind for c in counting} - {"skip"})
+        counts = [np.zeros(c.columns, dtype=np.int64) for c in counting]
+        calls = [(s, counting) for s in plan.shards]
+        for part in runtime.run_tasks(shard_counts, calls, desc=f"TIES threshold: pass {i + 1} ({'+'.join(kinds)})", **kw):
+            kth_value.add_compact(counts, part)
+        if i == 1:
+            log.info("TIES thresholds: %s needed more than one pass", ", ".join(
+                plan.task_names[j] for j, c in enumerate(counting) if c.kind != "skip"))
+        return counts
+
     k = np.full(t, kth_value.kth_rank(total, plan.params.density), dtype=np.int64)
-    bins, within = kth_value.locate(high, k)
-    low = np.zeros((t, kth_value.LOW_BINS), dtype=np.int64)
-    for h in runtime.run_tasks(shard_low_histogram, [(s, bins) for s in plan.shards], desc="TIES threshold 2/2", **kw):
-        low += h
-    return tuple(float(x) for x in kth_value.thresholds_from(bins, low, within))
+    return tuple(float(x) for x in kth_value.select(run_pass, sample, total, k))
 
 
 def _verify_outputs(output: str, outputs: dict[str, tuple[str, int]], options) -> bool:

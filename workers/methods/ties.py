@@ -5,58 +5,69 @@ where thr_t is the k-th smallest |tau_t| with k = P - int(P * density); the
 thresholds are computed by workers/kth_value.py before this runs.
 """
 
+import numpy as np
 import torch
 
-from workers.methods.registry import ChunkGlobals, MethodOutput, MethodParams, merge_method, running_sum
+from workers.methods.registry import ChunkGlobals, MethodOutput, MethodParams, merge_method
+
+# Row by row, with float arithmetic only: every temporary is one chunk row (it stays in
+# cache), nothing reduces over the task dimension (torch does that slowly for (T, n)
+# tensors), and no boolean mask meets a float tensor (torch's type promotion runs those
+# products 5-10x slower than float ones). For finite task vectors the results are
+# bit-identical to the whole-tensor formulas in the comments (tests/test_methods.py).
 
 
-# Row by row: every temporary is one chunk row (it stays in cache), and nothing reduces over
-# the task dimension, which torch does slowly for (T, n) tensors. Masks are applied by
-# multiplying with them (several times faster than torch.where on the CPU); where a zero's
-# sign could reach an output it is normalised to +0.0, the fill torch.where used. For finite
-# task vectors the results are bit-identical to the whole-tensor formulas in the comments.
+def _just_below(threshold: float) -> float:
+    """The largest float32 below threshold: |x| > it  <=>  |x| >= threshold, for float32 x."""
+    return float(np.nextafter(np.float32(threshold), np.float32(-np.inf)))
 
 
-def trim(taus: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
-    """where(|tau_t| >= thr_t, tau_t, 0); dropped entries may be -0.0, which no later step
-    can tell from +0.0 (sums of nonzero values, signs of sums, != 0 tests)."""
-    thresholds = thresholds.to(taus.device)
-    out = torch.empty_like(taus)
-    mag = torch.empty_like(taus[0])
-    for t in range(taus.shape[0]):
-        torch.mul(taus[t], torch.abs(taus[t], out=mag) >= thresholds[t], out=out[t])
-    return out
+def trim(taus: torch.Tensor, thresholds: torch.Tensor) -> list[torch.Tensor]:
+    """where(|tau_t| >= thr_t, tau_t, 0) per row; a row with threshold 0 keeps everything (and is
+    returned as a view of taus). hardshrink is that test in one vectorised pass."""
+    rows = []
+    for t, thr in enumerate(thresholds.tolist()):
+        if thr > 0:
+            rows.append(torch.ops.aten.hardshrink.out(taus[t], _just_below(thr), out=torch.empty_like(taus[t])))
+        else:
+            rows.append(taus[t])
+    return rows
 
 
-def elect_signs(trimmed: torch.Tensor, majority: int) -> tuple[torch.Tensor, int, int]:
+def elect_signs(trimmed: list[torch.Tensor], majority: int) -> tuple[torch.Tensor, int, int]:
     """Elected sign per coordinate, the chunk's sum of raw signs, and how many
     coordinates fell back to the majority sign while holding nonzero entries.
 
     The majority sign is a whole-model quantity. Workers apply a provisional one and
     report `ambiguous`; the driver re-runs only shards where it guessed wrong."""
-    raw = torch.sign(running_sum(trimmed))
+    summed = trimmed[0].clone()  # sum over tasks in task order (as running_sum)
+    held = torch.abs(trimmed[0])  # > 0 where some task holds a nonzero entry
+    mag = torch.empty_like(held)
+    for x in trimmed[1:]:
+        summed += x
+        held += torch.abs(x, out=mag)
+    raw = torch.sign(summed)
     zero = raw == 0
-    held = trimmed[0] != 0  # (trimmed != 0).any(dim=0)
-    for t in range(1, trimmed.shape[0]):
-        held |= trimmed[t] != 0
-    ambiguous = int((zero & held).sum())
+    ambiguous = int(torch.count_nonzero(zero & (held > 0)))
     sign_sum = int(raw.sum(dtype=torch.int64)) if raw.numel() else 0
-    return torch.where(zero, torch.full_like(raw, float(majority)), raw), sign_sum, ambiguous
+    if majority:
+        raw.masked_fill_(zero, float(majority))  # where(raw == 0, majority, raw)
+    return raw, sign_sum, ambiguous
 
 
-def disjoint_merge(trimmed: torch.Tensor, signs: torch.Tensor, merge: str) -> torch.Tensor:
-    # Entries agreeing with the elected sign; zeros never count, and where the sign is
-    # still 0 (a whole-model tie) nothing is kept. With signs in {-1, 0, 1},
-    # (sign(x) == s) & (x != 0) is exactly x * s > 0 (the product is exact).
-    total = None
+def disjoint_merge(trimmed: list[torch.Tensor], signs: torch.Tensor, merge: str) -> torch.Tensor:
+    # Entries agreeing with the elected sign: with signs in {-1, 0, 1}, max(x * s, 0) is |x|
+    # where sign(x) == s and x != 0, else 0, and multiplying back by s gives x exactly. Where
+    # the sign is still 0 (a whole-model tie) nothing is kept.
+    total = torch.zeros_like(signs)
     count = torch.zeros_like(signs) if merge != "sum" else None
     agree = torch.empty_like(signs)
-    for t in range(trimmed.shape[0]):
-        keep = torch.mul(trimmed[t], signs, out=agree) > 0
-        selected = torch.mul(trimmed[t], keep).add_(0.0)  # where(keep, x, +0.0): -0.0 + 0.0 is +0.0
-        total = selected if total is None else total.add_(selected)  # task order, as running_sum
+    for x in trimmed:
+        torch.mul(x, signs, out=agree).clamp_min_(0.0)
+        total.addcmul_(agree, signs)  # + x where it agrees; the product is exact, so no rounding differs
         if count is not None:
-            count += keep
+            count += torch.sign(agree)
+    total.add_(0.0)  # where(keep, x, +0.0) summed: a -0.0 total becomes +0.0
     if merge == "sum":
         return total
     return total / torch.clamp(count, min=1)
