@@ -116,6 +116,10 @@ def main() -> None:
     ap.add_argument("--ray-address", default=None,
                     help="also run mergeflow on this running cluster (tool mf@cluster; its workers are not in the tree)")
     ap.add_argument("--chunk-elems", type=int, default=None)
+    ap.add_argument("--hash-cache", choices=["cold", "warm"], default="cold",
+                    help="mergeflow's input hash cache (infra/hash_cache.py): cold = emptied before every run, so "
+                         "each run hashes every input as a first merge does; warm = kept, after one unmeasured "
+                         "priming run per method (a sweep or repeated job over the same checkpoints)")
     ap.add_argument("--work", default=None, help="where outputs go (default: a temp dir next to the family)")
     ap.add_argument("--json", default=None, help="also write every measurement here")
     args = ap.parse_args()
@@ -138,7 +142,10 @@ def main() -> None:
     mergekit = ensure_mergekit(python) if "mergekit" in tools else None
 
     runs: list[tuple[str, str, list[str], dict]] = []  # (tool, method, command, env)
-    env = os.environ | {"RAY_AUTH_MODE": "disabled", "MLFLOW_TRACKING_URI": f"sqlite:///{work}/mlflow.db"}
+    hashes = work / "hash-cache"
+    env = os.environ | {"RAY_AUTH_MODE": "disabled", "MLFLOW_TRACKING_URI": f"sqlite:///{work}/mlflow.db",
+                        "MERGEFLOW_CACHE_DIR": str(hashes)}
+    shutil.rmtree(hashes, ignore_errors=True)
     for m in methods:
         cfg_path = work / f"mergeflow-{m}.yaml"
         cfg_path.write_text(yaml.safe_dump(mergeflow_config(base, tasks, work / f"out-mergeflow-{m}",
@@ -161,6 +168,10 @@ def main() -> None:
         runs.append(("floor", "ta", [python, str(HERE / "floor.py"), str(base), str(work / "out-floor"),
                                      *(str(p) for _, p in tasks), "--alpha", str(TA_ALPHA)], env))
 
+    if args.hash_cache == "warm":
+        for tool, m, cmd, run_env in runs:
+            if tool == "mergeflow":
+                subprocess.run(cmd, env=run_env, cwd=str(work), check=True, capture_output=True)
     results: dict[tuple[str, str], list[dict]] = {}
     for rep in range(args.repeats):
         order = runs if rep % 2 == 0 else runs[::-1]  # alternate, so drift hits every tool alike
@@ -169,6 +180,8 @@ def main() -> None:
                 continue
             if tool == "mergekit":
                 shutil.rmtree(cmd[2], ignore_errors=True)
+            if args.hash_cache == "cold":
+                shutil.rmtree(hashes, ignore_errors=True)
             load = os.getloadavg()[0]
             r = proctree.run(cmd, env=run_env, cwd=str(work))
             if r.returncode != 0:

@@ -11,6 +11,15 @@ import torch
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 # CLI merges in tests log to a throwaway sqlite store, never ./mlflow.db in the repository.
 os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tempfile.mkdtemp(prefix='mfmlflow')}/mlflow.db"
+# ... and keep input hashes in a throwaway cache, never the user's ~/.cache/mergeflow.
+os.environ["MERGEFLOW_CACHE_DIR"] = tempfile.mkdtemp(prefix="mfcache")
+
+
+@pytest.fixture(autouse=True)
+def _own_input_hash_cache(tmp_path, monkeypatch):
+    """Every test starts with an empty input hash cache: what it hashes never depends on which
+    tests ran before it."""
+    monkeypatch.setenv("MERGEFLOW_CACHE_DIR", str(tmp_path / "mfcache"))
 
 
 @pytest.fixture(scope="session")

@@ -138,6 +138,9 @@ class ExecutionConfig(_Model):
     # delta/: the unscaled merged vector in float32 (4 bytes per parameter, twice a bf16 model). "auto":
     # `mergeflow remerge` keeps it for Task Arithmetic, whose next re-merge adds new tasks to it.
     keep_delta: Literal["auto"] | bool = "auto"
+    # Reuse input sha256 recorded by an earlier run on this machine when the file's size and
+    # mtime (S3: size and ETag) are unchanged (infra/hash_cache.py).
+    hash_cache: bool = True
 
     @field_validator("shard_size")
     @classmethod

@@ -15,6 +15,7 @@ from typing import Callable, Mapping
 
 import numpy as np
 
+from infra import hash_cache
 from infra.storage import join, sha256_of, storage_for
 from workers import kth_value
 from workers.lot.shard import lot_shard
@@ -188,6 +189,8 @@ def run_merge(config: MergeConfig, *, overwrite: bool = False, quiet: bool = Fal
 
     # Inputs are hashed alongside the merge (Ray overlaps the two); the manifest needs them.
     known = {f: reuse.input_hashes[f] for f in input_files if f in reuse.input_hashes}
+    if config.execution.hash_cache:
+        known |= hash_cache.cached_hashes({f: plan.stamps[f] for f in input_files if f not in known and f in plan.stamps})
     to_hash = [f for f in input_files if f not in known]
     hashing = runtime.submit(sha256_of, [(f, options) for f in to_hash])
     try:
@@ -250,7 +253,10 @@ def run_merge(config: MergeConfig, *, overwrite: bool = False, quiet: bool = Fal
             layers = stats.merge_layers(ordered)
             summary = stats.summary(layers, plan.task_names)
             outputs |= write_stats(plan, layers, summary)
-            hashes = known | dict(zip(to_hash, runtime.gather(hashing)))
+            fresh = dict(zip(to_hash, runtime.gather(hashing)))
+            if config.execution.hash_cache:
+                hash_cache.remember(plan.stamps, fresh)
+            hashes = known | fresh
             inputs = {f: (hashes[f], storage_for(f, options).size(f)) for f in input_files}
             report.bytes_read = sum(r.bytes_read for r in ordered)
             report.bytes_hashed = sum(inputs[f][1] for f in to_hash)
