@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Literal
 
 import numpy as np
 import torch
@@ -87,7 +87,7 @@ class Count:
     or the values below, at each bit pattern of, and above the window [lo, lo + width)
     ("window")."""
 
-    kind: str = "skip"
+    kind: Literal["skip", "window", "high"] = "skip"
     lo: int = 0
     width: int = 0
 
