@@ -49,13 +49,42 @@ def test_apply_pass_names_the_nonfinite_input(family, tmp_path, method, where):
         merge_shard(spec_for(base, tasks, tmp_path, method))
 
 
-@pytest.mark.parametrize("count", [kth_value.Count("high"), kth_value.Count("window", 0, 1),
-                                   kth_value.Count("window", 0x3A000000, 1 << 16)], ids=["high", "zeros", "window"])
+@pytest.mark.parametrize("count", [kth_value.Count("high"), kth_value.Count("window", 0x3A000000, 1 << 16)],
+                         ids=["high", "window"])
 def test_ties_threshold_pass_names_the_nonfinite_input(family, tmp_path, count):
     base, tasks = family(tasks=3)
     poison(tasks[2][1], 7, float("inf"))
     with pytest.raises(CheckpointError, match=f"task 'task_02': tensor '{NAME}' contains NaN or Inf"):
         shard_counts(spec_for(base, tasks, tmp_path, {"name": "ties"}), (kth_value.SKIP, kth_value.SKIP, count))
+
+
+def test_zeros_pass_in_the_stored_dtype_counts_what_float32_subtraction_gives(family, tmp_path):
+    """The zeros-only pass compares stored values instead of subtracting in float32: the counts
+    must be the same, +0.0 against -0.0 included (equal values, tau 0)."""
+    base, tasks = family(tasks=3)
+    sd = load_file(base / "model.safetensors")
+    for i, (_, path) in enumerate(tasks):  # sparse task vectors: most entries equal to the base
+        td = load_file(path / "model.safetensors")
+        for name, t in td.items():
+            if t.is_floating_point():
+                keep = torch.rand(t.shape, generator=torch.Generator().manual_seed(i)) < 0.8
+                td[name] = torch.where(keep, sd[name], t)
+        td[NAME].view(-1)[:5] = 0.0
+        save_file(td, path / "model.safetensors")
+    sd[NAME].view(-1)[:5] = -0.0
+    save_file(sd, base / "model.safetensors")
+
+    zeros = kth_value.Count("window", 0, 1)
+    got = shard_counts(spec_for(base, tasks, tmp_path, {"name": "ties"}), (zeros, kth_value.SKIP, zeros))
+    sd = load_file(base / "model.safetensors")
+    for t, (_, path) in enumerate(tasks):
+        if t == 1:
+            assert got[t][0].size == 0  # skipped: nothing counted
+            continue
+        td = load_file(path / "model.safetensors")
+        want = sum(int(((td[n].float() - sd[n].float()) == 0).sum()) for n in sd if sd[n].is_floating_point())
+        total = sum(sd[n].numel() for n in sd if sd[n].is_floating_point())
+        assert dict(zip(got[t][0].tolist(), got[t][1].tolist())) == {1: want, 2: total - want}
 
 
 def test_finite_inputs_whose_difference_overflows_are_not_an_input_error(family, tmp_path):

@@ -124,6 +124,11 @@ def first_count(high: np.ndarray, zeros: int, total: int, k: int) -> Count:
     return Count("window", b_lo << 16, (b_hi - b_lo + 1) << 16)
 
 
+def counts_zeros(c: Count) -> bool:
+    """The window [0, 1): the pass only needs how many values are exactly 0."""
+    return c.kind == "window" and c.lo == 0 and c.width == 1
+
+
 def new_counts(plan: Plan, device: str | torch.device = "cpu") -> list[torch.Tensor]:
     return [torch.zeros(c.columns, dtype=torch.int64, device=device) for c in plan]
 
@@ -143,7 +148,7 @@ def add_counts(counts: list[torch.Tensor], taus: torch.Tensor, plan: Plan) -> in
         top = max(top, int(bits.max()))
         if c.kind == "high":
             counts[t] += torch.bincount(torch.bitwise_right_shift(bits, 16, out=key), minlength=HIGH_BINS)
-        elif c.lo == 0 and c.width == 1:  # zeros against the rest: one count, no histogram
+        elif counts_zeros(c):  # zeros against the rest: one count, no histogram
             nonzero = int(torch.count_nonzero(bits))
             counts[t][1] += bits.numel() - nonzero
             counts[t][2] += nonzero

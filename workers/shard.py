@@ -295,11 +295,32 @@ def _count(spec: ShardSpec, job: TensorJob, reader: ShardReader, buffers: ChunkB
            counts: list[torch.Tensor]) -> None:
     """Add one tensor to a threshold pass's counts. A NaN or Inf shows as the largest bit
     pattern, so the finite check costs nothing unless one is there."""
+    if all(c.kind == "skip" or kth_value.counts_zeros(c) for c in plan) and all(i.dtype == job.dtype for i in job.tasks):
+        _count_zeros(spec, job, reader, plan, counts)
+        return
     top = 0
     for _, _, _, taus in task_chunks(spec, job, reader, buffers):
         top = max(top, kth_value.add_counts(counts, taus, plan))
     if top >= kth_value.NONFINITE_HIGH << 16:
         check_finite(spec, job, reader)  # raises, naming the input; else a finite difference overflowed
+
+
+def _count_zeros(spec: ShardSpec, job: TensorJob, reader: ShardReader, plan: kth_value.Plan,
+                 counts: list[torch.Tensor]) -> None:
+    """The zeros-only pass in the stored dtype: tau_t is 0 exactly where the task's value equals
+    the base's (widening is exact, and IEEE subtraction of two different floats is never 0), so
+    no float32 copy or subtraction is needed: ~3x less work per value. (NaN equals nothing and
+    counts as nonzero; the apply pass names any NaN or Inf input.)"""
+    device = torch.device(spec.device)
+    for lo, hi in chunk_ranges(job.numel, spec.chunk_elems):
+        base = reader.elements(job.base, lo, hi).to(device)
+        same = torch.empty(hi - lo, dtype=torch.bool, device=device)
+        for t, (c, info) in enumerate(zip(plan, job.tasks)):
+            if c.kind == "skip":
+                continue
+            zeros = int(torch.count_nonzero(torch.eq(reader.scratch_elements(info, lo, hi).to(device), base, out=same)))
+            counts[t][1] += zeros
+            counts[t][2] += (hi - lo) - zeros
 
 
 def shard_ties_sample(spec: ShardSpec) -> tuple[kth_value.Sample, int]:
