@@ -42,7 +42,7 @@ def main() -> None:
 
     def merge(method: dict, out: str) -> dict[str, float]:
         cfg = config_from_dict({"base": str(suite / "base"), "tasks": [{"name": n, "checkpoint": str(suite / n)} for n in names],
-                                "output": str(work / out), "method": method, "execution": {"device": args.device}})
+                                "output": str(work / out), "method": method, "execution": {"device": args.device, "hash_cache": False}})
         return run_merge(cfg, overwrite=True, quiet=True).timings
 
     times: dict[str, list[float]] = {}

@@ -43,6 +43,21 @@ def floor_task_arithmetic(base: Path, tasks: list[Path], out: Path, alpha: float
         save_file(merged, out / f.name)
 
 
+def family_and_ray(family: Path, args) -> tuple[Path, list[Path], int]:
+    """The synthetic family under `family` (generated when absent, from args.tasks / layers /
+    hidden / vocab), its input bytes, and a started local Ray runtime, whose start-up is timed apart."""
+    if not (family / "base").exists():
+        make_family(family, tasks=args.tasks, layers=args.layers, hidden=args.hidden, vocab=args.vocab, shards=2)
+    base = family / "base"
+    tasks = sorted(p for p in family.glob("task_*") if p.is_dir())[: args.tasks]
+    nbytes = sum(f.stat().st_size for d in [base, *tasks] for f in d.glob("*.safetensors"))
+    print(f"family: base + {len(tasks)} tasks, {nbytes / 1e9:.2f} GB of inputs under {family}")
+    t0 = time.perf_counter()
+    runtime.connect()
+    print(f"ray start: {time.perf_counter() - t0:.1f}s (excluded below; persistent clusters pay it once)")
+    return base, tasks, nbytes
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dir", default=None, help="where the family is generated (default: a temp dir)")
@@ -55,16 +70,7 @@ def main() -> None:
     args = p.parse_args()
 
     root = Path(args.dir or tempfile.mkdtemp(prefix="mf-bench-"))
-    if not (root / "base").exists():
-        make_family(root, tasks=args.tasks, layers=args.layers, hidden=args.hidden, vocab=args.vocab, shards=2)
-    base = root / "base"
-    tasks = sorted(p for p in root.glob("task_*") if p.is_dir())[: args.tasks]
-    nbytes = sum(f.stat().st_size for d in [base, *tasks] for f in d.glob("*.safetensors"))
-    print(f"family: {len(tasks)} tasks, {nbytes / 1e9:.2f} GB of inputs under {root}")
-
-    t0 = time.perf_counter()
-    runtime.connect()
-    print(f"ray start: {time.perf_counter() - t0:.1f}s (excluded below; persistent clusters pay it once)")
+    base, tasks, nbytes = family_and_ray(root, args)
 
     times: dict[str, list[float]] = {"floor": []}
     for i in range(args.repeats):
@@ -73,7 +79,8 @@ def main() -> None:
         times["floor"].append(time.perf_counter() - t0)
         for method in args.methods.split(","):
             cfg = config_from_dict({"base": str(base), "tasks": [{"name": t.name, "checkpoint": str(t)} for t in tasks],
-                                    "output": str(root / f"run-{method}"), "method": {"name": method}})
+                                    "output": str(root / f"run-{method}"), "method": {"name": method},
+                                    "execution": {"hash_cache": False}})  # every repeat hashes, as a first merge
             report = run_merge(cfg, overwrite=True, quiet=True)
             times.setdefault(method, []).append(report.timings["total"])
     floor = statistics.median(times["floor"])

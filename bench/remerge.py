@@ -21,8 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from workers.synthetic import make_family
-from workflows import runtime
+from merge_vs_floor import family_and_ray
 from workflows.config import config_from_dict
 from workflows.remerge import LATEST, remerge
 
@@ -32,7 +31,9 @@ def config(base: Path, tasks: list[Path], root: Path, method: str):
     if method in ("tall_masks", "consensus"):
         m["lambda"] = 0.4
     return config_from_dict({"base": str(base), "tasks": [{"name": t.name, "checkpoint": str(t)} for t in tasks],
-                             "output": str(root), "method": m})
+                             "output": str(root), "method": m,
+                             # only what a re-merge reuses from its parent, not the machine's hash cache
+                             "execution": {"hash_cache": False}})
 
 
 def measure(base: Path, tasks: list[Path], root: Path, method: str):
@@ -55,16 +56,7 @@ def main() -> None:
     args = p.parse_args()
 
     root = Path(args.dir or tempfile.mkdtemp(prefix="mf-remerge-bench-"))
-    family = root / "family"
-    if not (family / "base").exists():
-        make_family(family, tasks=args.tasks, layers=args.layers, hidden=args.hidden, vocab=args.vocab, shards=2)
-    base = family / "base"
-    tasks = sorted(p for p in family.glob("task_*") if p.is_dir())[: args.tasks]
-    nbytes = sum(f.stat().st_size for d in [base, *tasks] for f in d.glob("*.safetensors"))
-    print(f"family: base + {len(tasks)} tasks, {nbytes / 1e9:.2f} GB of inputs under {family}")
-    t0 = time.perf_counter()
-    runtime.connect()
-    print(f"ray start: {time.perf_counter() - t0:.1f}s (excluded below)")
+    base, tasks, _ = family_and_ray(root / "family", args)
 
     rows = []
     for method in args.methods.split(","):

@@ -126,7 +126,7 @@ def run(args, root: Path) -> None:
         make_family(root, tasks=args.tasks, layers=args.layers, hidden=args.hidden, vocab=args.vocab, shards=2)
     tasks = sorted(d for d in root.glob("task_*") if d.is_dir())[: args.tasks]
     config = {"base": str(root / "base"), "tasks": [{"name": t.name, "checkpoint": str(t)} for t in tasks],
-              "output": str(root / "run"), "method": {"name": args.method}, "execution": {"shard_size": args.shard_size}}
+              "output": str(root / "run"), "method": {"name": args.method}, "execution": {"shard_size": args.shard_size, "hash_cache": False}}  # every run hashes its inputs
     shards = len(make_plan(config_from_dict(config)).shards)
     print(f"{args.method} merge of {len(tasks)} tasks in {shards} shards under {root}; mode {args.mode}; "
           f"{os.cpu_count()} CPUs", flush=True)

@@ -65,3 +65,17 @@ def tiny_suite(tmp_path_factory):
     root = tmp_path_factory.mktemp("tinysuite") / "suite"
     meta = build_suite(root, tasks=3, seed=0, hidden=64, epochs_scale=0.4)
     return root, [t["name"] for t in meta["tasks"]]
+
+
+@pytest.fixture(scope="module")
+def s3_server(request, tmp_path_factory):
+    """One real SeaweedFS S3 server per test module, started with the credentials the
+    environment (and so every Ray worker) carries: modules that use it set AWS_* at import."""
+    from infra.local_services import SeaweedS3Server
+
+    server = SeaweedS3Server(tmp_path_factory.mktemp("seaweed"), access_key=os.environ["AWS_ACCESS_KEY_ID"],
+                             secret_key=os.environ["AWS_SECRET_ACCESS_KEY"])
+    request.addfinalizer(server.stop)
+    server.start()
+    return server
+

@@ -25,21 +25,12 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-from infra.local_services import SeaweedS3Server, s3_client  # noqa: E402
+from infra.local_services import s3_client  # noqa: E402
 from infra.lock import LOCK_NAME, Holder, LockHeld, LockLost, RunLock  # noqa: E402
 from infra.storage import StorageOptions  # noqa: E402
 from workers.errors import StorageError  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def seaweed(request, tmp_path_factory):
-    server = SeaweedS3Server(tmp_path_factory.mktemp("seaweed-lock"), access_key=os.environ["AWS_ACCESS_KEY_ID"],
-                             secret_key=os.environ["AWS_SECRET_ACCESS_KEY"])
-    request.addfinalizer(server.stop)
-    server.start()
-    return server
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -58,7 +49,7 @@ def where(request, tmp_path):
             os.utime(path, (t, t))
 
         return str(root), StorageOptions(), put, age
-    server = request.getfixturevalue("seaweed")
+    server = request.getfixturevalue("s3_server")
     options = StorageOptions(server.endpoint.url, server.endpoint.region)
     client = s3_client(server.endpoint)
     prefix = f"lock-{uuid.uuid4().hex[:10]}"
@@ -193,12 +184,12 @@ def test_lock_held_by_another_process_then_recovered_after_it_dies(tmp_path):
     assert not (root / LOCK_NAME).exists()
 
 
-def test_lock_on_a_missing_bucket_fails_without_creating_it(seaweed):
+def test_lock_on_a_missing_bucket_fails_without_creating_it(s3_server):
     """SeaweedFS creates buckets on PUT: the lock must check the bucket first."""
-    options = StorageOptions(seaweed.endpoint.url, seaweed.endpoint.region)
+    options = StorageOptions(s3_server.endpoint.url, s3_server.endpoint.region)
     bucket = f"no-such-{uuid.uuid4().hex[:8]}"
     with pytest.raises(StorageError) as err:
         RunLock(f"s3://{bucket}/root", options).acquire()
     assert f"bucket {bucket!r} does not exist" in str(err.value)
-    names = [b["Name"] for b in s3_client(seaweed.endpoint).list_buckets()["Buckets"]]
+    names = [b["Name"] for b in s3_client(s3_server.endpoint).list_buckets()["Buckets"]]
     assert bucket not in names

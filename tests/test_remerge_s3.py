@@ -21,7 +21,7 @@ import pytest  # noqa: E402
 import yaml  # noqa: E402
 
 from conftest import config_for  # noqa: E402
-from infra.local_services import SeaweedS3Server, s3_client  # noqa: E402
+from infra.local_services import s3_client  # noqa: E402
 from infra.lock import LOCK_NAME  # noqa: E402
 from workflows.cli import main  # noqa: E402
 from workflows.merge import run_merge  # noqa: E402
@@ -29,18 +29,9 @@ from workflows.merge import run_merge  # noqa: E402
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def server(request, tmp_path_factory):
-    s = SeaweedS3Server(tmp_path_factory.mktemp("seaweed-remerge"), access_key=os.environ["AWS_ACCESS_KEY_ID"],
-                        secret_key=os.environ["AWS_SECRET_ACCESS_KEY"])
-    request.addfinalizer(s.stop)
-    s.start()
-    return s
-
-
-def test_watch_on_an_s3_registry(ray_session, server, family, tmp_path, capsys):
-    client = s3_client(server.endpoint)
-    bucket, prefix = server.endpoint.bucket, f"rm-{uuid.uuid4().hex[:10]}"
+def test_watch_on_an_s3_registry(ray_session, s3_server, family, tmp_path, capsys):
+    client = s3_client(s3_server.endpoint)
+    bucket, prefix = s3_server.endpoint.bucket, f"rm-{uuid.uuid4().hex[:10]}"
 
     def upload(local: Path, *parts: str) -> str:
         for f in sorted(p for p in local.rglob("*") if p.is_file()):
@@ -62,7 +53,7 @@ def test_watch_on_an_s3_registry(ray_session, server, family, tmp_path, capsys):
     cfg.write_text(yaml.safe_dump({
         "base": base_uri, "tasks_from": f"s3://{bucket}/{prefix}/registry", "output": f"s3://{bucket}/{prefix}/root",
         "method": {"name": "task_arithmetic"}, "execution": {"shard_size": 3000, "chunk_elems": 64},
-        "storage": {"endpoint_url": server.endpoint.url, "region": server.endpoint.region}}))
+        "storage": {"endpoint_url": s3_server.endpoint.url, "region": s3_server.endpoint.region}}))
     args = ["watch", str(cfg), "--once", "--quiet", "--no-tracking"]
 
     assert main(args) == 0

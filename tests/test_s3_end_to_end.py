@@ -45,20 +45,6 @@ FAMILY = dict(tasks=3, layers=2, hidden=16, vocab=32, dtype=torch.bfloat16, shar
 # ------------------------------------------------------------------------ fixtures
 
 
-@pytest.fixture(scope="module")
-def s3_server(request, tmp_path_factory) -> SeaweedS3Server:
-    """One SeaweedFS per module, with the credentials the environment (and so every
-    Ray worker) carries."""
-    server = SeaweedS3Server(
-        tmp_path_factory.mktemp("seaweed"),
-        access_key=os.environ["AWS_ACCESS_KEY_ID"],
-        secret_key=os.environ["AWS_SECRET_ACCESS_KEY"],
-    )
-    request.addfinalizer(server.stop)
-    server.start()
-    return server
-
-
 class S3:
     """The module's server seen by one test: a fresh key prefix, an admin client."""
 
