@@ -108,7 +108,9 @@ def _whole_tensor_ties(taus, thresholds, majority, merge):
     total = selected[0].clone()
     for t in range(1, len(selected)):
         total += selected[t]
-    return total if merge == "sum" else total / torch.clamp(keep.sum(dim=0).to(total.dtype), min=1)
+    merged = total if merge == "sum" else total / torch.clamp(keep.sum(dim=0).to(total.dtype), min=1)
+    ambiguous = int(((raw == 0) & (trimmed != 0).any(dim=0)).sum())  # ties the majority sign decides
+    return merged, int(raw.sum()), ambiguous
 
 
 @pytest.mark.parametrize("merge", ["sum", "mean"])
@@ -121,8 +123,9 @@ def test_row_wise_ties_and_consensus_match_whole_tensor_formulas_bit_for_bit(mer
     taus[1:3, 5::11] = -taus[0, 5::11]  # exact cancellations: elected sign 0, majority fallback
     thresholds = torch.tensor([0.5, 0.0, 1.0, 0.2, 3.0])
     out = get_method("ties").fn(taus, MethodParams("ties", 1.0, merge=merge), ChunkGlobals(thresholds, majority))
-    want = _whole_tensor_ties(taus, thresholds, majority, merge)
+    want, sign_sum, ambiguous = _whole_tensor_ties(taus, thresholds, majority, merge)
     assert torch.equal(out.delta.view(torch.int32), want.view(torch.int32))
+    assert (out.sign_sum, out.ambiguous) == (sign_sum, ambiguous) and ambiguous > 0
 
     lambdas = (0.3, 0.5, 0.0, 1.0, 0.7)
     out = get_method("consensus").fn(taus, MethodParams("consensus", 1.0, lambdas=lambdas, k=2), ChunkGlobals())

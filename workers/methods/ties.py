@@ -34,49 +34,71 @@ def trim(taus: torch.Tensor, thresholds: torch.Tensor) -> list[torch.Tensor]:
     return rows
 
 
-def elect_signs(trimmed: list[torch.Tensor], majority: int) -> tuple[torch.Tensor, int, int]:
-    """Elected sign per coordinate, the chunk's sum of raw signs, and how many
-    coordinates fell back to the majority sign while holding nonzero entries.
+def _exact_sum(values: torch.Tensor) -> int:
+    """Sum of a row of small integers held as floats: float32 sums every partial sum exactly
+    below 2**24 and is 4-10x faster than an int64 or float64 reduction."""
+    dtype = torch.float32 if values.numel() < 1 << 24 else torch.float64
+    return int(values.sum(dtype=dtype)) if values.numel() else 0
 
-    The majority sign is a whole-model quantity. Workers apply a provisional one and
-    report `ambiguous`; the driver re-runs only shards where it guessed wrong."""
+
+def elect_signs(trimmed: list[torch.Tensor], majority: int) -> tuple[torch.Tensor, int, torch.Tensor]:
+    """Elected sign per coordinate, the chunk's sum of raw signs, and `tied`: 1.0 where the raw
+    sign is 0 (the sum of the trimmed entries is exactly 0), else 0.0.
+
+    The majority sign is a whole-model quantity. Workers apply a provisional one and report
+    how many tied coordinates it decided; the driver re-runs only shards where it guessed wrong."""
     summed = trimmed[0].clone()  # sum over tasks in task order (as running_sum)
-    held = torch.abs(trimmed[0])  # > 0 where some task holds a nonzero entry
-    mag = torch.empty_like(held)
     for x in trimmed[1:]:
         summed += x
-        held += torch.abs(x, out=mag)
     raw = torch.sign(summed)
-    zero = raw == 0
-    ambiguous = int(torch.count_nonzero(zero & (held > 0)))
-    sign_sum = int(raw.sum(dtype=torch.int64)) if raw.numel() else 0
+    sign_sum = _exact_sum(raw)
+    tied = torch.mul(raw, raw).neg_().add_(1.0)  # 1 - raw**2, exact for raw in {-1, 0, 1}
     if majority:
-        raw.masked_fill_(zero, float(majority))  # where(raw == 0, majority, raw)
-    return raw, sign_sum, ambiguous
+        raw.add_(tied, alpha=float(majority))  # where(raw == 0, majority, raw) without a bool mask
+    return raw, sign_sum, tied
 
 
-def disjoint_merge(trimmed: list[torch.Tensor], signs: torch.Tensor, merge: str) -> torch.Tensor:
-    # Entries agreeing with the elected sign: with signs in {-1, 0, 1}, max(x * s, 0) is |x|
-    # where sign(x) == s and x != 0, else 0, and multiplying back by s gives x exactly. Where
-    # the sign is still 0 (a whole-model tie) nothing is kept.
-    total = torch.zeros_like(signs)
+def disjoint_merge(trimmed: list[torch.Tensor], signs: torch.Tensor, merge: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The merged vector and, per coordinate, the sum of |entries| agreeing with the sign.
+
+    With signs in {-1, 0, 1}, max(x * s, 0) is |x| where sign(x) == s and x != 0, else 0; the
+    agreeing magnitudes are summed and multiplied by s once at the end, which is exact (round to
+    nearest is symmetric), so the result equals summing the agreeing x themselves. Where the sign
+    is still 0 (a whole-model tie) nothing is kept."""
+    magnitude = torch.zeros_like(signs)
     count = torch.zeros_like(signs) if merge != "sum" else None
     agree = torch.empty_like(signs)
+    ones = torch.empty_like(signs) if count is not None else None
     for x in trimmed:
         torch.mul(x, signs, out=agree).clamp_min_(0.0)
-        total.addcmul_(agree, signs)  # + x where it agrees; the product is exact, so no rounding differs
+        magnitude += agree
         if count is not None:
-            count += torch.sign(agree)
-    total.add_(0.0)  # where(keep, x, +0.0) summed: a -0.0 total becomes +0.0
-    if merge == "sum":
-        return total
-    return total / torch.clamp(count, min=1)
+            count += torch.sign(agree, out=ones)
+    total = torch.mul(magnitude, signs).add_(0.0)  # + 0.0: a -0.0 total becomes +0.0
+    if count is not None:
+        total /= count.clamp_min_(1.0)
+    return total, magnitude
 
 
 def ties_vector(taus: torch.Tensor, g: ChunkGlobals, merge: str) -> tuple[torch.Tensor, int, int]:
     trimmed = trim(taus, g.thresholds)
-    signs, sign_sum, ambiguous = elect_signs(trimmed, g.majority)
-    return disjoint_merge(trimmed, signs, merge), sign_sum, ambiguous
+    signs, sign_sum, tied = elect_signs(trimmed, g.majority)
+    merged, magnitude = disjoint_merge(trimmed, signs, merge)
+    return merged, sign_sum, _decided_by_majority(trimmed, tied, magnitude, g.majority)
+
+
+def _decided_by_majority(trimmed: list[torch.Tensor], tied: torch.Tensor, magnitude: torch.Tensor,
+                         majority: int) -> int:
+    """Tied coordinates holding a nonzero trimmed entry: those whose result depends on the majority sign.
+
+    A tie with a nonzero entry has entries of both signs (same-signed nonzero floats never sum to
+    0), so with majority +1 or -1 some entry agrees and its magnitude is > 0 there. With majority 0
+    nothing agrees, and the entries are looked at directly (a rare fix-up pass)."""
+    if not majority:
+        magnitude = torch.zeros_like(tied)
+        for x in trimmed:
+            magnitude += torch.abs(x)
+    return _exact_sum(torch.sign(magnitude).mul_(tied))
 
 
 @merge_method("ties")
