@@ -16,7 +16,7 @@ from typing import Callable, Mapping
 import numpy as np
 
 from infra import hash_cache
-from infra.storage import join, sha256_of, storage_for
+from infra.storage import join, storage_for
 from workers import kth_value
 from workers.lot.shard import lot_shard
 from workers.methods import get_method
@@ -25,6 +25,7 @@ from workers.shard import (ShardResult, ShardSpec, apply_shard, majority_redo, m
 from workflows import commit, lot_stage, runtime, select, stats
 from workflows.commit import OutputState
 from workflows.config import MergeConfig
+from workflows.input_hashes import InputHashes
 from workflows.journal import Journal
 from workflows.plan import Plan, make_plan
 
@@ -176,24 +177,24 @@ def run_merge(config: MergeConfig, *, overwrite: bool = False, quiet: bool = Fal
         report.manifest = commit.read_manifest(config.output, config.storage.options())
         return report
 
-    with _timed(timings, "ray_start"):
-        runtime.connect(config.execution.ray_address)
-        device = runtime.resolve_device(config.execution.device)
-        chunk = config.execution.chunk_for(device, len(plan.tasks))
-        plan = dataclasses.replace(
-            plan, shards=tuple(dataclasses.replace(s, device=device, chunk_elems=chunk) for s in plan.shards)
-        )
-    journal = Journal(config.output, config.storage.options())
     input_files = [f for cp in [plan.base, *plan.tasks] for f in cp.files]
     options = config.storage.options()
-
-    # Inputs are hashed alongside the merge (Ray overlaps the two); the manifest needs them.
+    # The manifest needs every input's sha256: known ones are reused, the rest hashed while Ray
+    # starts and the merge runs (workflows/input_hashes.py says where).
     known = {f: reuse.input_hashes[f] for f in input_files if f in reuse.input_hashes}
     if config.execution.hash_cache:
         known |= hash_cache.cached_hashes({f: plan.stamps[f] for f in input_files if f not in known and f in plan.stamps})
     to_hash = [f for f in input_files if f not in known]
-    hashing = runtime.submit(sha256_of, [(f, options) for f in to_hash])
+    hashing = InputHashes.start(to_hash, options, config.execution.ray_address)
     try:
+        with _timed(timings, "ray_start"):
+            runtime.connect(config.execution.ray_address)
+            device = runtime.resolve_device(config.execution.device)
+            chunk = config.execution.chunk_for(device, len(plan.tasks))
+            plan = dataclasses.replace(
+                plan, shards=tuple(dataclasses.replace(s, device=device, chunk_elems=chunk) for s in plan.shards)
+            )
+        journal = Journal(config.output, options)
         saved = journal.load_globals() or {}
         if plan.params.uses_ties and plan.params.scope == "global":
             with _timed(timings, "ties_thresholds"):
@@ -215,7 +216,7 @@ def run_merge(config: MergeConfig, *, overwrite: bool = False, quiet: bool = Fal
         shard_worker: dict = {"fn": worker}
         if get_method(plan.params.name).kind == "features":
             with _timed(timings, "lot_features"):
-                lot = lot_stage.collect_features(plan, known | dict(zip(to_hash, hashing)), quiet)
+                lot = lot_stage.collect_features(plan, known | hashing.for_tasks(), quiet)
             # LOT solves whole tensors from per-task statistics, in its own shard worker
             shard_worker = {"fn": lot_shard, "extra": (lot.stats,), "memory": lot.memory}
 
@@ -253,7 +254,7 @@ def run_merge(config: MergeConfig, *, overwrite: bool = False, quiet: bool = Fal
             layers = stats.merge_layers(ordered)
             summary = stats.summary(layers, plan.task_names)
             outputs |= write_stats(plan, layers, summary)
-            fresh = dict(zip(to_hash, runtime.gather(hashing)))
+            fresh = hashing.result()
             if config.execution.hash_cache:
                 hash_cache.remember(plan.stamps, fresh)
             hashes = known | fresh
@@ -277,7 +278,7 @@ def run_merge(config: MergeConfig, *, overwrite: bool = False, quiet: bool = Fal
             extra |= reuse.manifest
             report.manifest = commit.write_manifest(plan, outputs, inputs, extra)
     except BaseException:
-        runtime.cancel(hashing)
+        hashing.cancel()
         raise
     timings["total"] = time.perf_counter() - t_start
     return report
