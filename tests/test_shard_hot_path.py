@@ -58,10 +58,12 @@ def test_ties_threshold_pass_names_the_nonfinite_input(family, tmp_path, count):
         shard_counts(spec_for(base, tasks, tmp_path, {"name": "ties"}), (kth_value.SKIP, kth_value.SKIP, count))
 
 
-def test_zeros_pass_in_the_stored_dtype_counts_what_float32_subtraction_gives(family, tmp_path):
-    """The zeros-only pass compares stored values instead of subtracting in float32: the counts
-    must be the same, +0.0 against -0.0 included (equal values, tau 0)."""
-    base, tasks = family(tasks=3)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_zeros_pass_in_the_stored_dtype_counts_what_float32_subtraction_gives(family, tmp_path, dtype):
+    """The zeros-only pass compares stored bit patterns instead of subtracting in float32: the
+    counts must be the same, +0.0 against -0.0 included (equal values, tau 0), and x against -x
+    (bits that also differ in the sign alone, tau 2x)."""
+    base, tasks = family(tasks=3, dtype=dtype)
     sd = load_file(base / "model.safetensors")
     for i, (_, path) in enumerate(tasks):  # sparse task vectors: most entries equal to the base
         td = load_file(path / "model.safetensors")
@@ -70,6 +72,10 @@ def test_zeros_pass_in_the_stored_dtype_counts_what_float32_subtraction_gives(fa
                 keep = torch.rand(t.shape, generator=torch.Generator().manual_seed(i)) < 0.8
                 td[name] = torch.where(keep, sd[name], t)
         td[NAME].view(-1)[:5] = 0.0
+        if i == 2:  # in tensors where the base has no signed zero, so the bit-pattern path counts them
+            for name, t in td.items():
+                if t.is_floating_point() and name != NAME:
+                    t.view(-1)[:4] = -sd[name].view(-1)[:4]
         save_file(td, path / "model.safetensors")
     sd[NAME].view(-1)[:5] = -0.0
     save_file(sd, base / "model.safetensors")

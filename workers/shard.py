@@ -305,20 +305,36 @@ def _count(spec: ShardSpec, job: TensorJob, reader: ShardReader, buffers: ChunkB
         check_finite(spec, job, reader)  # raises, naming the input; else a finite difference overflowed
 
 
+# Integer views of the float types, to compare stored values bit by bit.
+_SAME_WIDTH_INT = {torch.float64: torch.int64, torch.float32: torch.int32, torch.float16: torch.int16,
+                   torch.bfloat16: torch.int16}
+
+
 def _count_zeros(spec: ShardSpec, job: TensorJob, reader: ShardReader, plan: kth_value.Plan,
                  counts: list[torch.Tensor]) -> None:
     """The zeros-only pass in the stored dtype: tau_t is 0 exactly where the task's value equals
-    the base's (widening is exact, and IEEE subtraction of two different floats is never 0), so
-    no float32 copy or subtraction is needed: ~3x less work per value. (NaN equals nothing and
-    counts as nonzero; the apply pass names any NaN or Inf input.)"""
+    the base's (widening is exact, and IEEE subtraction of two different floats is never 0).
+
+    Equal floats have equal bits except +0.0 and -0.0, so the pass counts the nonzero xors of
+    the bit patterns (~4x faster than a float comparison). Where the base holds a signed zero
+    (rare) the chunk is compared as floats instead, as +0.0 == -0.0. A NaN counts as 0 when both
+    sides hold the same NaN bits; the apply pass names any NaN or Inf input."""
     device = torch.device(spec.device)
+    stored = TORCH_DTYPES[job.dtype]
+    as_int = _SAME_WIDTH_INT[stored]
     for lo, hi in chunk_ranges(job.numel, spec.chunk_elems):
         base = reader.elements(job.base, lo, hi).to(device)
-        same = torch.empty(hi - lo, dtype=torch.bool, device=device)
+        diff = torch.empty(hi - lo, dtype=as_int, device=device)
+        signed_zero = int(torch.count_nonzero(torch.bitwise_left_shift(base.view(as_int), 1, out=diff))) < hi - lo
         for t, (c, info) in enumerate(zip(plan, job.tasks)):
             if c.kind == "skip":
                 continue
-            zeros = int(torch.count_nonzero(torch.eq(reader.scratch_elements(info, lo, hi).to(device), base, out=same)))
+            value = reader.scratch_elements(info, lo, hi).to(device)
+            if signed_zero:
+                zeros = int(torch.count_nonzero(torch.eq(value, base)))
+            else:
+                torch.bitwise_xor(value.view(as_int), base.view(as_int), out=diff)
+                zeros = (hi - lo) - int(torch.count_nonzero(diff))
             counts[t][1] += zeros
             counts[t][2] += (hi - lo) - zeros
 

@@ -22,6 +22,15 @@ from workflows import runtime
 MAX_THREADS = 4  # hashing is CPU-bound; more threads than cores only contend
 
 
+def _lowest_priority() -> None:
+    """Nice this thread to 19, so it takes the CPU time Ray's start-up and workers leave idle
+    rather than competing with them (Linux: a thread id is a valid PRIO_PROCESS target)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except (AttributeError, OSError):
+        pass  # elsewhere hashing just runs at normal priority
+
+
 def hash_in_driver(ray_address: str | None) -> bool:
     """In driver threads unless the merge joins a cluster (an address, or RAY_ADDRESS)."""
     return not (ray_address or os.environ.get("RAY_ADDRESS"))
@@ -50,6 +59,7 @@ class InputHashes:
         return cls(files, options, in_driver=hash_in_driver(ray_address))
 
     def _work(self, options: StorageOptions) -> None:
+        _lowest_priority()
         while not self._cancelled.is_set():
             with self._lock:
                 if not self._queue:
