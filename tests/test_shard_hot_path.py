@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from conftest import config_for
 from workers.errors import CheckpointError
 from workers import kth_value
-from workers.shard import merge_shard, shard_counts, tau_sq_sums
+from workers.shard import merge_shard, nonzero_counts, shard_counts, tau_sq_sums
 from workflows.plan import make_plan
 
 NAME = "model.layers.1.mlp.up_proj.weight"
@@ -117,3 +117,11 @@ def test_tau_sq_sums_match_float64(n):
     assert torch.allclose(got, want, rtol=1e-6, atol=0), (got, want)
     taus[3, n // 2] = float("nan")
     assert tau_sq_sums(taus) is None
+
+
+def test_nonzero_counts_match_count_nonzero():
+    gen = torch.Generator().manual_seed(3)
+    taus = torch.randn(3, 5000, generator=gen) * (torch.rand(3, 5000, generator=gen) < 0.2)
+    taus[0, :7] = -0.0  # zeros of either sign are zeros
+    taus[1, :4] = torch.tensor([1e-45, -1e-45, 3e38, -3e38])  # the smallest and largest magnitudes count
+    assert nonzero_counts(taus).tolist() == torch.count_nonzero(taus, dim=1).tolist()

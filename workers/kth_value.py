@@ -124,6 +124,14 @@ def first_count(high: np.ndarray, zeros: int, total: int, k: int) -> Count:
     return Count("window", b_lo << 16, (b_hi - b_lo + 1) << 16)
 
 
+def zeros_expected(sample: Sample, total: int, k: np.ndarray) -> bool:
+    """Whether the sample puts every task's k-th value at 0 with margin (some task must trim at
+    all): the thresholds are then all 0 unless each task has fewer than k exact zeros, which the
+    apply pass can count instead of a pass of its own."""
+    plan = [first_count(sample.high[t], int(sample.zeros[t]), total, int(k[t])) for t in range(len(k))]
+    return any(counts_zeros(c) for c in plan) and all(c.kind == "skip" or counts_zeros(c) for c in plan)
+
+
 def counts_zeros(c: Count) -> bool:
     """The window [0, 1): the pass only needs how many values are exactly 0."""
     return c.kind == "window" and c.lo == 0 and c.width == 1

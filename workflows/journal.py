@@ -31,6 +31,8 @@ def result_to_json(r: ShardResult) -> dict:
         "sign_sum": r.sign_sum,
         "ambiguous": r.ambiguous,
         "majority_used": r.majority_used,
+        "thresholds_used": None if r.thresholds_used is None else list(r.thresholds_used),
+        "zeros": None if r.zeros is None else list(r.zeros),
         "bytes_read": r.bytes_read,
         "seconds": r.seconds,
         "node": r.node,
@@ -53,6 +55,8 @@ def result_from_json(d: dict) -> ShardResult:
         sign_sum=d["sign_sum"],
         ambiguous=d["ambiguous"],
         majority_used=d["majority_used"],
+        thresholds_used=None if d.get("thresholds_used") is None else tuple(d["thresholds_used"]),
+        zeros=None if d.get("zeros") is None else tuple(d["zeros"]),
         bytes_read=d["bytes_read"],
         seconds=d["seconds"],
         node=d.get("node", ""),  # absent in records written before nodes were recorded

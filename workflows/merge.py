@@ -16,7 +16,7 @@ from typing import Callable, Mapping
 import numpy as np
 
 from infra import hash_cache
-from infra.storage import join, storage_for
+from infra.storage import join, sha256_of, storage_for
 from workers import kth_value
 from workers.lot.shard import lot_shard
 from workers.methods import get_method
@@ -72,16 +72,26 @@ def _pass_options(plan: Plan, quiet: bool) -> dict:
                 gpu=plan.shards[0].device == "cuda")
 
 
-def ties_thresholds(plan: Plan, quiet: bool) -> tuple[float, ...]:
+def _ties_sample(plan: Plan, quiet: bool) -> tuple[kth_value.Sample, int]:
+    """The 1/32 sample of every task's |tau| (and how many values each task has)."""
+    sample, total = kth_value.Sample.empty(len(plan.tasks)), 0
+    for part, numel in runtime.run_tasks(shard_ties_sample, [(s,) for s in plan.shards], desc="TIES threshold: sample",
+                                         **_pass_options(plan, quiet)):
+        sample, total = sample + part, total + numel
+    return sample, total
+
+
+def _ties_k(plan: Plan, total: int) -> np.ndarray:
+    return np.full(len(plan.tasks), kth_value.kth_rank(total, plan.params.density), dtype=np.int64)
+
+
+def ties_thresholds(plan: Plan, quiet: bool, sampled: tuple[kth_value.Sample, int] | None = None) -> tuple[float, ...]:
     """Exact whole-model TIES thresholds (per task, the k-th smallest |tau_t| over the model).
 
     A 1/32 sample places each k-th value in a narrow window; one counting pass then finds it
     exactly. Tasks whose window would be too wide, or missed, take two histogram passes."""
-    t = len(plan.tasks)
     kw = _pass_options(plan, quiet)
-    sample, total = kth_value.Sample.empty(t), 0
-    for part, numel in runtime.run_tasks(shard_ties_sample, [(s,) for s in plan.shards], desc="TIES threshold: sample", **kw):
-        sample, total = sample + part, total + numel
+    sample, total = sampled or _ties_sample(plan, quiet)
 
     def run_pass(counting: kth_value.Plan, i: int) -> list[np.ndarray]:
         kinds = sorted({c.kind for c in counting} - {"skip"})
@@ -94,8 +104,34 @@ def ties_thresholds(plan: Plan, quiet: bool) -> tuple[float, ...]:
                 plan.task_names[j] for j, c in enumerate(counting) if c.kind != "skip"))
         return counts
 
-    k = np.full(t, kth_value.kth_rank(total, plan.params.density), dtype=np.int64)
-    return tuple(float(x) for x in kth_value.select(run_pass, sample, total, k))
+    return tuple(float(x) for x in kth_value.select(run_pass, sample, total, _ties_k(plan, total)))
+
+
+def first_ties_thresholds(plan: Plan, quiet: bool, guess_zeros: bool) -> dict:
+    """Global TIES thresholds for the journal's globals: {"thresholds": [...]}, exact, or, when the
+    sample puts every task's k-th |tau| at 0 with margin (sparse task vectors: most bf16 weights of
+    a fine-tune often keep their base value), thresholds of 0 plus {"zeros_to_check": k}. The apply
+    pass then counts each task's zeros and check_zero_thresholds confirms them: one pass over the
+    inputs fewer, and the same result, as trimming at 0 keeps everything."""
+    sample, total = _ties_sample(plan, quiet)
+    k = _ties_k(plan, total)
+    if guess_zeros and kth_value.zeros_expected(sample, total, k):
+        return {"thresholds": [0.0] * len(plan.tasks), "zeros_to_check": k.tolist()}
+    return {"thresholds": list(ties_thresholds(plan, quiet, (sample, total)))}
+
+
+def check_zero_thresholds(plan: Plan, results: dict[int, ShardResult], saved: dict, quiet: bool) -> bool:
+    """True when every task has at least k exact zeros (the guessed thresholds of 0 are the exact
+    ones); otherwise saved["thresholds"] becomes the exact thresholds and the caller merges again."""
+    k = np.asarray(saved.pop("zeros_to_check"), dtype=np.int64)
+    zeros = np.sum([r.zeros for r in results.values()], axis=0)
+    short = [plan.task_names[t] for t in np.flatnonzero(zeros < k)]
+    if not short:
+        return True
+    log.warning("TIES: the sample put every threshold at 0 but %s %s fewer zeros than trimming needs; computing "
+                "exact thresholds and merging again", ", ".join(short), "has" if len(short) == 1 else "have")
+    saved["thresholds"] = list(ties_thresholds(plan, quiet))
+    return False
 
 
 def _verify_outputs(output: str, outputs: dict[str, tuple[str, int]], options) -> bool:
@@ -108,8 +144,10 @@ def _verify_outputs(output: str, outputs: dict[str, tuple[str, int]], options) -
 
 
 def reusable_shards(plan: Plan, journal: Journal, quiet: bool) -> dict[int, ShardResult]:
-    """Journaled shards whose files are still there with the recorded hashes."""
-    recorded = {s.index: r for s in plan.shards if (r := journal.recorded(s.index)) is not None}
+    """Journaled shards computed with the plan's TIES thresholds (and zero counts, where it checks
+    guessed ones) whose files are still there with the recorded hashes."""
+    recorded = {s.index: r for s in plan.shards if (r := journal.recorded(s.index)) is not None
+                and r.thresholds_used == s.thresholds and (r.zeros is not None or not s.count_zeros)}
     if not recorded:
         return {}
     options = plan.config.storage.options()
@@ -196,11 +234,17 @@ def run_merge(config: MergeConfig, *, overwrite: bool = False, quiet: bool = Fal
             )
         journal = Journal(config.output, options)
         saved = journal.load_globals() or {}
+        zero_guess = None  # "confirmed" or "refuted" when the apply pass checked thresholds of 0
         if plan.params.uses_ties and plan.params.scope == "global":
             with _timed(timings, "ties_thresholds"):
-                saved["thresholds"] = saved.get("thresholds") or list((reuse.thresholds or ties_thresholds)(plan, quiet))
-                journal.save_globals(saved)
-                plan = _with(plan, thresholds=tuple(saved["thresholds"]))
+                if not saved.get("thresholds"):
+                    if reuse.thresholds:
+                        saved["thresholds"] = list(reuse.thresholds(plan, quiet))
+                    else:
+                        guess = reuse.worker is None and not config.select_lambda  # passes that need exact ones
+                        saved |= first_ties_thresholds(plan, quiet, guess_zeros=guess)
+                    journal.save_globals(saved)
+                plan = _with(plan, thresholds=tuple(saved["thresholds"]), count_zeros="zeros_to_check" in saved)
         selection: dict = {}
         if config.select_lambda:
             with _timed(timings, "select_lambda"):
@@ -227,6 +271,14 @@ def run_merge(config: MergeConfig, *, overwrite: bool = False, quiet: bool = Fal
             for r in map_shards(plan, todo, journal, quiet, desc=f"merge ({plan.params.name})", **shard_worker):
                 results[r.index] = r
             report.shards_reused, report.shards_run = len(reused), len(todo)
+            if "zeros_to_check" in saved:
+                zero_guess = "confirmed" if check_zero_thresholds(plan, results, saved, quiet) else "refuted"
+                journal.save_globals(saved)
+                plan = _with(plan, thresholds=tuple(saved["thresholds"]), count_zeros=False)
+                if zero_guess == "refuted":
+                    results = {r.index: r for r in map_shards(plan, plan.shards, journal, quiet,
+                                                              desc=f"merge ({plan.params.name})", **shard_worker)}
+                    report.shards_run += len(plan.shards)
             if plan.params.uses_ties:
                 _, redo = majority_redo(list(plan.shards), list(results.values()))
                 for r in map_shards(plan, redo, journal, quiet, desc="TIES majority-sign fix-up", fn=worker):
@@ -275,6 +327,8 @@ def run_merge(config: MergeConfig, *, overwrite: bool = False, quiet: bool = Fal
             if plan.params.uses_ties:
                 extra["ties"] = {"thresholds": list(plan.shards[0].thresholds or ()),  # empty: per-tensor scope
                                  "majority": int(np.sign(sum(r.sign_sum for r in ordered)))}
+                if zero_guess:
+                    extra["ties"]["zero_guess"] = zero_guess
             extra |= reuse.manifest
             report.manifest = commit.write_manifest(plan, outputs, inputs, extra)
     except BaseException:
