@@ -67,3 +67,25 @@ def test_help_explains_the_config(capsys):
     text = capsys.readouterr().out
     for key in ("base_merge", "density", "lambda", "--ray-address", "--tracking-uri", "manifest.json"):
         assert key in text
+
+
+def test_the_command_exits_quickly_with_its_output_and_tracking_complete(tmp_path, family):
+    """`mergeflow` ends the process right after the atexit handlers (workflows/cli.py run): what is
+    printed to a pipe, the MLflow run and the exit status must all survive that."""
+    import os
+    import subprocess
+    import sys
+
+    cfg = make_config(tmp_path, family, {"name": "task_arithmetic"})
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_ADDRESS="")
+    done = subprocess.run([sys.executable, "-m", "workflows.cli", "merge", cfg, "--quiet", "--tracking-uri", uri],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "merged 3 tasks with task_arithmetic" in done.stdout and "timings" in done.stdout
+    tracked = json.loads((tmp_path / "out" / "tracking.json").read_text())
+    assert mlflow.MlflowClient(tracking_uri=uri).get_run(tracked["run_id"]).info.status == "FINISHED"
+
+    bad = subprocess.run([sys.executable, "-m", "workflows.cli", "inspect", str(tmp_path / "nothing")],
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.startswith("mergeflow: error:")

@@ -300,5 +300,25 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def run() -> None:
+    """The `mergeflow` command: main(), then a quick exit.
+
+    Once main() has returned, the atexit handlers finish what a run needs (Ray's shutdown, the
+    flushes of logging and MLflow); what the interpreter does after them, tearing down torch, Ray
+    and every other module object by object, takes about a second per command and nothing
+    depends on it, so the process ends there. Errors raised out of main() exit the usual way."""
+    import atexit
+    import threading
+
+    rc = main()
+    for t in threading.enumerate():  # what a normal exit waits for before the atexit handlers
+        if t is not threading.current_thread() and not t.daemon:
+            t.join()
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
