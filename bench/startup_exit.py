@@ -1,0 +1,102 @@
+"""Where a short merge's fixed costs go on a small machine: how idle the machine is while a local
+Ray runtime starts, and what the `mergeflow` command's quick exit saves.
+
+    .venv/bin/python bench/startup_exit.py ray                      # idle core-seconds during a Ray start
+    .venv/bin/python bench/startup_exit.py exit merge.yaml --repeats 2   # normal vs quick process exit
+
+`ray`: in a fresh process, ray.init (as workflows/runtime.py calls it), two tasks that import
+torch, ray.shutdown; busy and idle core-seconds of the whole machine from /proc/stat around it.
+`exit`: runs `mergeflow merge CONFIG --overwrite --quiet --no-tracking` in a child that either
+exits normally after main() or as workflows/cli.py `run` does, and prints the seconds from main()
+returning to the process end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+RAY_CHILD = """
+import time
+t0 = time.perf_counter()
+import ray
+ray.init(include_dashboard=False, configure_logging=False, log_to_driver=False,
+         runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+t1 = time.perf_counter()
+@ray.remote
+def warm():
+    import torch
+    return torch.__version__
+ray.get([warm.remote(), warm.remote()])
+t2 = time.perf_counter()
+ray.shutdown()
+print(f"ray.init {t1 - t0:.2f}s, two tasks importing torch {t2 - t1:.2f}s, shutdown {time.perf_counter() - t2:.2f}s")
+"""
+
+EXIT_CHILD = """
+import atexit, os, sys, time
+from workflows import cli
+rc = cli.main(["merge", sys.argv[1], "--overwrite", "--quiet", "--no-tracking"])
+print(f"MAIN_DONE {time.time():.6f}", flush=True)
+if sys.argv[2] == "quick":
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    os._exit(rc)
+"""
+
+
+def _cpu() -> tuple[int, int]:
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    return sum(v) - v[3] - v[4], v[3] + v[4]  # busy, idle (+iowait), in clock ticks
+
+
+def ray_idle() -> None:
+    tick = os.sysconf("SC_CLK_TCK")
+    busy0, idle0 = _cpu()
+    t0 = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", RAY_CHILD], capture_output=True, text=True, cwd=ROOT,
+                         env=dict(os.environ, RAY_AUTH_MODE="disabled"), check=True).stdout.strip()
+    wall = time.perf_counter() - t0
+    busy1, idle1 = _cpu()
+    print(f"{out}; process {wall:.2f}s: busy {(busy1 - busy0) / tick:.1f} core-s, "
+          f"idle {(idle1 - idle0) / tick:.1f} core-s of {os.cpu_count()} cores")
+
+
+def exit_cost(config: str, repeats: int) -> None:
+    env = dict(os.environ, RAY_AUTH_MODE="disabled")
+    for i in range(repeats):
+        for how in ("normal", "quick"):
+            proc = subprocess.Popen([sys.executable, "-c", EXIT_CHILD, config, how], stdout=subprocess.PIPE,
+                                    stderr=subprocess.DEVNULL, text=True, cwd=ROOT, env=env)
+            done_at = None
+            for line in proc.stdout:
+                if line.startswith("MAIN_DONE"):
+                    done_at = float(line.split()[1])
+            proc.wait()
+            end = time.time()
+            print(f"[{i}] {how:6s} exit: {end - done_at:.2f}s from main() returning to the process end")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="what", required=True)
+    sub.add_parser("ray")
+    e = sub.add_parser("exit")
+    e.add_argument("config")
+    e.add_argument("--repeats", type=int, default=2)
+    args = ap.parse_args()
+    if args.what == "ray":
+        ray_idle()
+    else:
+        exit_cost(args.config, args.repeats)
+
+
+if __name__ == "__main__":
+    main()
