@@ -33,6 +33,7 @@ def test_driver_threads_hash_every_file(tmp_path):
 def test_ray_tasks_hash_every_file(tmp_path, ray_session):
     paths = _files(tmp_path, [5, 200_000])
     hashes = InputHashes(paths, StorageOptions(), in_driver=False)
+    hashes.connected()
     assert hashes.result() == _want(paths)
     got = ray_session.get(list(hashes.for_tasks().values()))
     assert dict(zip(paths, got)) == _want(paths)

@@ -12,8 +12,10 @@ from safetensors.torch import load_file, save_file
 import reference_impl as ref
 from conftest import config_for
 from test_sharded_equals_reference import load_checkpoint, load_dir
+from infra.storage import StorageOptions
 from workers import kth_value
 from workers.shard import _phase
+from workflows.inspect_run import describe
 from workflows.merge import run_merge
 
 
@@ -63,6 +65,7 @@ def test_sparse_task_vectors_take_no_threshold_pass(ray_session, family, tmp_pat
     assert report.manifest["ties"]["thresholds"] == [0.0, 0.0, 0.0]
     assert "zeros_to_check" not in _globals(out)
     _assert_reference(cfg, base_dir, task_dirs, out)
+    assert "0 from the sample, confirmed" in describe(str(out), StorageOptions())
 
 
 def test_a_misleading_sample_costs_a_second_merge_not_exactness(ray_session, family, tmp_path):

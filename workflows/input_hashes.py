@@ -37,7 +37,9 @@ def hash_in_driver(ray_address: str | None) -> bool:
 
 
 class InputHashes:
-    """Hashes of `files`, started on construction; `result()` waits for them."""
+    """Hashes of `files`: driver threads start on construction, Ray tasks at `connected()` (a task
+    submitted before the driver joins its cluster would start a local Ray runtime instead);
+    `result()` waits for them."""
 
     def __init__(self, files: list[str], options: StorageOptions, *, in_driver: bool):
         self.files = list(files)
@@ -51,12 +53,17 @@ class InputHashes:
             for _ in range(threads):
                 # daemon: a failed merge exits without waiting for a file half hashed
                 threading.Thread(target=self._work, args=(options,), daemon=True, name="mergeflow-hash").start()
-        else:
-            self._refs = dict(zip(self.files, runtime.submit(sha256_of, [(f, options) for f in self.files])))
+        self._options = options
+        self._refs: dict[str, Any] | None = None
 
     @classmethod
     def start(cls, files: list[str], options: StorageOptions, ray_address: str | None) -> "InputHashes":
         return cls(files, options, in_driver=hash_in_driver(ray_address))
+
+    def connected(self) -> None:
+        """Ray is initialised: start the hashing tasks of a merge that hashes on the cluster."""
+        if not self.in_driver and self._refs is None:
+            self._refs = dict(zip(self.files, runtime.submit(sha256_of, [(f, self._options) for f in self.files])))
 
     def _work(self, options: StorageOptions) -> None:
         _lowest_priority()
@@ -75,16 +82,18 @@ class InputHashes:
         """uri -> sha256, or a Ray object ref that resolves to it when passed to a task."""
         if self.in_driver:
             return self.result()
+        self.connected()
         return dict(self._refs)
 
     def result(self) -> dict[str, str]:
         """uri -> sha256 of every file; the first failure is raised."""
         if self.in_driver:
             return {f: self._futures[f].result() for f in self.files}
+        self.connected()
         return dict(zip(self.files, runtime.gather(list(self._refs.values()))))
 
     def cancel(self) -> None:
         """Stop hashing for a run that failed: driver threads finish the file in hand only."""
         self._cancelled.set()
-        if not self.in_driver:
+        if self._refs:
             runtime.cancel(list(self._refs.values()))

@@ -55,6 +55,10 @@ def describe(run: str, options: StorageOptions) -> str:
             lines.append(f"  {c:>3}  {n / total:7.2%}  {bar}")
     if "ties" in m:
         lines.append(f"TIES        thresholds per task {[f'{x:.3g}' for x in m['ties']['thresholds']] or 'per tensor'}, majority sign {m['ties']['majority']:+d}")
+        guess = {"confirmed": "0 from the sample, confirmed by the merge's zero counts",
+                 "refuted": "the sample's 0 was refuted by the merge's zero counts; merged again with these"}
+        if m["ties"].get("zero_guess") in guess:
+            lines.append(f"            thresholds: {guess[m['ties']['zero_guess']]}")
     if "lot" in m:
         lot = m["lot"]
         rules = ", ".join(f"{k} {v}" for k, v in lot["rules"].items() if v)

@@ -227,6 +227,7 @@ def run_merge(config: MergeConfig, *, overwrite: bool = False, quiet: bool = Fal
     try:
         with _timed(timings, "ray_start"):
             runtime.connect(config.execution.ray_address)
+            hashing.connected()
             device = runtime.resolve_device(config.execution.device)
             chunk = config.execution.chunk_for(device, len(plan.tasks))
             plan = dataclasses.replace(
