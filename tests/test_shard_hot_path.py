@@ -14,7 +14,8 @@ from safetensors.torch import load_file, save_file
 from conftest import config_for
 from workers.errors import CheckpointError
 from workers import kth_value
-from workers.shard import merge_shard, nonzero_counts, shard_counts, tau_sq_sums
+from workers.kth_value import nonzero_counts
+from workers.shard import merge_shard, shard_counts, tau_sq_sums
 from workflows.plan import make_plan
 
 NAME = "model.layers.1.mlp.up_proj.weight"

@@ -129,12 +129,31 @@ def zeros_expected(sample: Sample, total: int, k: np.ndarray) -> bool:
     all): the thresholds are then all 0 unless each task has fewer than k exact zeros, which the
     apply pass can count instead of a pass of its own."""
     plan = [first_count(sample.high[t], int(sample.zeros[t]), total, int(k[t])) for t in range(len(k))]
-    return any(counts_zeros(c) for c in plan) and all(c.kind == "skip" or counts_zeros(c) for c in plan)
+    return any(counts_zeros(c) for c in plan) and zeros_only(plan)
 
 
 def counts_zeros(c: Count) -> bool:
     """The window [0, 1): the pass only needs how many values are exactly 0."""
     return c.kind == "window" and c.lo == 0 and c.width == 1
+
+
+def zeros_only(plan: Plan) -> bool:
+    """A pass that counts nothing but exact zeros, for every task it counts at all."""
+    return all(c.kind == "skip" or counts_zeros(c) for c in plan)
+
+
+def small_int_sum(values: torch.Tensor) -> int:
+    """Sum of a row of small integers held as floats: float32 keeps every partial sum exact below
+    2**24 and reduces 4-10x faster than int64 or float64."""
+    dtype = torch.float32 if values.numel() < 1 << 24 else torch.float64
+    return int(values.sum(dtype=dtype)) if values.numel() else 0
+
+
+def nonzero_counts(taus: torch.Tensor) -> np.ndarray:
+    """Per row of finite taus (T, n), how many values are not 0: |sign| summed (torch.count_nonzero
+    branches per value: ~5x slower on sparse float rows)."""
+    scratch = torch.empty_like(taus[0])
+    return np.array([small_int_sum(torch.sign(row, out=scratch).abs_()) for row in taus], dtype=np.int64)
 
 
 def new_counts(plan: Plan, device: str | torch.device = "cpu") -> list[torch.Tensor]:

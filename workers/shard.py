@@ -298,7 +298,7 @@ def _count(spec: ShardSpec, job: TensorJob, reader: ShardReader, buffers: ChunkB
            counts: list[torch.Tensor]) -> None:
     """Add one tensor to a threshold pass's counts. A NaN or Inf shows as the largest bit
     pattern, so the finite check costs nothing unless one is there."""
-    if all(c.kind == "skip" or kth_value.counts_zeros(c) for c in plan) and all(i.dtype == job.dtype for i in job.tasks):
+    if kth_value.zeros_only(plan) and all(i.dtype == job.dtype for i in job.tasks):
         _count_zeros(spec, job, reader, plan, counts)
         return
     top = 0
@@ -437,7 +437,7 @@ def merge_shard(spec: ShardSpec) -> ShardResult:
                     check_finite(spec, job, reader)  # raises when an input holds NaN or Inf
                     sq = (taus.double() ** 2).sum(dim=1)  # finite inputs whose squares overflow float32
                 if spec.count_zeros:
-                    zeros += (hi - lo) - nonzero_counts(taus)
+                    zeros += (hi - lo) - kth_value.nonzero_counts(taus)
                 out = method.fn(taus, spec.params, g)
                 if model is not None:
                     model.write(job.name, _bytes(apply_alpha(base, out.delta, spec.params.alpha, out_dtype)))
@@ -470,14 +470,6 @@ def merge_shard(spec: ShardSpec) -> ShardResult:
         result.zeros = tuple(int(z) for z in zeros)
     result.seconds = time.perf_counter() - t0
     return result
-
-
-def nonzero_counts(taus: torch.Tensor) -> np.ndarray:
-    """Per row of finite taus (T, n), how many values are not 0: |sign| summed, exact in float32
-    below 2**24 (torch.count_nonzero branches per value: ~5x slower on sparse float rows)."""
-    scratch = torch.empty_like(taus[0])
-    dtype = torch.float32 if taus.shape[1] < 1 << 24 else torch.float64
-    return np.array([int(torch.sign(row, out=scratch).abs_().sum(dtype=dtype)) for row in taus], dtype=np.int64)
 
 
 def commit_writers(writers: dict[str, StreamingWriter], cleanup: ExitStack, reader: ShardReader,

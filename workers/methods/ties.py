@@ -8,6 +8,7 @@ thresholds are computed by workers/kth_value.py before this runs.
 import numpy as np
 import torch
 
+from workers.kth_value import small_int_sum
 from workers.methods.registry import ChunkGlobals, MethodOutput, MethodParams, merge_method
 
 # Row by row, with float arithmetic only: every temporary is one chunk row (it stays in
@@ -34,13 +35,6 @@ def trim(taus: torch.Tensor, thresholds: torch.Tensor) -> list[torch.Tensor]:
     return rows
 
 
-def _exact_sum(values: torch.Tensor) -> int:
-    """Sum of a row of small integers held as floats: float32 sums every partial sum exactly
-    below 2**24 and is 4-10x faster than an int64 or float64 reduction."""
-    dtype = torch.float32 if values.numel() < 1 << 24 else torch.float64
-    return int(values.sum(dtype=dtype)) if values.numel() else 0
-
-
 def elect_signs(trimmed: list[torch.Tensor], majority: int) -> tuple[torch.Tensor, int, torch.Tensor]:
     """Elected sign per coordinate, the chunk's sum of raw signs, and `tied`: 1.0 where the raw
     sign is 0 (the sum of the trimmed entries is exactly 0), else 0.0.
@@ -51,7 +45,7 @@ def elect_signs(trimmed: list[torch.Tensor], majority: int) -> tuple[torch.Tenso
     for x in trimmed[1:]:
         summed += x
     raw = torch.sign(summed)
-    sign_sum = _exact_sum(raw)
+    sign_sum = small_int_sum(raw)
     tied = torch.mul(raw, raw).neg_().add_(1.0)  # 1 - raw**2, exact for raw in {-1, 0, 1}
     if majority:
         raw.add_(tied, alpha=float(majority))  # where(raw == 0, majority, raw) without a bool mask
@@ -68,12 +62,12 @@ def disjoint_merge(trimmed: list[torch.Tensor], signs: torch.Tensor, merge: str)
     magnitude = torch.zeros_like(signs)
     count = torch.zeros_like(signs) if merge != "sum" else None
     agree = torch.empty_like(signs)
-    ones = torch.empty_like(signs) if count is not None else None
+    agrees = torch.empty_like(signs) if count is not None else None  # 1 where x agrees, else 0
     for x in trimmed:
         torch.mul(x, signs, out=agree).clamp_min_(0.0)
         magnitude += agree
         if count is not None:
-            count += torch.sign(agree, out=ones)
+            count += torch.sign(agree, out=agrees)
     total = torch.mul(magnitude, signs).add_(0.0)  # + 0.0: a -0.0 total becomes +0.0
     if count is not None:
         total /= count.clamp_min_(1.0)
@@ -98,7 +92,7 @@ def _decided_by_majority(trimmed: list[torch.Tensor], tied: torch.Tensor, magnit
         magnitude = torch.zeros_like(tied)
         for x in trimmed:
             magnitude += torch.abs(x)
-    return _exact_sum(torch.sign(magnitude).mul_(tied))
+    return small_int_sum(torch.sign(magnitude).mul_(tied))
 
 
 @merge_method("ties")
