@@ -58,7 +58,7 @@ def append_shard(spec: ShardSpec, previous: PreviousSum) -> ShardResult:
     device = torch.device(spec.device)
     result = ShardResult(spec.index, {}, {})
     with ExitStack() as cleanup, ExitStack() as files:
-        reader = ShardReader(spec.storage, files)
+        reader = ShardReader.for_spec(spec, files)
         writers = _open_writers(new, False, cleanup)
         model, delta = writers.get(spec.model_file()), writers.get(spec.delta_file())
         for job in new.tensors:

@@ -17,7 +17,7 @@ from infra.storage import storage_for
 from workers.checkpoint import Checkpoint, open_checkpoint
 from workers.dtypes import is_float
 from workers.errors import CheckpointError
-from workers.layers import layer_of, natural_key
+from workers.layers import group_layers, natural_key
 from workers.methods import MethodParams
 from workers.shard import ShardSpec, TensorJob
 from workflows.config import MergeConfig
@@ -98,27 +98,6 @@ def check_compatible(base: Checkpoint, name: str, task: Checkpoint) -> None:
 def auto_shard_size(input_bytes: int) -> int:
     """Enough shards to keep a cluster busy, few enough that per-task overhead stays small."""
     return max(MIN_AUTO_SHARD, min(MAX_AUTO_SHARD, math.ceil(input_bytes / 32)))
-
-
-def group_layers(base: Checkpoint, tasks: list[Checkpoint], shard_size: int) -> list[list[str]]:
-    """Greedy packing of whole layers, in natural order, into shards of ~shard_size input bytes."""
-    layers: dict[str, list[str]] = {}
-    for name in sorted(base.tensors, key=natural_key):
-        layers.setdefault(layer_of(name), []).append(name)
-    shards: list[list[str]] = []
-    current: list[str] = []
-    size = 0
-    for key in sorted(layers, key=natural_key):
-        names = layers[key]
-        nbytes = sum(base.tensors[n].nbytes + sum(t.tensors[n].nbytes for t in tasks) for n in names)
-        if current and size + nbytes > shard_size:
-            shards.append(current)
-            current, size = [], 0
-        current += names
-        size += nbytes
-    if current:
-        shards.append(current)
-    return shards
 
 
 def input_stamps(files: list[str], options) -> dict[str, str]:

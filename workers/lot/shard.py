@@ -42,7 +42,7 @@ def lot_shard(spec: ShardSpec, stats: tuple[str, ...]) -> ShardResult:
     alpha = spec.params.alpha
     result = ShardResult(spec.index, {}, {})
     with ExitStack() as cleanup, ExitStack() as files:
-        reader = ShardReader(spec.storage, files)
+        reader = ShardReader.for_spec(spec, files)
         writers = _open_writers(spec, False, cleanup)  # model/ and/or delta/, as spec.write_model/write_delta say
         model, delta_file = writers.get(spec.model_file()), writers.get(spec.delta_file())
         for job in spec.tensors:
