@@ -21,6 +21,7 @@ number of tasks generated (task 3 is the same in a 4-task and a 20-task family).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import math
@@ -119,6 +120,8 @@ def _positions(n: int, density: float, gen: torch.Generator) -> torch.Tensor:
     cost O(n * density) random numbers instead of n."""
     if density <= 0 or n == 0:
         return torch.empty(0, dtype=torch.int64)
+    if density >= 1:
+        return torch.arange(n)
     expected = n * density
     k = int(expected + 6 * math.sqrt(expected) + 16)
     gaps = torch.empty(k).geometric_(density, generator=gen).to(torch.int64)
@@ -219,16 +222,21 @@ def plan_files(shapes: dict[str, tuple[int, ...]], max_shard_bytes: int) -> list
 
 
 def generate(root: Path, preset: str | Preset = "0.5b", tasks: int = 8, seed: int = 0,
-             max_shard_bytes: int = 512 * 2**20, quiet: bool = True) -> tuple[Path, list[tuple[str, Path]]]:
+             max_shard_bytes: int = 512 * 2**20, quiet: bool = True,
+             dense: bool = False) -> tuple[Path, list[tuple[str, Path]]]:
     """Write root/base and root/task_XX (HF layout with index); returns (base, [(name, path)]).
 
-    Skips the work when root/family.json says the same family is already there."""
+    dense: every task moves every weight (as full fine-tunes kept in float32 do), not a minority;
+    only updates too small for bf16 round away. Skips the work when root/family.json says the
+    same family is already there."""
     p = PRESETS[preset] if isinstance(preset, str) else preset
     if not 1 <= tasks <= 99:
         raise ValueError("tasks must be between 1 and 99")
     names = [f"task_{t:02d}" for t in range(tasks)]
     dirs = [root / "base", *(root / n for n in names)]
     stamp = {"preset": p.__dict__, "tasks": tasks, "seed": seed, "max_shard_bytes": max_shard_bytes, "version": 2}
+    if dense:
+        stamp["dense"] = True
     done = root / "family.json"
     if done.exists() and json.loads(done.read_text()) == stamp:
         return dirs[0], list(zip(names, dirs[1:]))
@@ -236,6 +244,8 @@ def generate(root: Path, preset: str | Preset = "0.5b", tasks: int = 8, seed: in
 
     shapes = tensor_shapes(p)
     hows = task_shapes(tasks, seed)
+    if dense:
+        hows = [dataclasses.replace(h, own_density=1.0) for h in hows]
     files = plan_files(shapes, max_shard_bytes)
     fnames = [f"model-{i + 1:05d}-of-{len(files):05d}.safetensors" for i in range(len(files))]
     t0 = time.perf_counter()
@@ -284,12 +294,13 @@ def main() -> None:
     ap.add_argument("--tasks", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-shard-mb", type=int, default=512)
+    ap.add_argument("--dense", action="store_true", help="every task moves every weight (full fine-tunes)")
     args = ap.parse_args()
     p = PRESETS[args.preset]
     print(f"{args.preset}: {parameters(p) / 1e9:.3f}B parameters, {args.tasks} tasks, "
           f"{parameters(p) * 2 * (args.tasks + 1) / 1e9:.2f} GB to write", flush=True)
     t0 = time.perf_counter()
-    generate(Path(args.dir), args.preset, args.tasks, args.seed, args.max_shard_mb * 2**20, quiet=False)
+    generate(Path(args.dir), args.preset, args.tasks, args.seed, args.max_shard_mb * 2**20, quiet=False, dense=args.dense)
     print(f"done in {time.perf_counter() - t0:.1f}s")
 
 

@@ -229,14 +229,15 @@ def params_for(method: str, tasks: int) -> MethodParams:
 def run(args) -> dict:
     device = args.device
     root = Path(args.family)
-    base_dir, named = families.generate(root, args.preset, args.tasks, max_shard_bytes=args.file_mb * 2**20)
+    base_dir, named = families.generate(root, args.preset, args.tasks, max_shard_bytes=args.file_mb * 2**20,
+                                        dense=args.dense)
     task_dirs = [p for _, p in named]
     files = sorted(f for d in (base_dir, *task_dirs) for f in d.glob("*.safetensors"))
     work = Path(tempfile.mkdtemp(prefix="mfgpu-", dir=args.work))
     report: dict = {"device": device, "device_name": torch.cuda.get_device_name() if device.startswith("cuda") else
                     "cpu", "torch": torch.__version__, "cpu_threads": torch.get_num_threads(),
-                    "preset": args.preset, "tasks": args.tasks, "chunk_elems": args.chunk_elems,
-                    "staging": args.staging, "input_bytes": sum(f.stat().st_size for f in files), "stages": {}}
+                    "preset": args.preset, "dense": args.dense, "tasks": args.tasks, "chunk_elems": args.chunk_elems,
+                    "staging": args.staging if args.device.startswith("cuda") else "n/a", "input_bytes": sum(f.stat().st_size for f in files), "stages": {}}
     try:
         report["limits"] = limits(device, files, args.limit_mb * 2**20, args.repeats)
         shard_mod.PIN_CUDA_READS = args.staging == "pinned"
@@ -269,7 +270,8 @@ def run(args) -> dict:
 
 
 def print_report(r: dict) -> None:
-    print(f"{r['device_name']} ({r['device']}), torch {r['torch']}, {r['preset']} x {r['tasks']} tasks, "
+    print(f"{r['device_name']} ({r['device']}, {r['cpu_threads']} CPU threads), torch {r['torch']}, "
+          f"{r['preset']}{' dense' if r['dense'] else ''} x {r['tasks']} tasks, "
           f"{r['input_bytes'] / 1e9:.2f} GB of inputs, chunk {r['chunk_elems']}, staging {r['staging']}")
     print("limits, GB/s: " + ", ".join(f"{k} {v:.1f}" for k, v in r["limits"].items()))
     ref = [k for k in ("h2d pinned", "read warm") if k in r["limits"]]
@@ -291,6 +293,7 @@ def main() -> None:
     ap.add_argument("family", help="folder of the checkpoint family (generated there when missing)")
     ap.add_argument("--preset", choices=sorted(families.PRESETS), default="0.1b")
     ap.add_argument("--tasks", type=int, default=8)
+    ap.add_argument("--dense", action="store_true", help="a family whose tasks move every weight (bench/families.py)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {', '.join(METHODS)}")
     ap.add_argument("--chunk-elems", type=int, default=None,

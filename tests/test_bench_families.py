@@ -71,6 +71,18 @@ def test_task_vectors_sparse_heavy_tailed_and_overlapping(tmp_path):
     assert (z**4).mean() > 6  # kurtosis well above a Gaussian's 3
 
 
+def test_dense_families_move_nearly_every_weight_and_keep_the_sparse_ones_bytes(tmp_path):
+    base, tasks = families.generate(tmp_path / "d", "tiny", tasks=2, dense=True)
+    b = load(base)
+    name = "model.layers.0.mlp.gate_proj.weight"
+    for _, p in tasks:
+        moved = (load(p)[name].float() != b[name].float()).float().mean()
+        assert moved > 0.9  # all but the updates bf16 rounds away
+    sparse_base, _ = families.generate(tmp_path / "s", "tiny", tasks=2)
+    assert digest(base) == digest(sparse_base)  # the same base model under both
+    assert json.loads((tmp_path / "d" / "family.json").read_text())["dense"] is True
+
+
 def test_mergeflow_plans_a_generated_family(tmp_path):
     base, tasks = families.generate(tmp_path / "f", "tiny", tasks=2, max_shard_bytes=64 * 1024)
     plan = make_plan(config_for(base, tasks, tmp_path / "out", {"name": "task_arithmetic"}))

@@ -74,17 +74,45 @@ def laplace_rows(n: int, seed: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("density", [0.2, 0.5])
-def test_sparse_task_vectors_take_one_pass_dense_ones_two(density):
+def test_sparse_task_vectors_take_one_pass_and_dense_ones_one_where_the_window_fits(density):
     x = laplace_rows(1 << 22, seed=1)
     gen = torch.Generator().manual_seed(0)
     got, plans = select(split(x, gen), density)
     assert np.array_equal(got, reference(x, density))
     # 85% zeros: the k-th value is 0 with room to spare, so the one pass counts zeros only
     assert plans[0][1] == Count("window", 0, 1)
-    # dense Laplace rows: a sample of 131072 places the k-th value within ~15 bins, too wide
-    # a window; they take the histogram, then a window on its bin
-    assert plans[0][0] == Count("high") and plans[1][0].kind == "window" and plans[1][0].width == 1 << 16
-    assert len(plans) == 2 and plans[1][1] == kth_value.SKIP
+    if density == 0.5:
+        # dense Laplace rows: a sample of 131072 values places the median |tau| within 16 bins
+        # (the widest window): one pass for every task
+        assert plans[0][0].kind == "window" and 1 << 16 < plans[0][0].width <= kth_value.WINDOW_MAX_BINS << 16
+        assert len(plans) == 1
+    else:
+        # at the 80th percentile that small a sample leaves a wider window: the histogram, then
+        # a window on its bin (a whole model's sample is ~100x larger, its window narrower)
+        assert plans[0][0] == Count("high") and plans[1][0] == Count("window", plans[1][0].lo, 1 << 16)
+        assert len(plans) == 2 and plans[1][1] == kth_value.SKIP
+
+
+@pytest.mark.parametrize("width_bins", [1, 3, 16])
+def test_cpu_window_counts_equal_the_bincount_ones(width_bins):
+    """The CPU's select-then-count path and the devices' bincount path give the same counts,
+    at the window's edges, below it, above it, and at the largest bit patterns."""
+    gen = torch.Generator().manual_seed(width_bins)
+    bits = torch.randint(0, 1 << 31, (50_000,), generator=gen, dtype=torch.int64).to(torch.int32)
+    lo = 0x3A000000
+    edges = torch.tensor([lo - 1, lo, lo + (width_bins << 16) - 1, lo + (width_bins << 16), 2**31 - 1, 0],
+                         dtype=torch.int32)
+    bits = torch.cat([bits, edges, torch.randint(lo, lo + (width_bins << 16), (5000,), generator=gen,
+                                                 dtype=torch.int64).to(torch.int32)])
+    for c in (Count("window", lo, width_bins << 16), Count("window", (1 << 31) - (width_bins << 16), width_bins << 16)):
+        cpu = torch.zeros(c.columns, dtype=torch.int64)
+        kth_value._add_window_cpu(cpu, bits, c)
+        kth_value._add_window_cpu(cpu, bits[:1000], c)  # counts add up across chunks
+        dev = torch.zeros(c.columns, dtype=torch.int64)
+        kth_value.add_window(dev, bits, c, torch.empty_like(bits))
+        kth_value.add_window(dev, bits[:1000], c, torch.empty(1000, dtype=torch.int32))
+        assert torch.equal(cpu, dev) and int(cpu.sum()) == bits.numel() + 1000
+        assert int(cpu[1:-1].sum()) > 0
 
 
 def test_a_misleading_sample_costs_passes_not_exactness():

@@ -48,9 +48,10 @@ def kth_rank(total: int, density: float) -> int:
 SAMPLE_EVERY = 32  # the sample reads one block in this many
 SAMPLE_BLOCK = 1 << 16  # elements per sampled block: long reads, spread evenly over each tensor
 SAMPLE_SLACK = 0.01  # rank margin for the sample's correlation (see first_count)
-WINDOW_MAX_BINS = 4  # widest window, in high-half bins of 65536 bit patterns: wider histograms
-# leave the cache and cost more than the passes they replace (bincount: ~3.4 ns per value at
-# 65536 columns, ~5 at 262144, ~12 at 1M, on a 2.4 GHz core)
+WINDOW_MAX_BINS = 16  # widest window, in high-half bins of 65536 bit patterns (8 MiB of int64
+# counts per task). On a CPU a window pass costs ~2-3 ns per value at any width up to this, as it
+# counts only the few percent of values inside (_add_window_cpu); a bincount of every value into
+# 1M columns took ~18 ns. A wider window would mean a second pass on the CPU and, more, memory.
 
 
 def sample_ranges(numel: int, phase: int = 0):
@@ -179,10 +180,32 @@ def add_counts(counts: list[torch.Tensor], taus: torch.Tensor, plan: Plan) -> in
             nonzero = int(torch.count_nonzero(bits))
             counts[t][1] += bits.numel() - nonzero
             counts[t][2] += nonzero
+        elif bits.device.type == "cpu":
+            _add_window_cpu(counts[t], bits, c)
         else:
-            torch.sub(bits, c.lo, out=key).clamp_(-1, c.width).add_(1)
-            counts[t] += torch.bincount(key, minlength=c.width + 2)
+            add_window(counts[t], bits, c, key)
     return top
+
+
+def add_window(row: torch.Tensor, bits: torch.Tensor, c: Count, key: torch.Tensor) -> None:
+    """Window counts [below, one per pattern in [lo, lo + width), above] with one bincount over
+    every value (int32 scratch `key`): for devices, where a histogram of any width is cheap."""
+    torch.sub(bits, c.lo, out=key).clamp_(-1, c.width).add_(1)
+    row += torch.bincount(key, minlength=c.width + 2)
+
+
+def _add_window_cpu(row: torch.Tensor, bits: torch.Tensor, c: Count) -> None:
+    """add_window on a CPU: select the values inside the window (a few percent of them) and count
+    only those, in numpy (torch's comparisons and masked_select cost ~2x more here). A bincount
+    over every value writes width + 2 counters per chunk, which leaves the cache."""
+    b = bits.numpy()
+    last = c.lo + c.width - 1  # <= 2**31 - 1: compared as int32
+    below = int(np.count_nonzero(b < c.lo))
+    inside = b[(b >= c.lo) & (b <= last)]
+    out = row.numpy()
+    np.add.at(out, inside - (c.lo - 1), 1)
+    out[0] += below
+    out[-1] += b.size - below - inside.size
 
 
 def compact(counts: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
