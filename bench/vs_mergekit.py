@@ -108,6 +108,7 @@ def main() -> None:
     ap.add_argument("--preset", default="0.5b", choices=sorted(families.PRESETS))
     ap.add_argument("--tasks", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dense", action="store_true", help="a family whose tasks move every weight (bench/families.py)")
     ap.add_argument("--methods", default="ta,ties-global,ties-tensor,consensus",
                     help=f"comma-separated, from {sorted(METHODS)}")
     ap.add_argument("--tools", default="mergeflow,mergekit,floor")
@@ -126,11 +127,11 @@ def main() -> None:
 
     family = Path(args.family)
     t0 = time.perf_counter()
-    base, tasks = families.generate(family, args.preset, args.tasks, args.seed)
+    base, tasks = families.generate(family, args.preset, args.tasks, args.seed, dense=args.dense)
     print(f"family {family}: ready in {time.perf_counter() - t0:.1f}s")
     input_bytes = sum(f.stat().st_size for d in [base, *(p for _, p in tasks)] for f in d.glob("*.safetensors"))
     params = families.parameters(families.PRESETS[args.preset])
-    info = machine() | {"preset": args.preset, "parameters": params, "tasks": args.tasks,
+    info = machine() | {"preset": args.preset, "dense": args.dense, "parameters": params, "tasks": args.tasks,
                         "input_gb": round(input_bytes / 1e9, 3)}
     print(json.dumps(info))
 
