@@ -69,7 +69,7 @@ def main() -> None:
                 for edge in (b - 1, b):
                     if edge >= 0:
                         worst = max(worst, abs(scum[i, edge] / n[i] - cum[i, edge] / total) / np.sqrt(q * (1 - q)))
-                c = kth_value.first_count(sample.high[i], int(sample.zeros[i]), total, k)
+                c = kth_value.first_count(sample.high[i], int(sample.zeros[i]), total, k, sample.blocks)
                 if c.kind == "high":
                     plans.append("hist")
                 elif c.width == 1:

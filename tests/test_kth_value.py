@@ -74,23 +74,40 @@ def laplace_rows(n: int, seed: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("density", [0.2, 0.5])
-def test_sparse_task_vectors_take_one_pass_and_dense_ones_one_where_the_window_fits(density):
+def test_sparse_task_vectors_take_one_pass_dense_ones_two_from_a_sample_of_few_blocks(density):
     x = laplace_rows(1 << 22, seed=1)
     gen = torch.Generator().manual_seed(0)
     got, plans = select(split(x, gen), density)
     assert np.array_equal(got, reference(x, density))
     # 85% zeros: the k-th value is 0 with room to spare, so the one pass counts zeros only
     assert plans[0][1] == Count("window", 0, 1)
-    if density == 0.5:
-        # dense Laplace rows: a sample of 131072 values places the median |tau| within 16 bins
-        # (the widest window): one pass for every task
-        assert plans[0][0].kind == "window" and 1 << 16 < plans[0][0].width <= kth_value.WINDOW_MAX_BINS << 16
-        assert len(plans) == 1
-    else:
-        # at the 80th percentile that small a sample leaves a wider window: the histogram, then
-        # a window on its bin (a whole model's sample is ~100x larger, its window narrower)
-        assert plans[0][0] == Count("high") and plans[1][0] == Count("window", plans[1][0].lo, 1 << 16)
-        assert len(plans) == 2 and plans[1][1] == kth_value.SKIP
+    # dense Laplace rows: five parts sampled in one block each leave the k-th value's place too
+    # uncertain for a window; they take the histogram, then a window on its bin (never a miss)
+    assert plans[0][0] == Count("high") and plans[1][0] == Count("window", plans[1][0].lo, 1 << 16)
+    assert len(plans) == 2 and plans[1][1] == kth_value.SKIP
+
+
+def blocks_sample(x: torch.Tensor, block: int) -> kth_value.Sample:
+    """A 1/32 sample of x in blocks of `block` values."""
+    sample = kth_value.Sample.empty(x.shape[0])
+    for lo in range(0, x.shape[1], block * kth_value.SAMPLE_EVERY):
+        sample.add(x[:, lo:lo + block])
+    return sample
+
+
+def test_dense_task_vectors_take_one_pass_from_a_sample_of_many_blocks():
+    x = laplace_rows(1 << 22, seed=1)
+    many = blocks_sample(x, 512)  # 256 blocks, as a whole model's sample has per task
+    got, plans = select(split(x, torch.Generator().manual_seed(0)), 0.5, sample=many)
+    assert np.array_equal(got, reference(x, 0.5))
+    assert plans[0][0].kind == "window" and 1 << 16 < plans[0][0].width <= kth_value.WINDOW_MAX_BINS << 16
+    assert len(plans) == 1
+    # the same number of values in two blocks: their rows' scales decide it, so no window is trusted
+    few = blocks_sample(x, 1 << 16)
+    assert few.blocks == 2 and few.high.sum() == many.high.sum()
+    got, plans = select(split(x, torch.Generator().manual_seed(0)), 0.5, sample=few)
+    assert np.array_equal(got, reference(x, 0.5))
+    assert plans[0][0] == Count("high") and len(plans) == 2
 
 
 @pytest.mark.parametrize("width_bins", [1, 3, 16])

@@ -47,7 +47,8 @@ def kth_rank(total: int, density: float) -> int:
 
 SAMPLE_EVERY = 32  # the sample reads one block in this many
 SAMPLE_BLOCK = 1 << 16  # elements per sampled block: long reads, spread evenly over each tensor
-SAMPLE_SLACK = 0.01  # rank margin for the sample's correlation (see first_count)
+SAMPLE_SLACK = 0.01  # rank margin for the sample's correlation (see first_count) ...
+BLOCK_SLACK = 0.05  # ... or this over sqrt(blocks sampled), when larger (under 25 blocks: one tensor)
 WINDOW_MAX_BINS = 16  # widest window, in high-half bins of 65536 bit patterns (8 MiB of int64
 # counts per task). On a CPU a window pass costs ~2-3 ns per value at any width up to this, as it
 # counts only the few percent of values inside (_add_window_cpu); a bincount of every value into
@@ -69,6 +70,7 @@ class Sample:
 
     high: np.ndarray  # (T, HIGH_BINS)
     zeros: np.ndarray  # (T,)
+    blocks: int = 0  # sampled blocks (add() takes one block at a time)
 
     @classmethod
     def empty(cls, tasks: int) -> "Sample":
@@ -77,9 +79,14 @@ class Sample:
     def add(self, taus: torch.Tensor) -> None:
         self.high += high_histogram(taus)
         self.zeros += (taus.shape[1] - torch.count_nonzero(taus, dim=1)).cpu().numpy()
+        self.blocks += 1
 
     def __add__(self, other: "Sample") -> "Sample":
-        return Sample(self.high + other.high, self.zeros + other.zeros)
+        return Sample(self.high + other.high, self.zeros + other.zeros, self.blocks + other.blocks)
+
+    def first_plan(self, total: int, k: np.ndarray) -> list["Count"]:
+        """The first pass's Count for every task (see first_count)."""
+        return [first_count(self.high[t], int(self.zeros[t]), total, int(k[t]), self.blocks) for t in range(len(k))]
 
 
 @dataclass(frozen=True)
@@ -101,20 +108,25 @@ SKIP = Count()
 Plan = tuple  # of Count, one per task: what a pass counts
 
 
-def first_count(high: np.ndarray, zeros: int, total: int, k: int) -> Count:
+def first_count(high: np.ndarray, zeros: int, total: int, k: int, blocks: int) -> Count:
     """The first pass for one task: a window around its k-th value as the sample places it."""
     n = int(high.sum())
     if k <= 0:
         return SKIP
     if n == 0:
         return Count("high")
-    # The sample's rank of the k-th value, give or take 6 binomial standard deviations, plus
-    # SAMPLE_SLACK times the binomial spread of a sample of one: values within a block are
-    # correlated, so the sample errs ~10x more than a binomial one (measured on bench/families.py
-    # models); the slack leaves 3x on top of that.
+    # The sample's rank of the k-th value, give or take 6 binomial standard deviations, plus a
+    # slack times the binomial spread of a sample of one: values within a block are correlated
+    # (rows share a scale), so the sample errs ~10x more than a binomial one. On whole-model
+    # samples (~230 blocks a task) of bench/families.py models the error was 0.0033 (sparse) and
+    # 0.0087 (dense task vectors) times that spread: SAMPLE_SLACK. One tensor's sample holds a
+    # handful of blocks and errs like that many observations: BLOCK_SLACK / sqrt(blocks) (with a
+    # constant slack, 5 of 14 dense tensors' windows missed; with this, none of 71). A window
+    # that misses costs two more passes, never exactness.
     q = min(1.0, k / total)
     spread = math.sqrt(q * (1 - q))
-    margin = 6.0 * spread * math.sqrt(n) + SAMPLE_SLACK * spread * n + 8
+    slack = max(SAMPLE_SLACK, BLOCK_SLACK / math.sqrt(max(blocks, 1)))
+    margin = 6.0 * spread * math.sqrt(n) + slack * spread * n + 8
     r_lo, r_hi = max(1, math.floor(q * n - margin)), min(n, math.ceil(q * n + margin))
     if r_hi <= zeros:
         return Count("window", 0, 1)  # the k-th value is 0: only exact zeros need counting
@@ -129,7 +141,7 @@ def zeros_expected(sample: Sample, total: int, k: np.ndarray) -> bool:
     """Whether the sample puts every task's k-th value at 0 with margin (some task must trim at
     all): the thresholds are then all 0 unless each task has fewer than k exact zeros, which the
     apply pass can count instead of a pass of its own."""
-    plan = [first_count(sample.high[t], int(sample.zeros[t]), total, int(k[t])) for t in range(len(k))]
+    plan = sample.first_plan(total, k)
     return any(counts_zeros(c) for c in plan) and zeros_only(plan)
 
 
@@ -231,7 +243,7 @@ def select(run_pass: Callable[[Plan, int], list[np.ndarray]], sample: Sample, to
     too wide, or missed) a high-half histogram pass finds the bin of 65536 patterns that holds
     it, and a window on that bin finishes. At most three passes, usually one."""
     out = np.zeros(len(k), dtype=np.float32)
-    plan = [first_count(sample.high[t], int(sample.zeros[t]), total, int(k[t])) for t in range(len(k))]
+    plan = sample.first_plan(total, k)
     exact = [False] * len(k)  # the window comes from a full histogram: it cannot miss
     passes = 0
     while any(c.kind != "skip" for c in plan):
