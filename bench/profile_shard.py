@@ -34,7 +34,8 @@ def main() -> None:
     ap.add_argument("--shard", type=int, default=1)
     ap.add_argument("--pass", dest="which", choices=["apply", "sample", "zeros", "window", "high"], default="apply",
                     help="apply: merge_shard; sample: the TIES threshold sample; zeros / window / high: a TIES "
-                         "threshold counting pass of that kind (window: 4 high-half bins wide)")
+                         "threshold counting pass of that kind (window: --window-bins high-half bins wide)")
+    ap.add_argument("--window-bins", type=int, default=4, help="width of the --pass window window")
     ap.add_argument("--chunk-elems", type=int, default=1 << 22)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--profile", action="store_true")
@@ -54,7 +55,7 @@ def main() -> None:
         import dataclasses
 
         spec = dataclasses.replace(spec, thresholds=(1e-3,) * len(tasks))  # any value: same work
-    count = {"zeros": kth_value.Count("window", 0, 1), "window": kth_value.Count("window", 0x3A000000, 1 << 18),
+    count = {"zeros": kth_value.Count("window", 0, 1), "window": kth_value.Count("window", 0x3A000000, args.window_bins << 16),
              "high": kth_value.Count("high")}.get(args.which)
     fn = {"apply": lambda: merge_shard(spec), "sample": lambda: shard_ties_sample(spec)}.get(
         args.which, lambda: shard_counts(spec, (count,) * len(tasks)))
