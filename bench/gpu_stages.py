@@ -191,10 +191,7 @@ def ties_global(specs: list[ShardSpec], times: dict[str, float]) -> list:
     def run_pass(plan, i):
         nonlocal passes
         passes += 1
-        counts = [np.zeros(c.columns, dtype=np.int64) for c in plan]
-        for s in specs:
-            kth_value.add_compact(counts, shard_counts(s, plan))
-        return counts
+        return kth_value.summed(plan, (shard_counts(s, plan) for s in specs))
 
     t0 = time.perf_counter()
     thresholds = (0.0,) * t if guess else tuple(float(x) for x in kth_value.select(run_pass, sample, total, k))

@@ -42,9 +42,8 @@ def main() -> None:
     plan = make_plan(cfg)
     t = len(tasks)
     t0 = time.perf_counter()
-    high = np.zeros((t, kth_value.HIGH_BINS), dtype=np.int64)
-    for s in plan.shards:
-        kth_value.add_compact(list(high), shard_counts(s, (kth_value.Count("high"),) * t))
+    full = (kth_value.Count("high"),) * t
+    high = np.stack(kth_value.summed(full, (shard_counts(s, full) for s in plan.shards)))
     cum = np.cumsum(high, axis=1)
     total = int(cum[0, -1])
     print(f"{t} tasks, {total} values per task; exact histogram {time.perf_counter() - t0:.1f}s; "

@@ -222,7 +222,7 @@ def _add_window_cpu(row: torch.Tensor, bits: torch.Tensor, c: Count) -> None:
 
 def compact(counts: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
     """Per task, the nonzero columns of a pass's counts and their values: what a shard sends
-    back (a window is up to 262144 columns, nearly all empty)."""
+    back (a window is up to WINDOW_MAX_BINS << 16 columns, nearly all empty)."""
     out = []
     for row in counts:
         idx = np.flatnonzero(row)
@@ -233,6 +233,14 @@ def compact(counts: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
 def add_compact(counts: list[np.ndarray], parts: list[tuple[np.ndarray, np.ndarray]]) -> None:
     for row, (idx, values) in zip(counts, parts):
         row[idx] += values
+
+
+def summed(plan: Plan, shard_parts) -> list[np.ndarray]:
+    """One pass's counts over the whole model: the compact parts every shard sent, added up."""
+    counts = [np.zeros(c.columns, dtype=np.int64) for c in plan]
+    for parts in shard_parts:
+        add_compact(counts, parts)
+    return counts
 
 
 def select(run_pass: Callable[[Plan, int], list[np.ndarray]], sample: Sample, total: int, k: np.ndarray) -> np.ndarray:

@@ -95,10 +95,9 @@ def ties_thresholds(plan: Plan, quiet: bool, sampled: tuple[kth_value.Sample, in
 
     def run_pass(counting: kth_value.Plan, i: int) -> list[np.ndarray]:
         kinds = sorted({c.kind for c in counting} - {"skip"})
-        counts = [np.zeros(c.columns, dtype=np.int64) for c in counting]
         calls = [(s, counting) for s in plan.shards]
-        for part in runtime.run_tasks(shard_counts, calls, desc=f"TIES threshold: pass {i + 1} ({'+'.join(kinds)})", **kw):
-            kth_value.add_compact(counts, part)
+        counts = kth_value.summed(counting, runtime.run_tasks(
+            shard_counts, calls, desc=f"TIES threshold: pass {i + 1} ({'+'.join(kinds)})", **kw))
         if i == 1:
             log.info("TIES thresholds: %s needed more than one pass", ", ".join(
                 plan.task_names[j] for j, c in enumerate(counting) if c.kind != "skip"))
