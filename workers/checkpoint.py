@@ -9,6 +9,7 @@ loading them would execute code from the file.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -18,6 +19,10 @@ from workers.safetensors_io import FileHeader, TensorInfo, read_header
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
+
+
+class UnreadableIndex(CheckpointError):
+    """An index that is not JSON at all; discovery takes it for one still being written."""
 
 
 @dataclass(frozen=True)
@@ -54,18 +59,11 @@ def _resolve_files(uri: str, options: StorageOptions | None) -> tuple[list[str],
         return [uri], None
     if uri.endswith((".bin", ".pt", ".pth", ".ckpt")):
         raise CheckpointError(f"{uri}: pickled checkpoints are refused (unsafe to load); convert to safetensors first")
-    index_uri, single_uri = join(uri, INDEX_NAME), join(uri, SINGLE_NAME)
     config_uri = join(uri, "config.json")
     config = config_uri if store.exists(config_uri) else None
-    if store.exists(index_uri):
-        try:
-            index = json.loads(store.read_bytes(index_uri))
-            names = sorted(set(index["weight_map"].values()))
-        except (ValueError, KeyError, TypeError, AttributeError):
-            raise CheckpointError(f"{index_uri}: not a valid safetensors index (needs a 'weight_map')") from None
+    names = folder_files(uri, lambda n: store.exists(join(uri, n)), store.read_bytes)
+    if names is not None:
         return [join(uri, n) for n in names], config
-    if store.exists(single_uri):
-        return [single_uri], config
     # An s3 "directory" exists when objects lie under it (S3Storage.exists checks the prefix).
     if config is None and not store.exists(uri):
         where = " (no objects under this prefix)" if is_s3(uri) else ""
@@ -73,6 +71,46 @@ def _resolve_files(uri: str, options: StorageOptions | None) -> tuple[list[str],
     if store.exists(join(uri, "pytorch_model.bin")):
         raise CheckpointError(f"{uri}: only pytorch_model.bin found; pickled checkpoints are refused, convert to safetensors")
     raise CheckpointError(f"{uri}: no {SINGLE_NAME} or {INDEX_NAME} found")
+
+
+def folder_files(folder: str, has: Callable[[str], bool], read_bytes: Callable[[str], bytes]) -> list[str] | None:
+    """Names of the safetensors files a checkpoint folder is read from, or None when it has neither
+    an index nor model.safetensors. The index wins when both are there. `has(name)` says whether
+    the folder holds a file; shared with tasks_from discovery, so a folder counts as complete by the
+    very files a merge will read."""
+    if has(INDEX_NAME):
+        index_uri = join(folder, INDEX_NAME)
+        return index_shards(index_uri, read_bytes(index_uri))
+    if has(SINGLE_NAME):
+        return [SINGLE_NAME]
+    return None
+
+
+def index_shards(index_uri: str, data: bytes) -> list[str]:
+    """The shard names an index's weight_map lists, sorted, each a plain file name beside the index."""
+    try:
+        index = json.loads(data)
+    except ValueError:  # a truncated index is not JSON: UnreadableIndex lets discovery wait for the rest
+        raise UnreadableIndex(f"{index_uri}: not a valid safetensors index (not JSON)") from None
+    try:
+        names = sorted(set(index["weight_map"].values()))
+    except (KeyError, TypeError, AttributeError):
+        raise CheckpointError(f"{index_uri}: not a valid safetensors index (needs a 'weight_map' "
+                              "of tensor name to shard file name)") from None
+    if not names:
+        raise CheckpointError(f"{index_uri}: its weight_map lists no shards")
+    for name in names:
+        if not _plain_shard_name(name):
+            # A crafted index must not make a merge read (and publish the sums of) files elsewhere.
+            raise CheckpointError(f"{index_uri}: weight_map entry {name!r} is not a .safetensors file name in the "
+                                  "checkpoint folder; list shards by bare file name")
+    return names
+
+
+def _plain_shard_name(name: object) -> bool:
+    # No separator means no "../", no absolute path and no sub-folder; NUL would break the path itself.
+    return (isinstance(name, str) and name.endswith(".safetensors") and name not in (".", "..")
+            and not any(c in name for c in "/\\\0"))
 
 
 def open_checkpoint(uri: str, options: StorageOptions | None = None) -> Checkpoint:

@@ -10,13 +10,12 @@ run, and newly discovered ones follow, sorted by name; a first run is simply sor
 
 from __future__ import annotations
 
-import json
 import logging
 
 from pydantic import ValidationError
 
 from infra.storage import join, storage_for
-from workers.checkpoint import INDEX_NAME, SINGLE_NAME
+from workers.checkpoint import INDEX_NAME, SINGLE_NAME, UnreadableIndex, folder_files
 from workers.errors import ConfigError
 from workflows.config import TASK_NAME, MergeConfig, _format_error
 
@@ -24,17 +23,15 @@ log = logging.getLogger(__name__)
 
 
 def _complete(folder: str, names: set[str], store) -> bool:
-    """A checkpoint that has fully landed: one model.safetensors, or an index whose every shard
-    is there (write the index last when uploading a sharded checkpoint)."""
-    if SINGLE_NAME in names:
-        return True
-    if INDEX_NAME not in names:
-        return False
+    """A checkpoint that has fully landed: every file a merge would read from it is there (write the
+    index last when uploading a sharded checkpoint). Judged by workers.checkpoint.folder_files, so
+    the index wins over a model.safetensors beside it, as it does when the merge reads the folder;
+    an index naming files outside the folder is a CheckpointError, not a folder still uploading."""
     try:
-        index = json.loads(store.read_bytes(join(folder, INDEX_NAME)))
-        return set(index["weight_map"].values()) <= names
-    except (ValueError, KeyError, TypeError, AttributeError):
-        return False
+        files = folder_files(folder, names.__contains__, store.read_bytes)
+    except UnreadableIndex:
+        return False  # perhaps caught mid-write (a local copy); judged again on the next run
+    return files is not None and set(files) <= names
 
 
 def discover(prefix: str, options, exclude: tuple[str, ...] = ()) -> list[tuple[str, str]]:
