@@ -7,11 +7,16 @@ a random token) and refreshed by a heartbeat thread. Every change to it is a com
   exists, and readers never see a half-written lock); on S3 a PUT with `If-None-Match: *`.
 - take over a stale lock, refresh the heartbeat, release: replace or delete only if the object is
   still the version we read. On S3 that is `If-Match: <ETag>` on PUT and DELETE; locally the
-  read-compare-write runs under an flock of a guard file (released by the kernel if we die).
+  read-compare-write runs under an flock of the lock file itself (released by the kernel if we
+  die), checking that its name still points at the file we locked.
 
 A lock is stale when its heartbeat is older than the TTL, as measured by the store's own clock
-(file mtime against this host's clock; S3 LastModified against the server's Date header), or when
-its holder runs on this host and its pid is gone. SeaweedFS 4.48 honours both conditional headers
+(file mtime against this host's clock; S3 LastModified against the server's Date header). A pid
+says nothing on its own: containers share host names and each PID namespace numbers its processes
+from 1. Only a holder that provably ran in our own PID namespace on this very boot (same boot id,
+same namespace inode) and whose process is gone (no such pid, or a pid reused by a process that
+started later) is taken over before the TTL: a crashed merge does not block the next one for two
+minutes, and a live holder elsewhere is never mistaken for a dead one. SeaweedFS 4.48 honours both conditional headers
 (tests/test_lock.py checks it against a real server); a store that silently ignored them would
 make two writers possible, which the read-back after each create or takeover narrows but cannot
 rule out.
@@ -52,6 +57,35 @@ class LockLost(MergeflowError):
     """Our lock was taken over (our heartbeat stopped for longer than the TTL)."""
 
 
+def _read(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def pid_namespace() -> str:
+    """This process's PID namespace on this boot ("" where the kernel does not say): pids mean
+    the same process only between holders that share it."""
+    boot = _read("/proc/sys/kernel/random/boot_id")
+    try:
+        st = os.stat("/proc/self/ns/pid")
+    except OSError:
+        return ""
+    return f"{boot}/{st.st_dev}:{st.st_ino}" if boot else ""
+
+
+def process_start(pid: int) -> str:
+    """When process `pid` started, in clock ticks since boot ("" when there is no such process):
+    tells a live holder from a later process that reused its pid."""
+    stat = _read(f"/proc/{pid}/stat")
+    return stat.rsplit(")", 1)[-1].split()[19] if stat else ""
+
+
+_HELD_HERE: set[str] = set()  # tokens of the locks this process holds right now
+
+
 @dataclass(frozen=True)
 class Holder:
     host: str
@@ -60,6 +94,8 @@ class Holder:
     heartbeat: float
     token: str
     command: str = ""
+    pid_namespace: str = ""  # see pid_namespace(); "" for holders that cannot be judged by pid
+    process_start: str = ""
 
     def body(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode()
@@ -69,9 +105,20 @@ class Holder:
         try:
             d = json.loads(data)
             return Holder(str(d["host"]), int(d["pid"]), float(d["started"]), float(d["heartbeat"]),
-                          str(d["token"]), str(d.get("command", "")))
-        except (ValueError, KeyError, TypeError):
+                          str(d["token"]), str(d.get("command", "")), str(d.get("pid_namespace", "")),
+                          str(d.get("process_start", "")))
+        except (ValueError, KeyError, TypeError, AttributeError):
             return None  # unreadable: treated as stale once old enough
+
+    def gone(self) -> bool:
+        """True only when this holder ran in our PID namespace on this boot and no longer holds the
+        lock: its process is gone, or it is this process and none of our live locks has its token
+        (a release that failed, say while the store was unreachable)."""
+        if not self.pid_namespace or self.pid_namespace != pid_namespace():
+            return False
+        if self.pid == os.getpid():
+            return self.token not in _HELD_HERE
+        return process_start(self.pid) != self.process_start
 
     def describe(self) -> str:
         started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started))
@@ -92,19 +139,12 @@ class Seen:
 
 
 class _LocalBackend:
+    """Compare-and-swap on a local file. Replacing or deleting happens under an flock of the file
+    itself, and only if the path still names the inode we locked and holds the version we read:
+    a contender that waited on a file since replaced or deleted sees the change and loses."""
+
     def __init__(self, path: str):
         self.path = Path(path)
-        self.guard = self.path.with_name(self.path.name + ".guard")
-
-    @contextmanager
-    def _guarded(self):
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.guard, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)  # closing releases the flock
 
     def _tmp(self, body: bytes) -> Path:
         tmp = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex[:12]}.tmp")
@@ -118,14 +158,14 @@ class _LocalBackend:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self._tmp(body)
         try:
-            os.link(tmp, self.path)
+            os.link(tmp, self.path)  # fails if the name exists; readers never see a half-written lock
         except FileExistsError:
             return None
         finally:
             tmp.unlink(missing_ok=True)
         return hashlib.sha256(body).hexdigest()
 
-    def _read(self) -> Seen | None:
+    def read(self) -> Seen | None:
         try:
             with open(self.path, "rb") as f:
                 data, mtime = f.read(), os.fstat(f.fileno()).st_mtime
@@ -133,24 +173,34 @@ class _LocalBackend:
             return None
         return Seen(Holder.parse(data), hashlib.sha256(data).hexdigest(), max(0.0, time.time() - mtime))
 
-    def read(self) -> Seen | None:
-        return self._read()
+    @contextmanager
+    def _locked_if(self, version: str):
+        """Yield True, holding the file's flock, when the file is still at `version`; else False."""
+        try:
+            f = open(self.path, "rb")
+        except FileNotFoundError:
+            yield False
+            return
+        with f:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)  # released when f closes, also if we die
+            try:
+                same_inode = os.stat(self.path).st_ino == os.fstat(f.fileno()).st_ino
+            except FileNotFoundError:
+                same_inode = False
+            yield same_inode and hashlib.sha256(f.read()).hexdigest() == version
 
     def replace(self, body: bytes, version: str) -> str | None:
-        with self._guarded():
-            seen = self._read()
-            if seen is None or seen.version != version:
+        with self._locked_if(version) as ours:
+            if not ours:
                 return None
             os.replace(self._tmp(body), self.path)
         return hashlib.sha256(body).hexdigest()
 
     def delete(self, version: str) -> bool:
-        with self._guarded():
-            seen = self._read()
-            if seen is None or seen.version != version:
-                return False
-            self.path.unlink()
-        return True
+        with self._locked_if(version) as ours:
+            if ours:
+                self.path.unlink()
+            return ours
 
 
 # ------------------------------------------------------------------------------------------- S3
@@ -222,16 +272,6 @@ class _S3Backend:
 # ----------------------------------------------------------------------------------------- lock
 
 
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's process
-    return True
-
-
 class RunLock:
     """`with RunLock(root): ...` holds ROOT/.mergeflow.lock for the block, or raises LockHeld."""
 
@@ -256,16 +296,14 @@ class RunLock:
         return self._backend.read()
 
     def is_stale(self, seen: Seen) -> bool:
-        h = seen.holder
-        if seen.age > self.ttl:
-            return True
-        return h is not None and h.host == socket.gethostname() and h.pid != os.getpid() and not pid_alive(h.pid)
+        return seen.age > self.ttl or (seen.holder is not None and seen.holder.gone())
 
     # -- acquire / refresh / release
 
     def acquire(self) -> "RunLock":
         now = time.time()
-        me = Holder(socket.gethostname(), os.getpid(), now, now, uuid.uuid4().hex, self.command)
+        me = Holder(socket.gethostname(), os.getpid(), now, now, uuid.uuid4().hex, self.command, pid_namespace(),
+                    process_start(os.getpid()))
         body = me.body()
         for _ in range(5):
             version = self._backend.create(body)
@@ -281,6 +319,7 @@ class RunLock:
                 if version is None:
                     continue  # someone else changed it first: look again
             if self._confirm(me):
+                _HELD_HERE.add(me.token)
                 self._holder, self._version = me, version
                 self._start_heartbeat()
                 return self
@@ -295,8 +334,8 @@ class RunLock:
     def _held_message(self, seen: Seen) -> str:
         who = seen.holder.describe() if seen.holder else "an unreadable lock object"
         return (f"{self.root}: locked by {who}, heartbeat {seen.age:.0f}s ago; another merge into this output "
-                f"is running, retry later (the lock is stale after {self.ttl:.0f}s without a heartbeat "
-                f"or once its process is gone; {self.uri})")
+                f"is running, retry later (the lock is stale after {self.ttl:.0f}s without a heartbeat, "
+                f"or once its process is gone from this PID namespace; {self.uri})")
 
     def refresh(self) -> bool:
         """Write a new heartbeat if the lock is still ours; False (and `lost`) if it is not."""
@@ -340,9 +379,13 @@ class RunLock:
             self._thread.join()
             self._thread = None
         with self._mutex:
-            if self._holder is not None and not self.lost:
-                if not self._backend.delete(self._version):
-                    log.warning("%s: the lock was no longer ours at release", self.root)
+            if self._holder is not None:
+                _HELD_HERE.discard(self._holder.token)
+                try:
+                    if not self.lost and not self._backend.delete(self._version):
+                        log.warning("%s: the lock was no longer ours at release", self.root)
+                except MergeflowError as e:  # the store is unreachable: the lock goes stale after the TTL
+                    log.warning("%s: could not release the lock (%s); it is stale after %.0fs", self.root, e, self.ttl)
             self._holder = self._version = None
 
     def __enter__(self) -> "RunLock":

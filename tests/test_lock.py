@@ -13,6 +13,7 @@ os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "mf-e2e-Secret-7Qx2vLp9")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 
 import json  # noqa: E402
+import shlex  # noqa: E402
 import signal  # noqa: E402
 import socket  # noqa: E402
 import subprocess  # noqa: E402
@@ -26,7 +27,7 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 
 from infra.local_services import s3_client  # noqa: E402
-from infra.lock import LOCK_NAME, Holder, LockHeld, LockLost, RunLock  # noqa: E402
+from infra.lock import LOCK_NAME, Holder, LockHeld, LockLost, RunLock, pid_namespace  # noqa: E402
 from infra.storage import StorageOptions  # noqa: E402
 from workers.errors import StorageError  # noqa: E402
 
@@ -60,9 +61,9 @@ def where(request, tmp_path):
     return f"s3://{server.endpoint.bucket}/{prefix}", options, put_s3, None
 
 
-def foreign(host: str = "elsewhere", pid: int = 4242) -> bytes:
+def foreign(host: str = "elsewhere", pid: int = 4242, namespace: str = "") -> bytes:
     now = time.time()
-    return Holder(host, pid, now - 3600, now, "t" * 32, "mergeflow watch cfg.yaml").body()
+    return Holder(host, pid, now - 3600, now, "t" * 32, "mergeflow watch cfg.yaml", namespace, "1").body()
 
 
 def test_second_holder_is_refused_with_the_holder_named(where):
@@ -98,7 +99,7 @@ def test_expired_heartbeat_is_taken_over(where):
 
 def test_concurrent_takeovers_of_one_stale_lock_have_one_winner(where):
     root, options, put, _ = where
-    put(foreign(host=socket.gethostname(), pid=dead_pid()))  # stale: its process is gone
+    put(foreign(host=socket.gethostname(), pid=dead_pid(), namespace=pid_namespace()))  # stale: its process is gone
     barrier = threading.Barrier(6)
     outcome: list[object] = []
 
@@ -193,3 +194,68 @@ def test_lock_on_a_missing_bucket_fails_without_creating_it(s3_server):
     assert f"bucket {bucket!r} does not exist" in str(err.value)
     names = [b["Name"] for b in s3_client(s3_server.endpoint).list_buckets()["Buckets"]]
     assert bucket not in names
+
+
+def _free_pid() -> int:
+    """A pid number no process of this namespace uses right now."""
+    pid_max = int(Path("/proc/sys/kernel/pid_max").read_text())
+    return next(p for p in range(pid_max - 2, 1000, -1) if not Path(f"/proc/{p}").exists())
+
+
+@pytest.mark.skipif(not Path("/usr/bin/unshare").exists() or os.geteuid() != 0,
+                    reason="needs unshare and root for a PID namespace")
+def test_live_holder_in_another_pid_namespace_is_not_taken_over(tmp_path):
+    """Containers share host names and number their own processes: a live holder in another PID
+    namespace whose pid does not exist here (or is another process here) keeps its lock until the TTL."""
+    root = tmp_path / "out"
+    pid = _free_pid()
+    holder = textwrap.dedent(f"""
+        import os, time
+        from infra.lock import RunLock
+        lock = RunLock({str(root)!r}, ttl=3600, heartbeat=60, command="namespaced").acquire()
+        print(os.getpid(), flush=True)
+        time.sleep(600)
+    """)
+    # ns_last_pid makes the holder's pid one that no process of this namespace has
+    inner = f"echo {pid - 1} > /proc/sys/kernel/ns_last_pid; {sys.executable} -c {shlex.quote(holder)}"
+    proc = subprocess.Popen(["unshare", "--pid", "--fork", "--mount-proc", "sh", "-c", inner], cwd=REPO,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        inside = int(proc.stdout.readline())
+        assert inside == pid and not Path(f"/proc/{pid}").exists()  # its pid means nothing here
+        with pytest.raises(LockHeld) as err:
+            RunLock(str(root), ttl=3600, heartbeat=60).acquire()
+        assert "(namespaced)" in str(err.value) and "\n" not in str(err.value)
+    finally:
+        proc.kill()
+        subprocess.run(["pkill", "-KILL", "-f", "command=.namespaced."], check=False)
+        proc.wait(timeout=30)
+
+
+def test_a_reused_pid_does_not_keep_a_dead_holders_lock(tmp_path):
+    """Same namespace, the pid now belongs to a process that started later: the holder is gone."""
+    root = tmp_path / "out"
+    root.mkdir()
+    now = time.time()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        stale = Holder(socket.gethostname(), live.pid, now, now, "t" * 32, "old", pid_namespace(), "1")
+        (root / LOCK_NAME).write_bytes(stale.body())
+        with RunLock(str(root), ttl=3600, heartbeat=60) as lock:
+            assert lock.holder().holder.pid == os.getpid()
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_a_holder_without_a_namespace_is_only_stale_after_the_ttl(tmp_path):
+    """A lock written without its PID namespace (or by a host that has none) is judged by age alone."""
+    root = tmp_path / "out"
+    root.mkdir()
+    (root / LOCK_NAME).write_bytes(foreign(host=socket.gethostname(), pid=dead_pid()))
+    with pytest.raises(LockHeld):
+        RunLock(str(root), ttl=3600, heartbeat=60).acquire()
+    t = time.time() - 7200
+    os.utime(root / LOCK_NAME, (t, t))
+    with RunLock(str(root), ttl=3600, heartbeat=60) as lock:
+        assert lock.holder().holder.pid == os.getpid()
