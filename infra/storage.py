@@ -7,9 +7,11 @@ imported only when an s3:// URI is used, so `workers/` runs where boto3 is absen
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import mmap
 import os
+import re
 import shutil
 import threading
 import uuid
@@ -20,6 +22,8 @@ from typing import Protocol
 from workers.errors import StorageError
 
 PART_SIZE = 64 * 1024 * 1024  # multipart part size; S3 needs >= 5 MiB except the last part
+TMP_SUFFIX = ".tmp"  # local writers' temporary files: ".<name>.<8 hex digits>.tmp" next to the target
+_TMP_NAME = re.compile(r"^\..+\.[0-9a-f]{8}\.tmp$")
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,24 @@ def basename(uri: str) -> str:
     return uri.rstrip("/").rsplit("/", 1)[-1]
 
 
+def safe_relpath(rel: object, where: str) -> str:
+    """`rel` if it is a relative path that stays inside its folder ("model/x.safetensors"), else a
+    StorageError naming `where`: names read from manifests, indexes and journals decide which
+    files are read, written and deleted, and a crafted one must not reach outside the run."""
+    if not isinstance(rel, str) or not rel or rel.startswith("/") or "\\" in rel or "\0" in rel:
+        raise StorageError(f"{where}: {rel!r} is not a relative path inside the folder")
+    if any(part in ("", ".", "..") for part in rel.split("/")):
+        raise StorageError(f"{where}: {rel!r} is not a relative path inside the folder")
+    return rel
+
+
+def plain_name(name: object, where: str) -> str:
+    """`name` if it is a plain file name (no folder part), else a StorageError naming `where`."""
+    if safe_relpath(name, where) != name or "/" in name:
+        raise StorageError(f"{where}: {name!r} is not a plain file name")
+    return name
+
+
 def normalize(uri: str) -> str:
     """Absolute local paths (workers may run elsewhere in the cwd); s3 URIs as given."""
     return uri.rstrip("/") if is_s3(uri) else str(Path(uri).expanduser().resolve())
@@ -81,6 +103,8 @@ class Storage(Protocol):
     def list(self, prefix: str) -> list[str]: ...
     def delete(self, uri: str) -> None: ...
     def delete_prefix(self, prefix: str) -> None: ...
+    def drop_partial_writes(self, prefix: str) -> None: ...
+    def remove_empty_dirs(self, root: str, names: tuple[str, ...]) -> None: ...
 
 
 # --------------------------------------------------------------------- local files
@@ -116,26 +140,92 @@ class _LocalReader:
         os.close(self._fd)
 
 
+def _storage_error(path: Path, err: OSError, doing: str) -> StorageError:
+    """One line for a failed local write; a full disk says how much room is left."""
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        try:
+            free = f"{shutil.disk_usage(path.parent).free / 1e6:.1f} MB free"
+        except OSError:
+            free = "free space unknown"
+        return StorageError(f"{path}: no space left on the device while {doing} ({free} on "
+                            f"{_mount_point(path.parent)}); free some space or choose another output")
+    return StorageError(f"{path}: cannot write ({err.strerror or err}) while {doing}")
+
+
+def _mount_point(path: Path) -> str:
+    p = path.resolve()
+    while not os.path.ismount(p) and p != p.parent:
+        p = p.parent
+    return str(p)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _make_dirs(path: Path) -> None:
+    """mkdir -p, syncing the parent of every folder it creates: a rename into a new folder is
+    durable only once the folder's own entry is."""
+    missing = []
+    p = path
+    while not p.exists():
+        missing.append(p)
+        p = p.parent
+    for d in reversed(missing):
+        try:
+            d.mkdir()
+        except FileExistsError:
+            continue
+        _fsync_dir(d.parent)
+
+
 class _LocalWriter:
     """Writes to a hidden temporary file next to the target and renames on commit,
-    so a reader never sees a half-written file under the final name."""
+    so a reader never sees a half-written file under the final name. The data and the
+    rename are synced before commit() returns: a manifest written after it can never point
+    at a file that a power loss left empty."""
 
     def __init__(self, path: str):
         self._path = Path(path)
-        self._path.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp = self._path.with_name(f".{self._path.name}.{uuid.uuid4().hex[:8]}.tmp")
-        self._f = open(self._tmp, "wb")
+        try:
+            _make_dirs(self._path.parent)
+            self._tmp = self._path.with_name(f".{self._path.name}.{uuid.uuid4().hex[:8]}{TMP_SUFFIX}")
+            self._f = open(self._tmp, "wb")
+        except OSError as e:
+            raise _storage_error(self._path, e, "creating it") from None
 
     def write(self, data: bytes | memoryview) -> None:
-        self._f.write(data)
+        try:
+            self._f.write(data)
+        except OSError as e:
+            self.abort()
+            raise _storage_error(self._path, e, "writing it") from None
 
     def commit(self) -> None:
-        self._f.close()
-        os.replace(self._tmp, self._path)
+        try:
+            self._f.flush()
+            os.fsync(self._f.fileno())
+            self._f.close()
+            os.replace(self._tmp, self._path)
+            _fsync_dir(self._path.parent)
+        except OSError as e:
+            self.abort()
+            raise _storage_error(self._path, e, "finishing it") from None
 
     def abort(self) -> None:
-        self._f.close()
-        self._tmp.unlink(missing_ok=True)
+        """Drop the temporary file; never raises (closing a file on a full disk can fail)."""
+        try:
+            self._f.close()
+        except OSError:
+            pass
+        try:
+            self._tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
 
 
 class LocalStorage:
@@ -184,6 +274,26 @@ class LocalStorage:
             shutil.rmtree(p)
         else:
             p.unlink(missing_ok=True)
+
+    def drop_partial_writes(self, prefix: str) -> None:
+        """Remove the temp files of writers that died before commit() or abort()."""
+        root = Path(prefix)
+        if root.is_dir():
+            for p in root.rglob(f".*{TMP_SUFFIX}"):
+                if _TMP_NAME.match(p.name):
+                    p.unlink(missing_ok=True)
+
+    def remove_empty_dirs(self, root: str, names: tuple[str, ...]) -> None:
+        """Remove the folders `names` under root (and their sub-folders) where they hold no files."""
+        for name in names:
+            top = Path(root, name)
+            if not top.is_dir():
+                continue
+            for d in sorted((p for p in top.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+                if not any(d.iterdir()):
+                    d.rmdir()
+            if not any(top.iterdir()):
+                top.rmdir()
 
 
 # ------------------------------------------------------------------------------ S3
@@ -521,6 +631,19 @@ class S3Storage:
     def delete_prefix(self, prefix: str) -> None:
         for uri in self.list(prefix):
             self.delete(uri)
+
+    def drop_partial_writes(self, prefix: str) -> None:
+        """Abort multipart uploads under prefix/ that were never completed (a killed writer's parts
+        stay stored, and billed, until then)."""
+        bucket, key = _split(prefix)
+        key = key.rstrip("/") + "/" if key else ""
+        client = self._client
+        resp = _s3_call(prefix, client.list_multipart_uploads, Bucket=bucket, Prefix=key)
+        for upload in resp.get("Uploads", []):
+            _s3_call(prefix, client.abort_multipart_upload, Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+
+    def remove_empty_dirs(self, root: str, names: tuple[str, ...]) -> None:
+        pass  # S3 has no folders
 
 
 def storage_for(uri: str, options: StorageOptions | None = None) -> Storage:

@@ -48,6 +48,8 @@ _FAST_HTTP_ENV = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+    # MLflow prints "View run at <tracking URI>" itself, credentials included; we print a redacted line
+    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
 }
 
 _SUMMARY_METRICS = (
@@ -311,16 +313,28 @@ def _fast_failing_http() -> Iterator[None]:
 # ------------------------------------------------------------------------------------ small helpers
 
 
+_SECRET_QUERY_KEYS = re.compile(r"token|secret|passw|key|sig|credential|auth", re.IGNORECASE)
+
+
 def redact(uri: str) -> str:
-    """The URI without a password (http://user:secret@host -> http://user:***@host)."""
+    """The URI without credentials: a password or a bare token in the user part
+    (http://user:secret@host -> http://user:***@host, https://TOKEN@host -> https://***@host) and the
+    values of query parameters that name a token, key, secret, password or signature."""
     try:
         parts = urlsplit(uri)
     except ValueError:
         return uri
-    if parts.password is None:
+    netloc, query = parts.netloc, parts.query
+    if "@" in netloc:
+        userinfo, host = netloc.rsplit("@", 1)
+        user, colon, _ = userinfo.partition(":")
+        netloc = f"{user}:***@{host}" if colon else f"***@{host}"
+    if query:
+        pairs = [p.partition("=") for p in query.split("&")]
+        query = "&".join(k + eq + ("***" if eq and _SECRET_QUERY_KEYS.search(k) else v) for k, eq, v in pairs)
+    if (netloc, query) == (parts.netloc, parts.query):
         return uri
-    netloc = parts.netloc.rsplit("@", 1)
-    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{netloc[-1]}"))
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
 def _reason(exc: BaseException) -> str:

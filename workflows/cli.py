@@ -13,6 +13,8 @@ from workers.errors import MergeflowError
 
 log = logging.getLogger("mergeflow")
 
+WIRE_LOGGERS = ("botocore", "boto3", "s3transfer", "urllib3")  # log requests, headers included, at DEBUG
+
 MERGE_HELP = """\
 Merge a base checkpoint and T fine-tuned checkpoints as described by CONFIG (YAML or JSON):
 
@@ -51,6 +53,9 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mergeflow", description="Merge many fine-tuned checkpoints into one model, "
                                 "or into a compressed bundle that rebuilds each of them, on a Ray cluster.")
     p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    p.add_argument("--debug-wire", action="store_true",
+                   help="with --debug, also log S3 and HTTP requests with their headers (these include "
+                        "credentials and session tokens: never paste them anywhere)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     m = sub.add_parser("merge", help="run a merge described by a YAML/JSON config",
@@ -65,6 +70,9 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db)")
     m.add_argument("--experiment", default="mergeflow", help="MLflow experiment name (default: mergeflow)")
     m.add_argument("--no-tracking", action="store_true", help="do not log the run to MLflow")
+    m.add_argument("--lock-ttl", type=float, default=120.0, metavar="SECONDS",
+                   help="another merge into the same output waits for the lock (exit 75); a lock without "
+                        "heartbeat for this long is stale and taken over (default: 120)")
 
     r = sub.add_parser("reconstruct", help="rebuild one task's model from a tall_masks/consensus run",
                        description="Rebuild theta_0 + m_t * tau_MTL for task t as an HF checkpoint, "
@@ -185,10 +193,16 @@ def _merge(args) -> int:
         for s in plan.shards:
             print(f"  shard {s.part}: {len(s.tensors)} tensors, {s.nbytes / 1e6:.1f} MB of input")
         return 0
-    report = run_merge(cfg, overwrite=args.overwrite, quiet=args.quiet)
+    report = run_merge(cfg, overwrite=args.overwrite, quiet=args.quiet, lock_ttl=args.lock_ttl)
     if report.state.value == "complete":
-        print(f"{cfg.output}: already complete (same inputs and settings); nothing to do")
-        return 0
+        from workflows.merge import is_tracked
+
+        if args.no_tracking or is_tracked(report):
+            print(f"{cfg.output}: already complete (same inputs and settings); nothing to do")
+            return 0
+        # committed by an earlier run whose tracking failed (exit 3): log it now, as remerge does
+        print(f"{cfg.output}: already complete (same inputs and settings); not logged to MLflow yet, logging it")
+        return _track(report, args)
     t = report.timings
     print(f"merged {len(report.plan.tasks)} tasks with {report.plan.params.name} into {cfg.output} "
           f"in {t['total']:.1f}s ({report.shards_run} shards computed, {report.shards_reused} reused; "
@@ -200,7 +214,7 @@ def _merge(args) -> int:
 
 
 def _track(report, args) -> int:
-    from infra.tracking import TrackingError, TrackingOptions
+    from infra.tracking import TrackingError, TrackingOptions, redact
     from workflows.merge import track
 
     options = TrackingOptions(enabled=not args.no_tracking, uri=args.tracking_uri, experiment=args.experiment)
@@ -211,7 +225,7 @@ def _track(report, args) -> int:
         print(f"mergeflow: error: {e}", file=sys.stderr)
         return 3
     if run_id:
-        print(f"mlflow      run {run_id} at {options.tracking_uri()}")
+        print(f"mlflow      run {run_id} at {redact(options.tracking_uri())}")
     return 0
 
 
@@ -281,6 +295,10 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    if args.debug and not args.debug_wire:
+        # botocore's debug log dumps every request with its headers: credentials and session tokens
+        for name in WIRE_LOGGERS:
+            logging.getLogger(name).setLevel(logging.INFO)
     commands = {"merge": _merge, "reconstruct": _reconstruct, "inspect": _inspect, "make-family": _make_family,
                 "suite": _suite, "remerge": _remerge, "watch": _watch}
     from infra.lock import EXIT_LOCKED, LockHeld

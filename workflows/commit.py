@@ -2,7 +2,10 @@
 
 A run is a result exactly when OUT/manifest.json exists, and it is written last:
 after the model index, the compressed index and the stats. A finished output is
-only ever replaced with --overwrite, which first removes its manifest.
+only ever replaced with --overwrite, which first removes its manifest and then only
+the files that manifest or the run's journal lists: a folder is mergeflow's only when
+its manifest says so (`format: mergeflow.run/1`) or it holds a journal, and anything
+else is refused untouched.
 """
 
 from __future__ import annotations
@@ -10,21 +13,26 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import time
 from enum import Enum
 
-from infra.storage import StorageOptions, basename, is_s3, join, storage_for
-from workers.errors import OutputError
+from infra.storage import StorageOptions, basename, join, plain_name, safe_relpath, storage_for
+from workers.errors import MergeflowError, OutputError
 from workers.shard import ShardResult
+from workflows.config import TASK_NAME
 from workflows.journal import JOURNAL_DIR, Journal
 from workflows.plan import Plan
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+TRACKING = "tracking.json"
 FORMAT = "mergeflow.run/1"
-OUR_DIRS = ("model", "compressed", "delta", "stats", JOURNAL_DIR)
+OUR_DIRS = ("model", "compressed", "delta", "stats")
 SIDECAR_SUFFIXES = (".json", ".txt", ".model")  # config, tokenizer and friends copied next to the weights
+# Names our shard writers give their files: what a commit may remove when no record lists it.
+PART_FILE = re.compile(r"-\d{5}-of-\d{5}\.safetensors$")
 
 
 class OutputState(Enum):
@@ -33,24 +41,74 @@ class OutputState(Enum):
     COMPLETE = "complete"
 
 
+def parse_manifest(uri: str, data: bytes) -> dict:
+    """A manifest this mergeflow wrote, with every file name in it checked to stay inside its folder."""
+    try:
+        doc = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        doc = None
+    fmt = doc.get("format") if isinstance(doc, dict) else None
+    if not isinstance(fmt, str) or not fmt.startswith("mergeflow.run/"):
+        raise OutputError(f"{uri}: not a manifest mergeflow wrote (no 'format: {FORMAT}'); nothing was touched: "
+                          "move it away or choose another location")
+    if fmt != FORMAT:
+        raise OutputError(f"{uri}: written in format {fmt!r}, which this mergeflow ({FORMAT}) does not read; "
+                          "upgrade mergeflow")
+    try:
+        for rel in doc["outputs"]:
+            safe_relpath(rel, f"{uri}: outputs")
+        for cp in [doc["inputs"]["base"], *doc["inputs"]["tasks"]]:
+            for name in cp["files"]:
+                plain_name(name, f"{uri}: inputs")
+        for task in doc["inputs"]["tasks"]:
+            if not isinstance(task["name"], str) or not TASK_NAME.fullmatch(task["name"]):
+                raise OutputError(f"{uri}: task name {task['name']!r} is not a valid task name")
+    except (KeyError, TypeError, AttributeError):
+        raise OutputError(f"{uri}: a mergeflow manifest missing its outputs or inputs (the run is corrupt)") from None
+    except MergeflowError as e:
+        raise OutputError(f"{e} (the run is corrupt or was tampered with)") from None
+    return doc
+
+
 def read_manifest(output: str, options: StorageOptions | None = None) -> dict | None:
     store = storage_for(output, options)
     uri = join(output, MANIFEST)
     if not store.exists(uri):
         return None
-    return json.loads(store.read_bytes(uri))
+    return parse_manifest(uri, store.read_bytes(uri))
 
 
-def clear(output: str, options: StorageOptions) -> None:
+def clear(output: str, options: StorageOptions, manifest: dict | None) -> None:
+    """Remove the mergeflow run at `output`: its manifest first (from then on the location holds no
+    result), then the files it or the journal lists, our writers' leftovers and the journal.
+    Nothing else is touched."""
     store = storage_for(output, options)
-    store.delete(join(output, MANIFEST))  # first: from here on the location holds no result
+    journal = Journal(output, options)
+    listed = set(manifest["outputs"]) if manifest else set()
+    listed |= journal.listed_outputs()
+    store.delete(join(output, MANIFEST))
+    for rel in sorted(listed):
+        store.delete(join(output, rel))
+    if store.exists(join(output, TRACKING)):
+        store.delete(join(output, TRACKING))
     for d in OUR_DIRS:
-        store.delete_prefix(join(output, d))
+        store.drop_partial_writes(join(output, d))
+    store.delete_prefix(journal.root)
+    store.remove_empty_dirs(output, OUR_DIRS)
+
+
+def refuse_foreign(output: str, options: StorageOptions) -> None:
+    """Raise unless `output` is new, empty, or a mergeflow run (read-only: before the lock is taken)."""
+    if read_manifest(output, options) is None and Journal(output, options).fingerprint() is None:
+        store = storage_for(output, options)
+        if [u for u in store.list(output) if not basename(u).startswith(".")]:
+            raise OutputError(f"{output}: exists and is not a mergeflow run; nothing was touched: choose an empty "
+                              "or new output location")
 
 
 def prepare_output(plan: Plan, overwrite: bool) -> OutputState:
     output, options = plan.config.output, plan.config.storage.options()
-    store = storage_for(output, options)
+    refuse_foreign(output, options)
     manifest = read_manifest(output, options)
     journal = Journal(output, options)
     if manifest is not None:
@@ -62,28 +120,41 @@ def prepare_output(plan: Plan, overwrite: bool) -> OutputState:
                 "pass --overwrite to replace it or choose another --output"
             )
         log.warning("--overwrite: removing the finished run in %s", output)
-        clear(output, options)
+        clear(output, options, manifest)
     elif journal.fingerprint() is not None:
         if journal.fingerprint() == plan.fingerprint:
-            _drop_temp_files(output)
+            drop_partial_writes(output, options)
             return OutputState.RESUME
         log.warning("%s: discarding an unfinished run of other inputs or settings", output)
-        clear(output, options)
-    elif [u for u in store.list(output) if not basename(u).startswith(".")]:
-        raise OutputError(f"{output}: exists and is not a mergeflow run; choose an empty or new output location")
+        clear(output, options, None)
     journal.start(plan.fingerprint)
     return OutputState.FRESH
 
 
-def _drop_temp_files(output: str) -> None:
-    """Temporary files of writers killed mid-shard (local outputs only; S3 multipart
-    uploads that never completed are invisible)."""
-    if is_s3(output):
-        return
-    from pathlib import Path
+def drop_partial_writes(output: str, options: StorageOptions) -> None:
+    """What writers killed mid-file left in our folders: local temp files, S3 uploads never completed."""
+    store = storage_for(output, options)
+    for d in OUR_DIRS:
+        store.drop_partial_writes(join(output, d))
 
-    for p in Path(output).rglob(".*.tmp"):
-        p.unlink(missing_ok=True)
+
+def sweep(plan: Plan, outputs: dict[str, tuple[str, int]]) -> None:
+    """Before the manifest: our folders hold exactly the files it will list. Temp files of killed
+    workers (Ray retried their shards) and part files no record lists (an earlier attempt of this
+    run) go; anything else found there is reported, not deleted."""
+    output, options = plan.config.output, plan.config.storage.options()
+    drop_partial_writes(output, options)
+    store = storage_for(output, options)
+    prefix = output.rstrip("/") + "/"
+    for d in OUR_DIRS:
+        for uri in store.list(join(output, d)):
+            rel = uri[len(prefix):]
+            if rel in outputs:
+                continue
+            if PART_FILE.search(rel):
+                store.delete(uri)
+            else:
+                log.warning("%s: not written by this run; left in place, but not part of the result", uri)
 
 
 def write_model_index(plan: Plan) -> dict[str, tuple[str, int]]:

@@ -18,7 +18,8 @@ from infra.storage import StorageOptions, is_s3, normalize
 from workers.errors import ConfigError
 from workers.methods import METHODS, MethodParams, get_method
 
-TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+# \Z, not $: "$" also matches before a trailing newline, and task names become file names
+TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}
 
@@ -45,7 +46,7 @@ class TaskConfig(_Model):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not TASK_NAME.match(v):
+        if not TASK_NAME.fullmatch(v):
             raise ValueError(f"task name {v!r} must be letters, digits, '.', '_' or '-' (it names files)")
         return v
 

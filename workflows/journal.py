@@ -11,7 +11,7 @@ import json
 
 import numpy as np
 
-from infra.storage import StorageOptions, join, storage_for
+from infra.storage import StorageOptions, join, safe_relpath, storage_for
 from workers.shard import LayerStats, ShardResult
 
 JOURNAL_DIR = ".mergeflow"
@@ -50,7 +50,7 @@ def result_from_json(d: dict) -> ShardResult:
     }
     return ShardResult(
         index=d["index"],
-        outputs={k: (v[0], int(v[1])) for k, v in d["outputs"].items()},
+        outputs={safe_relpath(k, "journal record"): (v[0], int(v[1])) for k, v in d["outputs"].items()},
         layers=layers,
         sign_sum=d["sign_sum"],
         ambiguous=d["ambiguous"],
@@ -94,6 +94,15 @@ class Journal:
     def recorded(self, index: int) -> ShardResult | None:
         doc = self._read(f"shards/{index + 1:05d}.json")
         return result_from_json(doc) if doc else None
+
+    def listed_outputs(self) -> set[str]:
+        """Every output file a shard record names (checked to stay inside the run)."""
+        listed: set[str] = set()
+        for uri in self._store.list(join(self.root, "shards")):
+            doc = self._read(uri[len(self.root.rstrip("/")) + 1:])
+            if isinstance(doc, dict) and isinstance(doc.get("outputs"), dict):
+                listed |= {safe_relpath(rel, uri) for rel in doc["outputs"]}
+        return listed
 
     def save_globals(self, doc: dict) -> None:
         self._write("globals.json", doc)

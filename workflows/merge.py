@@ -9,13 +9,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
 import numpy as np
 
 from infra import hash_cache
+from infra.lock import DEFAULT_TTL, RunLock
 from infra.storage import join, sha256_of, storage_for
 from workers import kth_value
 from workers.lot.shard import lot_shard
@@ -27,7 +28,7 @@ from workflows.commit import OutputState
 from workflows.config import MergeConfig
 from workflows.input_hashes import InputHashes
 from workflows.journal import Journal
-from workflows.plan import Plan, make_plan
+from workflows.plan import Plan, input_stamps, make_plan
 
 log = logging.getLogger(__name__)
 
@@ -199,15 +200,31 @@ def map_shards(plan: Plan, specs, journal: Journal, quiet: bool, desc: str, fn=m
     return results
 
 
-def run_merge(config: MergeConfig, *, overwrite: bool = False, quiet: bool = False,
-              reuse: Reuse | None = None) -> MergeReport:
-    reuse = reuse or Reuse()
-    worker = reuse.worker or merge_shard
+def run_merge(config: MergeConfig, *, overwrite: bool = False, quiet: bool = False, reuse: Reuse | None = None,
+              lock: RunLock | None = None, lock_ttl: float = DEFAULT_TTL) -> MergeReport:
+    """Plan, map, reduce and commit one merge into config.output.
+
+    One merge writes an output at a time: after planning (bad input fails before anything is
+    written), it takes the output's lock, the one `remerge` takes; a caller that already holds
+    the lock covering the output (remerge, on its root) passes it instead."""
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
-
     with _timed(timings, "plan"):
         plan = make_plan(config)
+    options = config.storage.options()
+    with ExitStack() as held:
+        if lock is None:
+            commit.refuse_foreign(config.output, options)  # before the lock file lands in someone else's folder
+            lock = held.enter_context(RunLock(config.output, options, ttl=lock_ttl, heartbeat=min(15.0, lock_ttl / 4),
+                                              command=f"mergeflow merge -> {config.output}"))
+        return _merge_locked(plan, overwrite, quiet, reuse or Reuse(), lock, timings, t_start)
+
+
+def _merge_locked(plan: Plan, overwrite: bool, quiet: bool, reuse: Reuse, lock: RunLock, timings: dict[str, float],
+                  t_start: float) -> MergeReport:
+    config = plan.config
+    worker = reuse.worker or merge_shard
+    with _timed(timings, "plan"):
         state = commit.prepare_output(plan, overwrite)
     report = MergeReport(plan, state, timings=timings)
     if state is OutputState.COMPLETE:
@@ -309,6 +326,7 @@ def run_merge(config: MergeConfig, *, overwrite: bool = False, quiet: bool = Fal
             fresh = hashing.result()
             if config.execution.hash_cache:
                 hash_cache.remember(plan.stamps, fresh)
+                remember_delta(plan, outputs)
             hashes = known | fresh
             inputs = {f: (hashes[f], storage_for(f, options).size(f)) for f in input_files}
             report.bytes_read = sum(r.bytes_read for r in ordered)
@@ -330,12 +348,22 @@ def run_merge(config: MergeConfig, *, overwrite: bool = False, quiet: bool = Fal
                 if zero_guess:
                     extra["ties"]["zero_guess"] = zero_guess
             extra |= reuse.manifest
+            commit.sweep(plan, outputs)
+            lock.check()  # a merge whose lock was taken over must not publish a manifest
             report.manifest = commit.write_manifest(plan, outputs, inputs, extra)
     except BaseException:
         hashing.cancel()
         raise
     timings["total"] = time.perf_counter() - t_start
     return report
+
+
+def remember_delta(plan: Plan, outputs: dict[str, tuple[str, int]]) -> None:
+    """The sha256 of the delta/ files just written, by stamp: a re-merge that extends this sum
+    verifies them without reading them again."""
+    delta = {join(plan.config.output, rel): sha for rel, (sha, _) in outputs.items() if rel.startswith("delta/")}
+    if delta:
+        hash_cache.remember(input_stamps(list(delta), plan.config.storage.options()), delta)
 
 
 def write_stats(plan: Plan, layers, summary: dict) -> dict[str, tuple[str, int]]:
@@ -392,6 +420,14 @@ def track(report: MergeReport, config_text: str | None, options, parent_run_id: 
     if run_id:
         import json
 
-        doc = {"tracking_uri": options.tracking_uri(), "run_id": run_id, "experiment": options.experiment}
-        store.write_bytes(join(output, "tracking.json"), json.dumps(doc, indent=1).encode())
+        from infra.tracking import redact
+
+        doc = {"tracking_uri": redact(options.tracking_uri()), "run_id": run_id, "experiment": options.experiment}
+        store.write_bytes(join(output, commit.TRACKING), json.dumps(doc, indent=1).encode())
     return run_id
+
+
+def is_tracked(report: MergeReport) -> bool:
+    """Whether the committed run of `report` was logged to MLflow (it has its tracking.json)."""
+    output = report.plan.config.output
+    return storage_for(output, report.plan.config.storage.options()).exists(join(output, commit.TRACKING))

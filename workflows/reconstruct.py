@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 
 from infra.storage import StorageOptions, basename, join, sha256_of, storage_for
 from workers.checkpoint import open_checkpoint
@@ -13,6 +14,8 @@ from workflows import runtime
 from workflows.commit import MANIFEST, SIDECAR_SUFFIXES, read_manifest
 
 log = logging.getLogger(__name__)
+
+MODEL_PART = re.compile(r"model-(\d{5}-of-\d{5})\.safetensors")
 
 
 def load_run(run: str, options: StorageOptions) -> dict:
@@ -47,7 +50,11 @@ def reconstruct(run: str, task: str, output: str, options: StorageOptions, *, ra
 
     parts: dict[str, list[str]] = {}
     for name, fname in weight_map.items():
-        parts.setdefault(fname.removeprefix("model-").removesuffix(".safetensors"), []).append(name)
+        m = MODEL_PART.fullmatch(str(fname))
+        if m is None:  # the part names every file this command reads and writes: never a path
+            raise CheckpointError(f"{run}: model/model.safetensors.index.json maps {name!r} to {fname!r}, not a "
+                                  "model part file of a mergeflow run (the run is corrupt or was tampered with)")
+        parts.setdefault(m.group(1), []).append(name)
     specs = []
     for part, tensors in sorted(parts.items()):
         tau_rel = f"compressed/tau_mtl-{part}.safetensors"

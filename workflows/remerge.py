@@ -28,19 +28,22 @@ import functools
 import hashlib
 import json
 import logging
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from infra import hash_cache
 from infra.lock import RunLock
-from infra.storage import StorageOptions, is_s3, join, normalize, sha256_of, storage_for
+from infra.storage import StorageOptions, basename, is_s3, join, normalize, sha256_of, storage_for
+from infra.storage import parent as parent_of
 from infra.tracking import checkpoint_digest
 from workers.append import PreviousSum, append_shard
 from workers.checkpoint import resolve_files
 from workers.errors import CheckpointError, MergeflowError
 from workers.safetensors_io import read_header
 from workflows import registry, runtime
-from workflows.commit import MANIFEST, read_manifest
+from workflows.commit import MANIFEST, clear, read_manifest
 from workflows.config import MergeConfig
 from workflows.journal import Journal
 from workflows.lot_stage import DEFAULT_CACHE as DEFAULT_LOT_CACHE
@@ -51,6 +54,7 @@ log = logging.getLogger(__name__)
 
 RUNS_DIR = "runs"
 LATEST = "latest.json"
+RUN_NAME = re.compile(r"\d{8}T\d{6}\.\d{6}Z")  # new_run_name()
 
 
 # ------------------------------------------------------------------------------ the parent run
@@ -87,11 +91,23 @@ def find_parent(root: str, options: StorageOptions, explicit: str | None = None)
         return load_parent(explicit.rstrip("/") if is_s3(explicit) else normalize(explicit), options)
     store = storage_for(root, options)
     if store.exists(join(root, LATEST)):
-        doc = json.loads(store.read_bytes(join(root, LATEST)))
-        return load_parent(join(root, doc["run"]), options)
+        return load_parent(join(root, latest_run(root, store.read_bytes(join(root, LATEST)))), options)
     if store.exists(join(root, MANIFEST)):  # a plain `mergeflow merge` into ROOT
         return load_parent(root, options)
     return None
+
+
+def latest_run(root: str, data: bytes) -> str:
+    """The run latest.json points at, as a path under ROOT: runs/<name>, nothing else."""
+    try:
+        run = json.loads(data)["run"]
+    except (ValueError, KeyError, TypeError):
+        run = None
+    parts = run.split("/") if isinstance(run, str) else []
+    if len(parts) != 2 or parts[0] != RUNS_DIR or not RUN_NAME.fullmatch(parts[1]):
+        raise MergeflowError(f"{join(root, LATEST)}: does not name a run under {join(root, RUNS_DIR)} (got {run!r}); "
+                             "it is corrupt: remove it or pass --from RUN")
+    return run
 
 
 # --------------------------------------------------------------------- what the task set is
@@ -224,16 +240,37 @@ def appendable(config: MergeConfig, parent: Parent, old: TaskSet, new: TaskSet) 
     return k
 
 
-def previous_sum(parent: Parent, plan: Plan, k: int, options: StorageOptions) -> PreviousSum | None:
+def delta_intact(parent: Parent, rels: list[str], options: StorageOptions, quiet: bool, use_cache: bool) -> bool:
+    """Whether the parent's delta/ files still hash to the sha256 its manifest recorded. A file whose
+    stamp (size + mtime, or ETag) is the one remembered with a verified hash is not read again (the
+    run that wrote it remembered it), as for inputs; the others are hashed, next to the data."""
+    expected = {join(parent.uri, rel): parent.manifest["outputs"][rel]["sha256"] for rel in rels}
+    stamps = input_stamps(list(expected), options)
+    known = hash_cache.cached_hashes(stamps) if use_cache else {}
+    todo = [uri for uri in expected if uri not in known]
+    if todo:
+        runtime.connect(None)
+        sizes = [parent.manifest["outputs"][rel]["size"] for rel in rels if join(parent.uri, rel) in todo]
+        known |= dict(zip(todo, runtime.run_tasks(sha256_of, [(u, options) for u in todo], sizes=sizes,
+                                                  desc="verify the parent's sum", quiet=quiet)))
+    bad = [uri for uri, sha in expected.items() if known[uri] != sha]
+    if bad:
+        log.warning("%s: sha256 differs from the parent's %s (the run was modified); recomputing the sum of "
+                    "every task instead of extending it", bad[0], MANIFEST)
+        return False
+    if use_cache:
+        hash_cache.remember(stamps, known)
+    return True
+
+
+def previous_sum(parent: Parent, plan: Plan, k: int, options: StorageOptions, quiet: bool = False) -> PreviousSum | None:
     """The parent's delta/ tensors located from their headers; None when they do not cover the plan."""
     outputs = parent.manifest["outputs"]
     rels = sorted(rel for rel in outputs if rel.startswith("delta/"))
+    if not delta_intact(parent, rels, options, quiet, plan.config.execution.hash_cache):
+        return None
     with ThreadPoolExecutor(max_workers=8) as pool:
         headers = list(pool.map(lambda rel: read_header(join(parent.uri, rel), options), rels))
-    for rel, h in zip(rels, headers):
-        if h.size != outputs[rel]["size"]:
-            raise CheckpointError(f"{h.file}: its size differs from the parent's {MANIFEST}; the parent run was "
-                                  "modified, re-merge with --from another run")
     tensors = {n: info for h in headers for n, info in h.tensors.items()}
     floats = [j for s in plan.shards for j in s.tensors if j.is_float]
     if any(j.name not in tensors or tensors[j.name].dtype != "F32" or tensors[j.name].shape != j.shape for j in floats):
@@ -289,7 +326,8 @@ def new_run_name() -> str:
 def run_names(root: str, options: StorageOptions) -> list[str]:
     runs = join(root, RUNS_DIR)
     prefix = runs.rstrip("/") + "/"
-    return sorted({u[len(prefix):].split("/")[0] for u in storage_for(runs, options).list(runs)})
+    names = {u[len(prefix):].split("/")[0] for u in storage_for(runs, options).list(runs)}
+    return sorted(n for n in names if RUN_NAME.fullmatch(n))  # anything else there is not ours
 
 
 def pick_run_dir(root: str, options: StorageOptions, fingerprint: str) -> str:
@@ -309,7 +347,7 @@ def pick_run_dir(root: str, options: StorageOptions, fingerprint: str) -> str:
             chosen = run
             continue
         log.warning("removing the unfinished run %s", run)
-        storage_for(run, options).delete_prefix(run)
+        remove_run(run, options, None)
     return chosen or join(root, RUNS_DIR, new_run_name())
 
 
@@ -333,9 +371,15 @@ def prune(root: str, options: StorageOptions, keep: int, current: str) -> list[s
     for name in done[:-keep]:
         run = join(root, RUNS_DIR, name)
         if run != current:
-            store.delete_prefix(run)
+            remove_run(run, options, read_manifest(run, options))
             dropped.append(run)
     return dropped
+
+
+def remove_run(run: str, options: StorageOptions, manifest: dict | None) -> None:
+    """Delete a run's own files (what its manifest and journal list) and its folder when that empties it."""
+    clear(run, options, manifest)
+    storage_for(run, options).remove_empty_dirs(parent_of(run), (basename(run),))
 
 
 # --------------------------------------------------------------------------------- the recipe
@@ -388,7 +432,9 @@ def remerge(config: MergeConfig, *, parent: str | None = None, if_changed: bool 
 
     plan = make_plan(config)
     k = appendable(config, par, old, new) if par else None
-    prev = previous_sum(par, plan, k, options) if k is not None else None
+    if k is not None and config.execution.ray_address:
+        runtime.connect(config.execution.ray_address)  # verify the parent's sum on the cluster, not locally
+    prev = previous_sum(par, plan, k, options, quiet) if k is not None else None
     global_ties = plan.params.uses_ties and plan.params.scope == "global"
     cache = threshold_cache(config, par, new) if par and global_ties else {}
     names = config.task_names
@@ -407,7 +453,7 @@ def remerge(config: MergeConfig, *, parent: str | None = None, if_changed: bool 
                   "remerge": {"changes": result.changes.record() if result.changes else None, "reused": result.reused}},
     )
     result.run = pick_run_dir(root, options, plan.fingerprint)
-    result.report = run_merge(config.model_copy(update={"output": result.run}), quiet=quiet, reuse=reuse)
+    result.report = run_merge(config.model_copy(update={"output": result.run}), quiet=quiet, reuse=reuse, lock=lock)
     if lock is not None:
         lock.check()  # a merge whose lock was taken over must not move latest.json
     publish(root, result.run, options)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from infra.lock import DEFAULT_TTL, EXIT_LOCKED, LockHeld, RunLock
-from infra.tracking import TrackingError, TrackingOptions
+from infra.tracking import TrackingError, TrackingOptions, redact
 from workers.errors import MergeflowError
 
 log = logging.getLogger(__name__)
@@ -78,8 +78,9 @@ def remerge_once(job: Job) -> int:
         if r.state.value == "complete":
             print(f"published {result.run}: it already holds this merge ({what})", flush=True)
             from infra.storage import join, storage_for
+            from workflows.commit import TRACKING
 
-            if storage_for(result.run, cfg.storage.options()).exists(join(result.run, "tracking.json")):
+            if storage_for(result.run, cfg.storage.options()).exists(join(result.run, TRACKING)):
                 return 0  # tracked when it was made
         else:
             print(f"merged {len(r.plan.tasks)} tasks with {r.plan.params.name} into {result.run} ({what}"
@@ -92,7 +93,7 @@ def remerge_once(job: Job) -> int:
             print(f"mergeflow: error: {e}", file=sys.stderr)
             return 3
         if run_id:
-            print(f"mlflow      run {run_id} at {job.tracking.tracking_uri()}", flush=True)
+            print(f"mlflow      run {run_id} at {redact(job.tracking.tracking_uri())}", flush=True)
         return 0
 
 
