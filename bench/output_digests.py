@@ -121,7 +121,8 @@ def suite_case(work: Path, name: str, method: dict) -> dict:
     run([MERGEFLOW, "merge", str(path), "--quiet", "--no-tracking"])
     doc = output_digests(out)
     m = json.loads((out / "manifest.json").read_text())
-    doc["inputs"] = {t["name"]: t["files"] for t in [m["inputs"]["base"] | {"name": "base"}, *m["inputs"]["tasks"]]}
+    doc["inputs"] = {t["name"]: {f: e["sha256"] for f, e in t["files"].items()}  # sha256 only: stamps hold mtimes
+                     for t in [m["inputs"]["base"] | {"name": "base"}, *m["inputs"]["tasks"]]}
     if "selection" in m:
         doc["chosen"] = {k: m["selection"][k]["chosen"] for k in ("alpha", "lambda") if k in m["selection"]}
     return doc
