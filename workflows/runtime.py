@@ -3,42 +3,165 @@ function over shards with a progress bar, turning worker failures into one line.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import secrets
+import shutil
+import tempfile
 import time
-from typing import Any, Callable, Sequence
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
 
 import ray
+from ray._private import ray_constants
 from tqdm import tqdm
 
 from workers.errors import MergeflowError
+from workflows import ray_guard
 
 log = logging.getLogger(__name__)
 
 
+def _init_options() -> dict[str, Any]:
+    return dict(include_dashboard=False, configure_logging=False, log_to_driver=False,
+                runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}})
+
+
+_guard: ray_guard.Guard | None = None  # the watchdog of the private runtime this process runs, if any
+_token: str | None = None  # a token made up for private runtimes when HOME cannot hold one
+
+
 def connect(address: str | None = None) -> None:
-    """Join the cluster at `address` (or RAY_ADDRESS), else start a local runtime."""
+    """Join the cluster at `address` (or RAY_ADDRESS), else start a private local runtime."""
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
     t0 = time.perf_counter()
-    if not address:
-        # A runtime we start ourselves listens on this machine only; token auth (on by
-        # default since Ray 2.5x) would only get in the way of nodes we add to it.
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(
-        address=address,
-        include_dashboard=False,
-        configure_logging=False,
-        log_to_driver=False,
-        runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}},
-    )
+    if address:
+        # Joined as the cluster is: its auth (RAY_AUTH_MODE, the token) comes from the environment.
+        ray.init(address=address, **_init_options())
+    else:
+        _start_private()
     log.info("ray %s in %.1fs: %s", "joined" if address else "started", time.perf_counter() - t0, ray.cluster_resources())
 
 
+def _start_private() -> None:
+    """A runtime for this process only (docs/cluster.md, "The private runtime"): every listener on
+    127.0.0.1, Ray's token auth as Ray sets it (on unless RAY_AUTH_MODE says otherwise), its files
+    in a temp dir of its own, and a watchdog (workflows/ray_guard.py) that ends its processes and
+    removes that dir when this process ends, even by SIGKILL."""
+    global _guard
+    if _guard is not None:  # the previous runtime was shut down without disconnect()
+        _guard.release()
+        _guard = None
+    temp = tempfile.mkdtemp(prefix=ray_guard.PREFIX, dir=ray_guard.BASE)
+    try:
+        guard = ray_guard.start(temp)
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
+    try:
+        _ensure_token()
+        with _loopback_node(), _env(ray_guard.MARKER, temp), _quiet(_RAY_AUTH_LOG):
+            ray.init(_node_ip_address="127.0.0.1", _temp_dir=temp, **_init_options())
+        ip = ray.util.get_node_ip_address()
+        if ip != "127.0.0.1":
+            raise MergeflowError(f"the local Ray runtime came up on {ip}, not 127.0.0.1: refusing to run it where "
+                                 "other hosts can reach it (Ray version other than the pinned one?)")
+    except BaseException:
+        ray.shutdown()
+        guard.release()
+        raise
+    _guard = guard
+
+
+@contextlib.contextmanager
+def _loopback_node() -> Iterator[None]:
+    """Make ray.init() keep 127.0.0.1 as the node's address, for the duration of the call.
+
+    Ray's GCS, raylet and workers listen on 127.0.0.1 only when the node address on their command
+    line is exactly "127.0.0.1" (else on all interfaces), but ray.init() rewrites a loopback address
+    to the outward IP (services.resolve_ip_for_localhost) unless ray_constants.ENABLE_RAY_CLUSTER is
+    false. Ray sets that constant from RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER when ray is imported: too
+    early to set the variable here, and process-wide it would also give a later join of a real
+    cluster the driver address 127.0.0.1. Hence this switch for one call; details in docs/cluster.md."""
+    saved = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved
+
+
+# Ray logs "Token authentication is enabled ... Set RAY_AUTH_MODE=disabled to opt out" at every
+# local ray.init(): noise on every merge, and advice a private runtime should not follow.
+_RAY_AUTH_LOG = "ray._private.authentication.authentication_token_setup"
+
+
+@contextlib.contextmanager
+def _quiet(logger: str) -> Iterator[None]:
+    """Only errors from `logger` for the duration."""
+    lg = logging.getLogger(logger)
+    level = lg.level
+    lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        lg.setLevel(level)
+
+
+@contextlib.contextmanager
+def _env(name: str, value: str) -> Iterator[None]:
+    """os.environ[name] = value while Ray starts its processes (they inherit it), then as before."""
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+
+
+def _ensure_token() -> None:
+    """Give Ray's token auth a token that only this user can read, if none is configured.
+
+    With RAY_AUTH_MODE unset (or "token") a local ray.init() turns token auth on (it sets
+    RAY_AUTH_MODE=token in os.environ, which every Ray process inherits) and every process loads
+    the token from RAY_AUTH_TOKEN, else the file RAY_AUTH_TOKEN_PATH names, else ~/.ray/auth_token,
+    which ray.init() writes when missing, as the umask has it (0644 under the usual 022). Writing it
+    first, mode 0600, keeps other users of the machine from joining the runtime on 127.0.0.1; where
+    HOME is not writable, RAY_AUTH_TOKEN carries a token made up for this process instead."""
+    global _token
+    mode = os.environ.get("RAY_AUTH_MODE")
+    if (mode is not None and mode.lower() != "token") or os.environ.get("RAY_AUTH_TOKEN") \
+            or os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        return
+    try:
+        path = Path.home() / ".ray" / "auth_token"
+        if path.exists():
+            return
+        path.parent.mkdir(mode=0o700, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except (OSError, RuntimeError) as e:  # RuntimeError: no home directory at all
+        if isinstance(e, FileExistsError) and path.exists():  # another process wrote it just now
+            return
+        _token = _token or secrets.token_hex(32)
+        os.environ["RAY_AUTH_TOKEN"] = _token
+        return
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32))  # what Ray's own generator writes (authentication_token_generator.py)
+
+
 def disconnect() -> None:
-    """Leave the runtime (a local one we started stops with it); connect() may follow."""
+    """Leave the runtime (a private one stops with it, and its watchdog cleans up); connect() may follow."""
+    global _guard
     ray.shutdown()
+    if _guard is not None:
+        _guard.release()
+        _guard = None
 
 
 def current_node() -> tuple[str, str]:
@@ -87,6 +210,11 @@ def cancel(handles: list) -> None:
     still importing torch leaves that reused process unable to import it again."""
     for ref in handles:
         ray.cancel(ref, force=True)
+    if handles:  # cancelling is asynchronous: wait until they have stopped writing
+        ray.wait(list(handles), num_returns=len(handles), timeout=CANCEL_WAIT)
+
+
+CANCEL_WAIT = 30.0  # seconds a failed run waits for its cancelled tasks to end
 
 
 def gather(handles: list) -> list:
