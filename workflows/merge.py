@@ -353,6 +353,7 @@ def _merge_locked(plan: Plan, overwrite: bool, quiet: bool, reuse: Reuse, lock: 
             report.manifest = commit.write_manifest(plan, outputs, inputs, extra)
     except BaseException:
         hashing.cancel()
+        commit.drop_partial_writes(config.output, options)  # temp files of the shards the failure cancelled
         raise
     timings["total"] = time.perf_counter() - t_start
     return report
