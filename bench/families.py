@@ -34,8 +34,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from workers.layers import natural_key  # noqa: E402
-from workers.safetensors_io import layout_header  # noqa: E402
+from mergeflow.workers.layers import natural_key  # noqa: E402
+from mergeflow.workers.safetensors_io import layout_header  # noqa: E402
 
 BLOCK = 1 << 23  # elements generated at once: ~100 MB of float32 temporaries at most
 

@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from workers.dtypes import TORCH_DTYPES, itemsize  # noqa: E402
-from workers.safetensors_io import layout_header, read_header  # noqa: E402
+from mergeflow.workers.dtypes import TORCH_DTYPES, itemsize  # noqa: E402
+from mergeflow.workers.safetensors_io import layout_header, read_header  # noqa: E402
 
 CHUNK = 1 << 22  # elements per step
 

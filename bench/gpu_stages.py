@@ -16,7 +16,7 @@ Stages, each over the whole model one shard after another, as one Ray worker run
   kernels/METHOD   the chunk math alone on one shard already in device memory in its stored
                    dtype: widening, task vectors, tau^2 sums, the method, theta_0 + alpha delta,
                    and for compressing methods the tau_MTL cast, mask packing and mask counts
-  merge/METHOD     workers.shard.merge_shard end to end: read, stage, copy to the device,
+  merge/METHOD     mergeflow.workers.shard.merge_shard end to end: read, stage, copy to the device,
                    compute, copy back, hash, write
   ties-global      TIES with whole-model thresholds as the tool runs it: the 1/32 sample, the
                    counting passes or the zero guess, and the apply pass (reported per step)
@@ -47,14 +47,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import families  # noqa: E402
 
-from workers import kth_value, shard as shard_mod  # noqa: E402
-from workers.bits import pack_rows  # noqa: E402
-from workers.checkpoint import open_checkpoint  # noqa: E402
-from workers.dtypes import TORCH_DTYPES  # noqa: E402
-from workers.layers import group_layers  # noqa: E402
-from workers.methods import ChunkGlobals, MethodParams, get_method  # noqa: E402
-from workers.methods.tall_masks import mask_counts  # noqa: E402
-from workers.shard import (ChunkBuffers, ShardSpec, TensorJob, apply_alpha, merge_shard, shard_counts,  # noqa: E402
+from mergeflow.workers import kth_value, shard as shard_mod  # noqa: E402
+from mergeflow.workers.bits import pack_rows  # noqa: E402
+from mergeflow.workers.checkpoint import open_checkpoint  # noqa: E402
+from mergeflow.workers.dtypes import TORCH_DTYPES  # noqa: E402
+from mergeflow.workers.layers import group_layers  # noqa: E402
+from mergeflow.workers.methods import ChunkGlobals, MethodParams, get_method  # noqa: E402
+from mergeflow.workers.methods.tall_masks import mask_counts  # noqa: E402
+from mergeflow.workers.shard import (ChunkBuffers, ShardSpec, TensorJob, apply_alpha, merge_shard, shard_counts,  # noqa: E402
                            shard_ties_sample, task_chunks, tau_sq_sums)
 
 METHODS = ("task_arithmetic", "consensus", "ties")

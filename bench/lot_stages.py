@@ -17,10 +17,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from workers.suite_models import build_suite
-from workflows import runtime
-from workflows.config import config_from_dict
-from workflows.merge import run_merge
+from mergeflow.dev.suite.models import build_suite
+from mergeflow.workflows import runtime
+from mergeflow.workflows.config import config_from_dict
+from mergeflow.workflows.merge import run_merge
 
 
 def main() -> None:

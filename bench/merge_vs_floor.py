@@ -19,10 +19,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from workers.synthetic import make_family
-from workflows import runtime
-from workflows.config import config_from_dict
-from workflows.merge import run_merge
+from mergeflow.dev.synthetic import make_family
+from mergeflow.workflows import runtime
+from mergeflow.workflows.config import config_from_dict
+from mergeflow.workflows.merge import run_merge
 
 
 def floor_task_arithmetic(base: Path, tasks: list[Path], out: Path, alpha: float = 0.3) -> None:

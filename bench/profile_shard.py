@@ -22,10 +22,10 @@ import torch
 
 
 def main() -> None:
-    from workers import kth_value
-    from workers.shard import merge_shard, shard_counts, shard_ties_sample
-    from workflows.config import config_from_dict
-    from workflows.plan import make_plan
+    from mergeflow.workers import kth_value
+    from mergeflow.workers.shard import merge_shard, shard_counts, shard_ties_sample
+    from mergeflow.workflows.config import config_from_dict
+    from mergeflow.workflows.plan import make_plan
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("family")

@@ -22,8 +22,8 @@ import time
 from pathlib import Path
 
 from merge_vs_floor import family_and_ray
-from workflows.config import config_from_dict
-from workflows.remerge import LATEST, remerge
+from mergeflow.workflows.config import config_from_dict
+from mergeflow.workflows.remerge import LATEST, remerge
 
 
 def config(base: Path, tasks: list[Path], root: Path, method: str):

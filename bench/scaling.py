@@ -30,16 +30,16 @@ import tempfile
 import time
 from pathlib import Path
 
-from infra.local_cluster import LocalRayCluster
+from mergeflow.dev.local_cluster import LocalRayCluster
 
 
 def driver(config_path: str) -> None:
     """Child mode: join RAY_ADDRESS, then run one merge per 'run' line on stdin, answering in JSON."""
-    from workflows import runtime
-    from workflows.config import load_config
-    from workflows.merge import run_merge
+    from mergeflow.workflows import runtime
+    from mergeflow.workflows.config import load_config
+    from mergeflow.workflows.merge import run_merge
 
-    logging.getLogger("workflows.commit").setLevel(logging.ERROR)  # "--overwrite: removing ..." every time
+    logging.getLogger("mergeflow.workflows.commit").setLevel(logging.ERROR)  # "--overwrite: removing ..." every time
     config = load_config(config_path)
     runtime.connect()
     for line in sys.stdin:
@@ -118,9 +118,9 @@ def main() -> None:
 
 
 def run(args, root: Path) -> None:
-    from workers.synthetic import make_family
-    from workflows.config import config_from_dict
-    from workflows.plan import make_plan
+    from mergeflow.dev.synthetic import make_family
+    from mergeflow.workflows.config import config_from_dict
+    from mergeflow.workflows.plan import make_plan
 
     if not (root / "base").exists():
         make_family(root, tasks=args.tasks, layers=args.layers, hidden=args.hidden, vocab=args.vocab, shards=2)

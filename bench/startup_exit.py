@@ -41,7 +41,7 @@ print(f"ray.init {t1 - t0:.2f}s, two tasks importing torch {t2 - t1:.2f}s, shutd
 
 EXIT_CHILD = """
 import atexit, os, sys, time
-from workflows import cli
+from mergeflow.workflows import cli
 rc = cli.main(["merge", sys.argv[1], "--overwrite", "--quiet", "--no-tracking"])
 print(f"MAIN_DONE {time.time():.6f}", flush=True)
 if sys.argv[2] == "quick":

@@ -20,10 +20,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from workers import kth_value  # noqa: E402
-from workers.shard import shard_counts, shard_ties_sample  # noqa: E402
-from workflows.config import config_from_dict  # noqa: E402
-from workflows.plan import make_plan  # noqa: E402
+from mergeflow.workers import kth_value  # noqa: E402
+from mergeflow.workers.shard import shard_counts, shard_ties_sample  # noqa: E402
+from mergeflow.workflows.config import config_from_dict  # noqa: E402
+from mergeflow.workflows.plan import make_plan  # noqa: E402
 
 DENSITIES = (0.5, 0.2, 0.18, 0.15, 0.1, 0.05, 0.02, 0.01)
 

@@ -38,8 +38,8 @@ from dataclasses import asdict, dataclass
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 
-from infra.storage import StorageOptions, is_s3, join
-from workers.errors import MergeflowError, StorageError
+from mergeflow.infra.storage import StorageOptions, is_s3, join
+from mergeflow.errors import MergeflowError, StorageError
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +208,7 @@ class _LocalBackend:
 
 class _S3Backend:
     def __init__(self, uri: str, options: StorageOptions):
-        from infra.storage import S3Storage, _split
+        from mergeflow.infra.storage import S3Storage, _split
 
         self.uri = uri
         self.options = options
@@ -217,7 +217,7 @@ class _S3Backend:
 
     @property
     def _client(self):
-        from infra.storage import _s3_client
+        from mergeflow.infra.storage import _s3_client
 
         return _s3_client(self.options)
 
@@ -225,7 +225,7 @@ class _S3Backend:
         """A request whose 412 (precondition failed) and 404 are answers, not errors."""
         from botocore.exceptions import BotoCoreError, ClientError
 
-        from infra.storage import _endpoint_of, _s3_error
+        from mergeflow.infra.storage import _endpoint_of, _s3_error
 
         try:
             return fn(Bucket=self.bucket, Key=self.key, **kwargs)
@@ -252,7 +252,7 @@ class _S3Backend:
         resp = self._call(self._client.get_object)
         if resp is None:
             return None
-        from infra.storage import _read_body
+        from mergeflow.infra.storage import _read_body
 
         data = _read_body(self.uri, self._client, resp)
         age = 0.0

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from workers.errors import StorageError
+from mergeflow.errors import StorageError
 
 PART_SIZE = 64 * 1024 * 1024  # multipart part size; S3 needs >= 5 MiB except the last part
 TMP_SUFFIX = ".tmp"  # local writers' temporary files: ".<name>.<8 hex digits>.tmp" next to the target

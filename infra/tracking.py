@@ -26,7 +26,7 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit, urlunsplit
 
-from workers.errors import MergeflowError
+from mergeflow.errors import MergeflowError
 
 if TYPE_CHECKING:  # mlflow takes seconds to import: only when a run is actually logged
     from mlflow import MlflowClient

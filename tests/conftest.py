@@ -38,7 +38,7 @@ def ray_session():
 @pytest.fixture
 def family(tmp_path):
     """Factory: write a small synthetic family and return (base, [(name, path)])."""
-    from workers.synthetic import make_family
+    from mergeflow.dev.synthetic import make_family
 
     def make(tasks=3, layers=2, hidden=16, vocab=32, dtype=torch.bfloat16, shards=1, seed=0, root=None):
         return make_family(root or tmp_path / "family", tasks=tasks, layers=layers, hidden=hidden, vocab=vocab,
@@ -48,7 +48,7 @@ def family(tmp_path):
 
 
 def config_for(base, tasks, output, method: dict, **execution) -> "MergeConfig":  # noqa: F821
-    from workflows.config import config_from_dict
+    from mergeflow.workflows.config import config_from_dict
 
     raw = {"base": str(base), "tasks": [{"name": n, "checkpoint": str(p)} for n, p in tasks],
            "output": str(output), "method": method}
@@ -60,7 +60,7 @@ def config_for(base, tasks, output, method: dict, **execution) -> "MergeConfig":
 @pytest.fixture(scope="session")
 def tiny_suite(tmp_path_factory):
     """A 3-task digits suite small enough to build in seconds: (folder, task names)."""
-    from workers.suite_models import build_suite
+    from mergeflow.dev.suite.models import build_suite
 
     root = tmp_path_factory.mktemp("tinysuite") / "suite"
     meta = build_suite(root, tasks=3, seed=0, hidden=64, epochs_scale=0.4)
@@ -71,7 +71,7 @@ def tiny_suite(tmp_path_factory):
 def s3_server(request, tmp_path_factory):
     """One real SeaweedFS S3 server per test module, started with the credentials the
     environment (and so every Ray worker) carries: modules that use it set AWS_* at import."""
-    from infra.local_services import SeaweedS3Server
+    from mergeflow.dev.local_services import SeaweedS3Server
 
     server = SeaweedS3Server(tmp_path_factory.mktemp("seaweed"), access_key=os.environ["AWS_ACCESS_KEY_ID"],
                              secret_key=os.environ["AWS_SECRET_ACCESS_KEY"])

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from conftest import config_for
-from workers.append import PreviousSum, append_shard
-from workers.safetensors_io import read_header
-from workers.shard import merge_shard
-from workflows.plan import make_plan
+from mergeflow.workers.append import PreviousSum, append_shard
+from mergeflow.workers.safetensors_io import read_header
+from mergeflow.workers.shard import merge_shard
+from mergeflow.workflows.plan import make_plan
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
 

@@ -11,7 +11,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from workflows.cli import main
+from mergeflow.workflows.cli import main
 
 
 def write_config(tmp_path: Path, base, tasks, method=None, **extra) -> Path:

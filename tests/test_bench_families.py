@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 import families  # noqa: E402
 
 from conftest import config_for  # noqa: E402
-from workflows.plan import make_plan  # noqa: E402
+from mergeflow.workflows.plan import make_plan  # noqa: E402
 
 
 def load(ckpt: Path) -> dict[str, torch.Tensor]:

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from workers.checkpoint import INDEX_NAME, SINGLE_NAME, open_checkpoint
-from workers.errors import CheckpointError
-from workflows.cli import main
-from workflows.config import config_from_dict
-from workflows.registry import resolve
+from mergeflow.workers.checkpoint import INDEX_NAME, SINGLE_NAME, open_checkpoint
+from mergeflow.errors import CheckpointError
+from mergeflow.workflows.cli import main
+from mergeflow.workflows.config import config_from_dict
+from mergeflow.workflows.registry import resolve
 
 
 def index_to(folder: Path, entry: str, keep_single: bool = False) -> Path:

@@ -7,8 +7,8 @@ import json
 import mlflow
 import yaml
 
-from infra.local_services import free_port
-from workflows.cli import main
+from mergeflow.dev.local_services import free_port
+from mergeflow.workflows.cli import main
 
 
 def make_config(tmp_path, family, method) -> str:
@@ -79,13 +79,13 @@ def test_the_command_exits_quickly_with_its_output_and_tracking_complete(tmp_pat
     cfg = make_config(tmp_path, family, {"name": "task_arithmetic"})
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_ADDRESS="")
-    done = subprocess.run([sys.executable, "-m", "workflows.cli", "merge", cfg, "--quiet", "--tracking-uri", uri],
+    done = subprocess.run([sys.executable, "-m", "mergeflow.workflows.cli", "merge", cfg, "--quiet", "--tracking-uri", uri],
                           env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "merged 3 tasks with task_arithmetic" in done.stdout and "timings" in done.stdout
     tracked = json.loads((tmp_path / "out" / "tracking.json").read_text())
     assert mlflow.MlflowClient(tracking_uri=uri).get_run(tracked["run_id"]).info.status == "FINISHED"
 
-    bad = subprocess.run([sys.executable, "-m", "workflows.cli", "inspect", str(tmp_path / "nothing")],
+    bad = subprocess.run([sys.executable, "-m", "mergeflow.workflows.cli", "inspect", str(tmp_path / "nothing")],
                          env=env, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.startswith("mergeflow: error:")

@@ -11,7 +11,7 @@ worker nodes race evenly, and ~0.5 s shards leave time for both to join.
 
 The driver is a subprocess: a test process can drive one Ray runtime at a time and this
 session already drives the shared local one. The cluster lives in a child process of
-infra.local_cluster and is torn down with Cluster.shutdown(), never `ray stop`.
+mergeflow.dev.local_cluster and is torn down with Cluster.shutdown(), never `ray stop`.
 Credentials reach the cluster the way they do in production: in the nodes' environment.
 """
 
@@ -29,11 +29,11 @@ import pytest
 import yaml
 
 from conftest import config_for
-from infra.local_cluster import LocalRayCluster
-from infra.local_services import SeaweedS3Server, s3_client
-from workers.shard import LayerStats, ShardResult
-from workflows.journal import result_from_json, result_to_json
-from workflows.merge import run_merge
+from mergeflow.dev.local_cluster import LocalRayCluster
+from mergeflow.dev.local_services import SeaweedS3Server, s3_client
+from mergeflow.workers.shard import LayerStats, ShardResult
+from mergeflow.workflows.journal import result_from_json, result_to_json
+from mergeflow.workflows.merge import run_merge
 
 METHOD = {"name": "tall_masks", "alpha": 0.3, "lambda": 0.4}
 EXECUTION = {"shard_size": 4000, "chunk_elems": 64}  # ~10 shards of whole layers, each many ranged reads
@@ -78,7 +78,7 @@ def test_merge_spreads_over_nodes_and_equals_single_node(ray_session, family, tm
         env = os.environ | endpoint.env() | cluster.driver_env()
         env.pop("RAY_ADDRESS")  # the address travels on the command line, as a user would give it
         done = subprocess.run(
-            [sys.executable, "-m", "workflows.cli", "merge", str(config), "--ray-address", info.address,
+            [sys.executable, "-m", "mergeflow.workflows.cli", "merge", str(config), "--ray-address", info.address,
              "--quiet", "--no-tracking"],
             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240,
         )

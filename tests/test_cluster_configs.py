@@ -23,8 +23,8 @@ import jsonschema
 import pytest
 import yaml
 
-from workflows.cli import _parser
-from workflows.config import config_from_dict
+from mergeflow.workflows.cli import _parser
+from mergeflow.workflows.config import config_from_dict
 
 REPO = Path(__file__).resolve().parent.parent
 RAY_UP = REPO / "infra" / "cluster" / "ray-up.yaml"

@@ -7,8 +7,8 @@ import json
 import os
 
 from conftest import config_for
-from infra import hash_cache
-from workflows.merge import run_merge
+from mergeflow.infra import hash_cache
+from mergeflow.workflows.merge import run_merge
 
 
 def _sha(path) -> str:

@@ -13,10 +13,10 @@ import pytest
 import yaml
 from safetensors import safe_open
 
-from workers.errors import CheckpointError
-from workers.safetensors_io import read_header
-from workers.synthetic import make_family
-from workflows.cli import main
+from mergeflow.errors import CheckpointError
+from mergeflow.workers.safetensors_io import read_header
+from mergeflow.dev.synthetic import make_family
+from mergeflow.workflows.cli import main
 
 
 @pytest.fixture
@@ -204,7 +204,7 @@ def test_files_the_project_writes_still_pass(tmp_path):
     import torch
     from safetensors.torch import save_file
 
-    from workers.safetensors_io import StreamingWriter
+    from mergeflow.workers.safetensors_io import StreamingWriter
 
     f = tmp_path / "a.safetensors"
     save_file({"a": torch.zeros(3), "empty": torch.zeros(0, 5), "b": torch.ones(2, dtype=torch.bfloat16)}, f,

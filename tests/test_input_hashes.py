@@ -5,9 +5,9 @@ import hashlib
 
 import pytest
 
-from infra.storage import StorageOptions
-from workers.errors import StorageError
-from workflows.input_hashes import InputHashes, hash_in_driver
+from mergeflow.infra.storage import StorageOptions
+from mergeflow.errors import StorageError
+from mergeflow.workflows.input_hashes import InputHashes, hash_in_driver
 
 
 def _files(tmp_path, sizes):

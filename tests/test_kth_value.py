@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from workers import kth_value
-from workers.kth_value import Count
+from mergeflow.workers import kth_value
+from mergeflow.workers.kth_value import Count
 
 
 def select(parts: list[torch.Tensor], density: float, sample: kth_value.Sample | None = None):

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from botocore.exceptions import ClientError
 
-from infra.local_services import MlflowServer, S3Endpoint, SeaweedS3Server, free_port, main, s3_client
+from mergeflow.dev.local_services import MlflowServer, S3Endpoint, SeaweedS3Server, free_port, main, s3_client
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MIB = 1024 * 1024
@@ -170,7 +170,7 @@ def test_mlflow_artifacts_go_through_server_to_s3(endpoint: S3Endpoint, tmp_path
 @pytest.mark.slow
 def test_cli_s3_prints_exports_and_stops_on_sigterm(tmp_path: Path) -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "infra.local_services", "s3", "--dir", str(tmp_path / "cli"),
+        [sys.executable, "-m", "mergeflow.dev.local_services", "s3", "--dir", str(tmp_path / "cli"),
          "--secret-key", "cli-secret"],
         cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )

@@ -26,10 +26,10 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-from infra.local_services import s3_client  # noqa: E402
-from infra.lock import LOCK_NAME, Holder, LockHeld, LockLost, RunLock, pid_namespace  # noqa: E402
-from infra.storage import StorageOptions  # noqa: E402
-from workers.errors import StorageError  # noqa: E402
+from mergeflow.dev.local_services import s3_client  # noqa: E402
+from mergeflow.infra.lock import LOCK_NAME, Holder, LockHeld, LockLost, RunLock, pid_namespace  # noqa: E402
+from mergeflow.infra.storage import StorageOptions  # noqa: E402
+from mergeflow.errors import StorageError  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -164,7 +164,7 @@ def test_lock_held_by_another_process_then_recovered_after_it_dies(tmp_path):
     root = tmp_path / "out"
     script = textwrap.dedent(f"""
         import time
-        from infra.lock import RunLock
+        from mergeflow.infra.lock import RunLock
         lock = RunLock({str(root)!r}, ttl=3600, heartbeat=60, command="holder").acquire()
         print("held", flush=True)
         time.sleep(600)
@@ -211,7 +211,7 @@ def test_live_holder_in_another_pid_namespace_is_not_taken_over(tmp_path):
     pid = _free_pid()
     holder = textwrap.dedent(f"""
         import os, time
-        from infra.lock import RunLock
+        from mergeflow.infra.lock import RunLock
         lock = RunLock({str(root)!r}, ttl=3600, heartbeat=60, command="namespaced").acquire()
         print(os.getpid(), flush=True)
         time.sleep(600)

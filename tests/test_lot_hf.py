@@ -12,14 +12,14 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 from conftest import config_for
-from infra.storage import sha256_of
-from workers.checkpoint import open_checkpoint
-from workers.errors import ConfigError
-from workers.lot import solve
-from workers.lot.features import ENERGY, GRAM, ROWS, FeatureJob, load_stats, task_features
-from workers.lot.models import TaskModelSpec
-from workers.lot.shard import lot_shard
-from workflows.plan import make_plan
+from mergeflow.infra.storage import sha256_of
+from mergeflow.workers.checkpoint import open_checkpoint
+from mergeflow.errors import ConfigError
+from mergeflow.workers.lot import solve
+from mergeflow.workers.lot.features import ENERGY, GRAM, ROWS, FeatureJob, load_stats, task_features
+from mergeflow.workers.lot.models import TaskModelSpec
+from mergeflow.workers.lot.shard import lot_shard
+from mergeflow.workflows.plan import make_plan
 
 CONFIG = {"model_type": "bert", "architectures": ["BertModel"], "vocab_size": 50, "hidden_size": 16,
           "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 24, "max_position_embeddings": 32,

@@ -14,13 +14,13 @@ import yaml
 from safetensors.torch import load_file
 
 from conftest import config_for
-from workers.lot import solve
-from workers.lot.features import ENERGY, GRAM, ROWS, load_stats
-from workers.lot.features import collect
-from workers.lot.rules import merge_state_dicts
-from workers.suite_models import backbone_module, load_backbone, lot_exemplars
-from workflows.cli import main
-from workflows.merge import run_merge
+from mergeflow.workers.lot import solve
+from mergeflow.workers.lot.features import ENERGY, GRAM, ROWS, load_stats
+from mergeflow.workers.lot.features import collect
+from mergeflow.workers.lot.rules import merge_state_dicts
+from mergeflow.dev.suite.models import backbone_module, load_backbone, lot_exemplars
+from mergeflow.workflows.cli import main
+from mergeflow.workflows.merge import run_merge
 
 LINEARS = [f"backbone.{i}.weight" for i in (0, 2, 4)]
 
@@ -131,7 +131,7 @@ def test_bad_model_sources_fail_in_one_line(ray_session, suite, tmp_path, capsys
 
     assert "method.model" in run({"name": "lot"})  # no model source at all
     assert "cannot import module 'no_such_pkg.mod'" in run({"name": "lot", "model": "no_such_pkg.mod:build"})
-    assert "no function 'nope'" in run({"name": "lot", "model": "workers.suite_models:nope"})
+    assert "no function 'nope'" in run({"name": "lot", "model": "mergeflow.dev.suite.models:nope"})
     assert "not suite, hf or a hook" in run({"name": "lot", "model": "suite_please"})
     assert "exemplar_files: no token-id file for task 'identity'" in run({"name": "lot", "model": "hf"})
     assert "LOT takes one number" in run({"name": "lot", "model": "suite", "lambda": {n: 1.0 for n in names}})
@@ -154,7 +154,7 @@ class Backbone(torch.nn.Module):
 
 def hook_build(checkpoint: str, task: str, exemplars: int, seed: int):
     """A user hook: the suite's backbone under the checkpoint's names, and the first exemplars."""
-    from workers.suite_models import SuiteMLP, task_data
+    from mergeflow.dev.suite.models import SuiteMLP, task_data
 
     state = load_file(f"{checkpoint}/model.safetensors")
     model = SuiteMLP(hidden=state["backbone.0.weight"].shape[0])
@@ -165,11 +165,11 @@ def hook_build(checkpoint: str, task: str, exemplars: int, seed: int):
 
 def test_user_hook_statistics_and_cache(suite, tmp_path):
     """The hook path in the worker itself (no Ray: a hook must be importable wherever workers run)."""
-    from infra.storage import sha256_of
-    from workers.checkpoint import open_checkpoint
-    from workers.lot.features import FeatureJob, task_features
-    from workers.lot.models import TaskModelSpec
-    from workers.suite_models import task_data
+    from mergeflow.infra.storage import sha256_of
+    from mergeflow.workers.checkpoint import open_checkpoint
+    from mergeflow.workers.lot.features import FeatureJob, task_features
+    from mergeflow.workers.lot.models import TaskModelSpec
+    from mergeflow.dev.suite.models import task_data
 
     suite_dir, _ = suite
     cp = open_checkpoint(str(suite_dir / "rot90"))
@@ -190,12 +190,12 @@ def test_user_hook_statistics_and_cache(suite, tmp_path):
 def test_lambda_auto_selects_on_validation_and_equals_a_direct_merge(ray_session, suite, tmp_path):
     """`lambda: auto` is alpha selection for LOT: the map writes Delta* unscaled (delta/), the
     chosen lambda is applied afterwards; the model equals a direct LOT merge with that lambda."""
-    from workflows.config import config_from_dict
+    from mergeflow.workflows.config import config_from_dict
 
     suite_dir, names = suite
     raw = {"base": str(suite_dir / "base"), "tasks": [{"name": n, "checkpoint": str(suite_dir / n)} for n in names],
            "method": {"name": "lot", "model": "suite", "lambda": "auto", "stats_cache": str(tmp_path / "cache")},
-           "selection": {"evaluator": "workers.suite_models:evaluate", "alphas": [0.5, 1.0, 1.5]}}
+           "selection": {"evaluator": "mergeflow.dev.suite.models:evaluate", "alphas": [0.5, 1.0, 1.5]}}
     auto = run_merge(config_from_dict(raw | {"output": str(tmp_path / "auto")}), quiet=True)
     chosen = auto.manifest["selection"]["alpha"]["chosen"]
     assert chosen in (0.5, 1.0, 1.5) and auto.manifest["method"]["alpha"] == chosen
@@ -211,7 +211,7 @@ def test_lambda_auto_selects_on_validation_and_equals_a_direct_merge(ray_session
 def test_remerge_adding_a_task_runs_only_the_new_task_model(ray_session, suite, tmp_path):
     """`mergeflow remerge` keeps one statistics cache under its root: adding a task computes that
     task's features only, and the result equals a from-scratch LOT merge of all tasks."""
-    from workflows.remerge import remerge
+    from mergeflow.workflows.remerge import remerge
 
     suite_dir, names = suite
     tasks = [(n, suite_dir / n) for n in names]

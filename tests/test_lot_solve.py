@@ -7,7 +7,7 @@ W (out x in), y = x W^T, so the reference task vectors are transposed going in a
 import pytest
 import torch
 
-from workers.lot import solve
+from mergeflow.workers.lot import solve
 
 X1 = torch.tensor([[1.0, 0, 1], [0, 1, 0]], dtype=torch.float64)
 X2 = torch.tensor([[1.0, 1, 0], [0, 0, 2]], dtype=torch.float64)

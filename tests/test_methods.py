@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from workers import kth_value
-from workers.bits import pack_rows, pack_rows_torch, unpack
-from workers.methods import ChunkGlobals, MethodParams, get_method
+from mergeflow.workers import kth_value
+from mergeflow.workers.bits import pack_rows, pack_rows_torch, unpack
+from mergeflow.workers.methods import ChunkGlobals, MethodParams, get_method
 
 THETA0 = torch.tensor([1.0, -1.0, 0.5, 0.0, 2.0, -0.5])
 TAUS = torch.tensor(

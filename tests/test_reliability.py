@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from infra.local_services import free_port
-from workflows.cli import main
+from mergeflow.dev.local_services import free_port
+from mergeflow.workflows.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 MERGEFLOW = str(Path(sys.executable).with_name("mergeflow"))
@@ -167,8 +167,8 @@ def test_manifest_paths_that_leave_the_run_are_refused(capsys, tmp_path):
 
 
 def test_a_task_name_with_a_trailing_newline_is_refused(tmp_path):
-    from workers.errors import ConfigError
-    from workflows.config import config_from_dict
+    from mergeflow.errors import ConfigError
+    from mergeflow.workflows.config import config_from_dict
 
     raw = {"base": "/b", "tasks": [{"name": "task_00\n", "checkpoint": "/t"}], "output": str(tmp_path),
            "method": {"name": "task_arithmetic"}}
@@ -197,7 +197,7 @@ def test_debug_does_not_print_the_aws_session_token(tmp_path):
 
 @pytest.mark.slow
 def test_credentials_in_the_tracking_uri_are_not_written_or_printed(ray_session, capsys, tmp_path, family):
-    from infra.local_services import MlflowServer
+    from mergeflow.dev.local_services import MlflowServer
 
     base, tasks = family(tasks=2)
     out = tmp_path / "out"
@@ -236,8 +236,8 @@ def test_a_committed_run_whose_tracking_failed_is_tracked_when_run_again(ray_ses
 
 def test_a_modified_parent_sum_is_not_extended(ray_session, tmp_path, family):
     from conftest import config_for
-    from workflows.merge import run_merge
-    from workflows.remerge import remerge
+    from mergeflow.workflows.merge import run_merge
+    from mergeflow.workflows.remerge import remerge
 
     base, tasks = family(tasks=4, layers=2, hidden=32, vocab=64)
     root = tmp_path / "root"
@@ -329,7 +329,7 @@ def test_files_and_their_folder_are_synced_around_the_rename(tmp_path, monkeypat
     disk before the rename publishes it, and the rename before commit() returns."""
     import stat
 
-    from infra.storage import LocalStorage
+    from mergeflow.infra.storage import LocalStorage
 
     events: list[str] = []
     real_fsync, real_replace = os.fsync, os.replace

@@ -16,12 +16,12 @@ import pytest
 import yaml
 
 from conftest import config_for
-from infra.lock import EXIT_LOCKED, RunLock
-from workers.dtypes import is_float
-from workflows.cli import main
-from workflows.commit import OutputState
-from workflows.merge import run_merge
-from workflows.remerge import LATEST, RUNS_DIR, remerge
+from mergeflow.infra.lock import EXIT_LOCKED, RunLock
+from mergeflow.workers.dtypes import is_float
+from mergeflow.workflows.cli import main
+from mergeflow.workflows.commit import OutputState
+from mergeflow.workflows.merge import run_merge
+from mergeflow.workflows.remerge import LATEST, RUNS_DIR, remerge
 
 EXECUTION = {"shard_size": 3000, "chunk_elems": 64}  # several shards whose layout changes with T
 
@@ -293,10 +293,10 @@ def test_watch_once_picks_up_a_new_checkpoint_folder(ray_session, family, tmp_pa
 def test_alpha_auto_add_one_equals_scratch_and_is_then_up_to_date(ray_session, tiny_suite, tmp_path):
     """With `alpha: auto` the sum is still extended (selection then scores models built from it), the
     parent's chosen alpha does not count as a settings change, and the result is a from-scratch run's."""
-    from workflows.config import config_from_dict
+    from mergeflow.workflows.config import config_from_dict
 
     suite, names = tiny_suite
-    selection = {"evaluator": "workers.suite_models:evaluate", "alphas": [0.2, 0.8]}
+    selection = {"evaluator": "mergeflow.dev.suite.models:evaluate", "alphas": [0.2, 0.8]}
 
     def cfg(tasks, out, **execution):
         return config_from_dict({"base": str(suite / "base"), "output": str(out),

@@ -21,10 +21,10 @@ import pytest  # noqa: E402
 import yaml  # noqa: E402
 
 from conftest import config_for  # noqa: E402
-from infra.local_services import s3_client  # noqa: E402
-from infra.lock import LOCK_NAME  # noqa: E402
-from workflows.cli import main  # noqa: E402
-from workflows.merge import run_merge  # noqa: E402
+from mergeflow.dev.local_services import s3_client  # noqa: E402
+from mergeflow.infra.lock import LOCK_NAME  # noqa: E402
+from mergeflow.workflows.cli import main  # noqa: E402
+from mergeflow.workflows.merge import run_merge  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from conftest import config_for
-from workflows.merge import run_merge
+from mergeflow.workflows.merge import run_merge
 
 
 def model_bytes(run: Path) -> dict[str, bytes]:
@@ -36,7 +36,7 @@ def test_kill_and_resume(ray_session, family, tmp_path):
 
     env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_ADDRESS="",
                RAY_TMPDIR=tempfile.mkdtemp(prefix="mfkill", dir="/tmp"))
-    proc = subprocess.Popen([sys.executable, "-m", "workflows.cli", "merge", str(cfg_path), "--quiet"],
+    proc = subprocess.Popen([sys.executable, "-m", "mergeflow.workflows.cli", "merge", str(cfg_path), "--quiet"],
                             env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     journal = out / ".mergeflow" / "shards"
     deadline = time.monotonic() + 120

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from workflows import ray_guard
+from mergeflow.workflows import ray_guard
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 
@@ -136,7 +136,7 @@ def outward_address() -> str | None:
 @pytest.fixture(scope="module")
 def family_config(tmp_path_factory):
     """A family whose merge takes several seconds after Ray is up (~0.2 GB of checkpoints)."""
-    from workers.synthetic import make_family
+    from mergeflow.dev.synthetic import make_family
 
     root = tmp_path_factory.mktemp("secfamily")
     _, tasks = make_family(root, tasks=6, layers=8, hidden=384, vocab=8192, shards=2, seed=0)

@@ -25,14 +25,14 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from infra.local_services import SeaweedS3Server, s3_client  # noqa: E402
-from infra.storage import StorageOptions  # noqa: E402
-from workers.errors import MergeflowError  # noqa: E402
-from workflows.commit import OutputState  # noqa: E402
-from workflows.config import config_from_dict  # noqa: E402
-from workflows.inspect_run import describe  # noqa: E402
-from workflows.merge import run_merge  # noqa: E402
-from workflows.reconstruct import reconstruct  # noqa: E402
+from mergeflow.dev.local_services import SeaweedS3Server, s3_client  # noqa: E402
+from mergeflow.infra.storage import StorageOptions  # noqa: E402
+from mergeflow.errors import MergeflowError  # noqa: E402
+from mergeflow.workflows.commit import OutputState  # noqa: E402
+from mergeflow.workflows.config import config_from_dict  # noqa: E402
+from mergeflow.workflows.inspect_run import describe  # noqa: E402
+from mergeflow.workflows.merge import run_merge  # noqa: E402
+from mergeflow.workflows.reconstruct import reconstruct  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -141,7 +141,7 @@ def merged(ray_session, s3_server, tmp_path_factory):
     """The same merge from s3:// to s3:// and from local files to a local output, once
     for the tests that only read the results. The family is what the `family` fixture
     makes (that one is function-scoped)."""
-    from workers.synthetic import make_family
+    from mergeflow.dev.synthetic import make_family
 
     tmp = tmp_path_factory.mktemp("merged")
     s3 = S3(s3_server)
@@ -310,7 +310,7 @@ def test_server_down_then_restart_resumes(ray_session, s3, family, tmp_path, mon
     assert s3.keys("run") == {}
 
     # 2. The server goes away mid-merge: right after the first shard is journaled.
-    from workflows.journal import Journal
+    from mergeflow.workflows.journal import Journal
 
     record = Journal.record
     stopped = []

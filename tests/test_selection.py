@@ -9,15 +9,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from infra.storage import StorageOptions
-from infra.tracking import TrackingOptions
-from workers.errors import ConfigError
-from workers.suite_models import evaluate
-from workflows.merge import run_merge, track
-from workflows.reconstruct import reconstruct
-from workflows.select import _argmax
+from mergeflow.infra.storage import StorageOptions
+from mergeflow.infra.tracking import TrackingOptions
+from mergeflow.errors import ConfigError
+from mergeflow.dev.suite.models import evaluate
+from mergeflow.workflows.merge import run_merge, track
+from mergeflow.workflows.reconstruct import reconstruct
+from mergeflow.workflows.select import _argmax
 
-SELECTION = {"evaluator": "workers.suite_models:evaluate", "alphas": [0.2, 0.5, 0.8], "lambdas": [0.3, 0.6]}
+SELECTION = {"evaluator": "mergeflow.dev.suite.models:evaluate", "alphas": [0.2, 0.5, 0.8], "lambdas": [0.3, 0.6]}
 
 
 @pytest.fixture
@@ -26,7 +26,7 @@ def suite(tiny_suite):
 
 
 def _config(suite, out: Path, method: dict, selection: dict | None = SELECTION):
-    from workflows.config import config_from_dict
+    from mergeflow.workflows.config import config_from_dict
 
     root, names = suite
     raw = {"base": str(root / "base"), "tasks": [{"name": n, "checkpoint": str(root / n)} for n in names],
@@ -116,11 +116,11 @@ def test_auto_needs_a_selection_section(suite, tmp_path):
 
 
 def test_bad_evaluator_fails_before_any_work(suite, tmp_path):
-    from workflows.plan import make_plan
+    from mergeflow.workflows.plan import make_plan
 
     cfg = _config(suite, tmp_path / "x", {"name": "task_arithmetic", "alpha": "auto"},
-                  selection={"evaluator": "workers.suite_models:no_such_function"})
-    with pytest.raises(ConfigError, match=r"selection.evaluator: module 'workers.suite_models' has no function"):
+                  selection={"evaluator": "mergeflow.dev.suite.models:no_such_function"})
+    with pytest.raises(ConfigError, match=r"selection.evaluator: module 'mergeflow.dev.suite.models' has no function"):
         make_plan(cfg)
     with pytest.raises(ConfigError, match=r"must look like 'package.module:function'"):
         _config(suite, tmp_path / "x", {"name": "task_arithmetic", "alpha": "auto"}, selection={"evaluator": "nope"})
@@ -130,11 +130,11 @@ def test_bad_evaluator_fails_before_any_work(suite, tmp_path):
 def test_suite_config_selects_and_dry_run_says_so(suite, tmp_path, capsys):
     import yaml
 
-    from workflows.cli import main
+    from mergeflow.workflows.cli import main
 
     root, _ = suite
     raw = yaml.safe_load((root / "config.yaml").read_text())
     assert raw["method"] == {"name": "tall_masks", "alpha": "auto", "lambda": "auto"}
-    assert raw["selection"]["evaluator"] == "workers.suite_models:evaluate"
+    assert raw["selection"]["evaluator"] == "mergeflow.dev.suite.models:evaluate"
     assert main(["merge", str(root / "config.yaml"), "--output", str(tmp_path / "o"), "--dry-run"]) == 0
     assert "tall_masks (alpha auto, lambda auto)" in capsys.readouterr().out

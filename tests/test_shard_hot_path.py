@@ -12,11 +12,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import config_for
-from workers.errors import CheckpointError
-from workers import kth_value
-from workers.kth_value import nonzero_counts
-from workers.shard import merge_shard, shard_counts, tau_sq_sums
-from workflows.plan import make_plan
+from mergeflow.errors import CheckpointError
+from mergeflow.workers import kth_value
+from mergeflow.workers.kth_value import nonzero_counts
+from mergeflow.workers.shard import merge_shard, shard_counts, tau_sq_sums
+from mergeflow.workflows.plan import make_plan
 
 NAME = "model.layers.1.mlp.up_proj.weight"
 

@@ -12,9 +12,9 @@ from safetensors.torch import load_file
 
 import reference_impl as ref
 from conftest import config_for
-from workflows.merge import run_merge
-from workflows.reconstruct import reconstruct
-from infra.storage import StorageOptions
+from mergeflow.workflows.merge import run_merge
+from mergeflow.workflows.reconstruct import reconstruct
+from mergeflow.infra.storage import StorageOptions
 
 
 def load_dir(path) -> dict[str, torch.Tensor]:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from workers.suite_models import build_suite, evaluate, load_backbone, task_arithmetic
+from mergeflow.dev.suite.models import build_suite, evaluate, load_backbone, task_arithmetic
 
 TINY = {"tasks": 3, "seed": 0, "hidden": 64, "epochs_scale": 0.4}
 
@@ -79,7 +79,7 @@ def test_evaluate_path_and_state_dict(suite):
 
 
 def test_config_yaml_validates(suite):
-    from workflows.config import load_config
+    from mergeflow.workflows.config import load_config
 
     root, meta = suite
     cfg = load_config(root / "a" / "config.yaml")
@@ -89,12 +89,12 @@ def test_config_yaml_validates(suite):
 
 
 def test_cli_suite_build(suite):
-    from workflows.cli import main
+    from mergeflow.workflows.cli import main
 
     root, meta = suite
     # the CLI builds the default (hidden 512) suite; here only its parser and table are exercised on the tiny one
-    from workflows.cli import _parser
-    from workflows.suite import table
+    from mergeflow.workflows.cli import _parser
+    from mergeflow.dev.suite.cli import table
 
     args = _parser().parse_args(["suite", "build", "--dir", str(root / "x"), "--tasks", "14", "--seed", "3"])
     assert (args.command, args.suite_command, args.tasks, args.seed) == ("suite", "build", 14, 3)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 
-from infra.storage import StorageOptions
-from infra.tracking import TrackingOptions
-from workers.suite_models import evaluate
-from workflows import suite_report
-from workflows.reconstruct import reconstruct
-from workflows.select import _argmax
+from mergeflow.infra.storage import StorageOptions
+from mergeflow.infra.tracking import TrackingOptions
+from mergeflow.dev.suite.models import evaluate
+from mergeflow.dev.suite import report as suite_report
+from mergeflow.workflows.reconstruct import reconstruct
+from mergeflow.workflows.select import _argmax
 
 
 def test_report_rows_scores_and_files(tiny_suite, tmp_path, ray_session):

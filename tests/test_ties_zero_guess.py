@@ -12,11 +12,11 @@ from safetensors.torch import load_file, save_file
 import reference_impl as ref
 from conftest import config_for
 from test_sharded_equals_reference import load_checkpoint, load_dir
-from infra.storage import StorageOptions
-from workers import kth_value
-from workers.shard import _phase
-from workflows.inspect_run import describe
-from workflows.merge import run_merge
+from mergeflow.infra.storage import StorageOptions
+from mergeflow.workers import kth_value
+from mergeflow.workers.shard import _phase
+from mergeflow.workflows.inspect_run import describe
+from mergeflow.workflows.merge import run_merge
 
 
 def _rewrite_tasks(base_dir, task_dirs, equal_to_base):

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from infra.local_services import MlflowServer, S3Endpoint, SeaweedS3Server, free_port, s3_client
-from infra.tracking import TrackingError, TrackingOptions, log_merge
+from mergeflow.dev.local_services import MlflowServer, S3Endpoint, SeaweedS3Server, free_port, s3_client
+from mergeflow.infra.tracking import TrackingError, TrackingOptions, log_merge
 
 TASKS = ("math", "code", "chat")
 CONFIG_TEXT = "base: base\ntasks:\n  - {name: math, checkpoint: task_00}\noutput: run\nmethod: {name: tall_masks}\n"

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from conftest import config_for
-from workers.shard import merge_shard
-from workflows.plan import make_plan
+from mergeflow.workers.shard import merge_shard
+from mergeflow.workflows.plan import make_plan
 
 
 def test_workers_import_and_merge_without_ray_mlflow_boto3(family, tmp_path):
@@ -23,10 +23,10 @@ def test_workers_import_and_merge_without_ray_mlflow_boto3(family, tmp_path):
         for name in ("ray", "mlflow", "boto3", "botocore"):
             sys.modules[name] = None  # any import of these now raises ImportError
         from pathlib import Path
-        from workers.checkpoint import open_checkpoint
-        from workers.methods import MethodParams
-        from workers.shard import ShardSpec, TensorJob, merge_shard
-        import workers.lot.features, workers.lot.models, workers.lot.rules, workers.lot.shard  # LOT's workers too
+        from mergeflow.workers.checkpoint import open_checkpoint
+        from mergeflow.workers.methods import MethodParams
+        from mergeflow.workers.shard import ShardSpec, TensorJob, merge_shard
+        import mergeflow.workers.lot.features, mergeflow.workers.lot.models, mergeflow.workers.lot.rules, mergeflow.workers.lot.shard  # LOT's workers too
         base = open_checkpoint({str(base)!r})
         tasks = [open_checkpoint(p) for p in {[str(p) for _, p in tasks]!r}]
         jobs = tuple(TensorJob(n, base.tensors[n], tuple(t.tensors[n] for t in tasks)) for n in sorted(base.tensors))

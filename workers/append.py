@@ -18,11 +18,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from workers.dtypes import TORCH_DTYPES
-from workers.errors import CheckpointError
-from workers.layers import layer_of
-from workers.safetensors_io import TensorInfo
-from workers.shard import (
+from mergeflow.workers.dtypes import TORCH_DTYPES
+from mergeflow.errors import CheckpointError
+from mergeflow.workers.layers import layer_of
+from mergeflow.workers.safetensors_io import TensorInfo
+from mergeflow.workers.shard import (
     LayerStats,
     ShardReader,
     ShardResult,

@@ -13,9 +13,9 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from infra.storage import StorageOptions, basename, is_s3, join, storage_for
-from workers.errors import CheckpointError, StorageError
-from workers.safetensors_io import FileHeader, TensorInfo, read_header
+from mergeflow.infra.storage import StorageOptions, basename, is_s3, join, storage_for
+from mergeflow.errors import CheckpointError, StorageError
+from mergeflow.workers.safetensors_io import FileHeader, TensorInfo, read_header
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"

@@ -9,7 +9,7 @@ The evaluator contract (a `module:function` named in the config's `selection.eva
 - `task`: the task's name from the config; `split`: "val" (selection) or "test" (reports);
 - `checkpoint`: that task's fine-tuned checkpoint URI, to find task-specific assets (heads, tokenizers);
 - `options`: the config's `selection.options`, passed through as keyword arguments.
-Higher is better. The digits suite ships one: `workers.suite_models:evaluate`.
+Higher is better. The digits suite ships one: `mergeflow.dev.suite.models:evaluate`.
 
 Each candidate model is built here exactly as the merge or rebuild would write it (the same float32
 formula, then a cast to the stored dtype), so a selected value scores the same on the written model.
@@ -24,9 +24,9 @@ from typing import Callable
 import torch
 from safetensors.torch import load as load_safetensors
 
-from infra.storage import StorageOptions, storage_for
-from workers.bits import unpack
-from workers.errors import ConfigError
+from mergeflow.infra.storage import StorageOptions, storage_for
+from mergeflow.workers.bits import unpack
+from mergeflow.errors import ConfigError
 
 Evaluator = Callable[..., float]
 
@@ -112,7 +112,7 @@ def score_masked(scoring: Scoring, base_files: tuple[str, ...], tau_files: tuple
 
 def score_checkpoint(scoring: Scoring, uri: str, task: str, storage: StorageOptions) -> float:
     """Any checkpoint (base, a fine-tuned model, a run's model/) scored on `task`."""
-    from workers.checkpoint import open_checkpoint
+    from mergeflow.workers.checkpoint import open_checkpoint
 
     return scoring.score(load_tensors(open_checkpoint(uri, storage).files, storage), task)
 
@@ -121,7 +121,7 @@ def score_rebuilt(scoring: Scoring, run: str, base_files: tuple[str, ...], task:
     """Task `task`'s model rebuilt from a run's compressed bundle (theta_0 + m_t * tau_MTL), scored on it."""
     import json
 
-    from infra.storage import join
+    from mergeflow.infra.storage import join
 
     index = json.loads(storage_for(run, storage).read_bytes(join(run, "compressed/index.json")))
     tau = tuple(join(run, f) for f in index["tau_mtl"]["files"])

@@ -21,7 +21,7 @@ def natural_key(name: str) -> tuple:
 
 def group_layers(base, tasks, shard_size: int) -> list[list[str]]:
     """Greedy packing of whole layers, in natural order, into shards of ~shard_size input bytes
-    (base and tasks: workers.checkpoint.Checkpoint headers)."""
+    (base and tasks: mergeflow.workers.checkpoint.Checkpoint headers)."""
     layers: dict[str, list[str]] = {}
     for name in sorted(base.tensors, key=natural_key):
         layers.setdefault(layer_of(name), []).append(name)

@@ -12,12 +12,12 @@ from dataclasses import dataclass
 
 import torch
 
-from infra.storage import StorageOptions, sha256_of
-from workers.bits import unpack
-from workers.dtypes import TORCH_DTYPES
-from workers.errors import CheckpointError
-from workers.safetensors_io import StreamingWriter, TensorInfo, read_header
-from workers.shard import ShardReader, _bytes, chunk_ranges
+from mergeflow.infra.storage import StorageOptions, sha256_of
+from mergeflow.workers.bits import unpack
+from mergeflow.workers.dtypes import TORCH_DTYPES
+from mergeflow.errors import CheckpointError
+from mergeflow.workers.safetensors_io import StreamingWriter, TensorInfo, read_header
+from mergeflow.workers.shard import ShardReader, _bytes, chunk_ranges
 
 
 @dataclass(frozen=True)

@@ -15,9 +15,9 @@ import re
 import struct
 from dataclasses import dataclass
 
-from infra.storage import StorageOptions, storage_for
-from workers.dtypes import TORCH_DTYPES, itemsize
-from workers.errors import CheckpointError
+from mergeflow.infra.storage import StorageOptions, storage_for
+from mergeflow.workers.dtypes import TORCH_DTYPES, itemsize
+from mergeflow.errors import CheckpointError
 
 MAX_HEADER_BYTES = 100_000_000  # the reference implementation's MAX_HEADER_SIZE (safetensors/src/tensor.rs)
 USIZE_MAX = 2**64 - 1  # the reference reads every size into a 64-bit usize and refuses what overflows it

@@ -17,15 +17,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from infra.storage import RangeReader, StorageOptions, join, storage_for
-from workers import kth_value
-from workers.bits import pack_rows, row_counts
-from workers.dtypes import TORCH_DTYPES, is_float, itemsize
-from workers.errors import CheckpointError
-from workers.layers import layer_of
-from workers.methods import ChunkGlobals, MethodParams, get_method
-from workers.methods.tall_masks import mask_counts, task_masks
-from workers.safetensors_io import StreamingWriter, TensorInfo, read_header
+from mergeflow.infra.storage import RangeReader, StorageOptions, join, storage_for
+from mergeflow.workers import kth_value
+from mergeflow.workers.bits import pack_rows, row_counts
+from mergeflow.workers.dtypes import TORCH_DTYPES, is_float, itemsize
+from mergeflow.errors import CheckpointError
+from mergeflow.workers.layers import layer_of
+from mergeflow.workers.methods import ChunkGlobals, MethodParams, get_method
+from mergeflow.workers.methods.tall_masks import mask_counts, task_masks
+from mergeflow.workers.safetensors_io import StreamingWriter, TensorInfo, read_header
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from workers.errors import MergeflowError
+from mergeflow.errors import MergeflowError
 
 log = logging.getLogger("mergeflow")
 
@@ -104,7 +104,7 @@ def _parser() -> argparse.ArgumentParser:
 
     _add_remerge_parsers(sub)
 
-    from workflows.suite import add_parser as _add_suite_parser
+    from mergeflow.dev.suite.cli import add_parser as _add_suite_parser
 
     _add_suite_parser(sub)
     return p
@@ -156,8 +156,8 @@ def _add_remerge_parsers(sub) -> None:
 
 
 def _job(args):
-    from infra.tracking import TrackingOptions
-    from workflows.watch import Job
+    from mergeflow.infra.tracking import TrackingOptions
+    from mergeflow.workflows.watch import Job
 
     return Job(config=args.config, output=args.output, parent=getattr(args, "parent", None),
                if_changed=getattr(args, "if_changed", False), keep=args.keep, quiet=args.quiet,
@@ -166,22 +166,22 @@ def _job(args):
 
 
 def _remerge(args) -> int:
-    from workflows.watch import remerge_once
+    from mergeflow.workflows.watch import remerge_once
 
     return remerge_once(_job(args))
 
 
 def _watch(args) -> int:
-    from workflows.watch import parse_duration, watch
+    from mergeflow.workflows.watch import parse_duration, watch
 
     return watch(_job(args), parse_duration(args.every), once=args.once)
 
 
 def _merge(args) -> int:
-    from workflows.config import load_config
-    from workflows.merge import run_merge
-    from workflows.plan import make_plan
-    from workflows.registry import resolve
+    from mergeflow.workflows.config import load_config
+    from mergeflow.workflows.merge import run_merge
+    from mergeflow.workflows.plan import make_plan
+    from mergeflow.workflows.registry import resolve
 
     cfg = resolve(load_config(args.config, output=args.output))
     ex = cfg.execution.model_copy(update={k: v for k, v in
@@ -195,7 +195,7 @@ def _merge(args) -> int:
         return 0
     report = run_merge(cfg, overwrite=args.overwrite, quiet=args.quiet, lock_ttl=args.lock_ttl)
     if report.state.value == "complete":
-        from workflows.merge import is_tracked
+        from mergeflow.workflows.merge import is_tracked
 
         if args.no_tracking or is_tracked(report):
             print(f"{cfg.output}: already complete (same inputs and settings); nothing to do")
@@ -207,15 +207,15 @@ def _merge(args) -> int:
     print(f"merged {len(report.plan.tasks)} tasks with {report.plan.params.name} into {cfg.output} "
           f"in {t['total']:.1f}s ({report.shards_run} shards computed, {report.shards_reused} reused; "
           f"{report.bytes_read / 1e9:.3f} GB read)")
-    from workflows.inspect_run import describe
+    from mergeflow.workflows.inspect_run import describe
 
     print(describe(cfg.output, cfg.storage.options()))
     return _track(report, args)
 
 
 def _track(report, args) -> int:
-    from infra.tracking import TrackingError, TrackingOptions, redact
-    from workflows.merge import track
+    from mergeflow.infra.tracking import TrackingError, TrackingOptions, redact
+    from mergeflow.workflows.merge import track
 
     options = TrackingOptions(enabled=not args.no_tracking, uri=args.tracking_uri, experiment=args.experiment)
     try:
@@ -230,19 +230,19 @@ def _track(report, args) -> int:
 
 
 def _options(args):
-    from infra.storage import StorageOptions
+    from mergeflow.infra.storage import StorageOptions
 
     return StorageOptions(endpoint_url=getattr(args, "endpoint_url", None) or os.environ.get("AWS_ENDPOINT_URL_S3"))
 
 
 def _normalize(uri: str) -> str:
-    from infra.storage import normalize
+    from mergeflow.infra.storage import normalize
 
     return normalize(uri)
 
 
 def _reconstruct(args) -> int:
-    from workflows.reconstruct import reconstruct
+    from mergeflow.workflows.reconstruct import reconstruct
 
     out = reconstruct(_normalize(args.run), args.task, _normalize(args.output), _options(args),
                       ray_address=args.ray_address, overwrite=args.overwrite, quiet=args.quiet)
@@ -252,8 +252,8 @@ def _reconstruct(args) -> int:
 
 
 def _inspect(args) -> int:
-    from workflows.inspect_run import describe, layers_table
-    from workflows.reconstruct import load_run
+    from mergeflow.workflows.inspect_run import describe, layers_table
+    from mergeflow.workflows.reconstruct import load_run
 
     run = _normalize(args.run)
     if args.json:
@@ -272,7 +272,7 @@ def _make_family(args) -> int:
     import torch
     import yaml
 
-    from workers.synthetic import make_family
+    from mergeflow.dev.synthetic import make_family
 
     root = Path(args.dir)
     base, tasks = make_family(root, tasks=args.tasks, layers=args.layers, hidden=args.hidden, vocab=args.vocab,
@@ -285,7 +285,7 @@ def _make_family(args) -> int:
 
 
 def _suite(args) -> int:
-    from workflows.suite import run
+    from mergeflow.dev.suite.cli import run
 
     return run(args)
 
@@ -301,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
             logging.getLogger(name).setLevel(logging.INFO)
     commands = {"merge": _merge, "reconstruct": _reconstruct, "inspect": _inspect, "make-family": _make_family,
                 "suite": _suite, "remerge": _remerge, "watch": _watch}
-    from infra.lock import EXIT_LOCKED, LockHeld
+    from mergeflow.infra.lock import EXIT_LOCKED, LockHeld
 
     try:
         return commands[args.command](args)

@@ -17,12 +17,12 @@ import re
 import time
 from enum import Enum
 
-from infra.storage import StorageOptions, basename, join, plain_name, safe_relpath, storage_for
-from workers.errors import MergeflowError, OutputError
-from workers.shard import ShardResult
-from workflows.config import TASK_NAME
-from workflows.journal import JOURNAL_DIR, Journal
-from workflows.plan import Plan
+from mergeflow.infra.storage import StorageOptions, basename, join, plain_name, safe_relpath, storage_for
+from mergeflow.errors import MergeflowError, OutputError
+from mergeflow.workers.shard import ShardResult
+from mergeflow.workflows.config import TASK_NAME
+from mergeflow.workflows.journal import JOURNAL_DIR, Journal
+from mergeflow.workflows.plan import Plan
 
 log = logging.getLogger(__name__)
 
@@ -218,7 +218,7 @@ def put_files(plan: Plan, files: dict[str, bytes]) -> dict[str, tuple[str, int]]
 
 
 def write_manifest(plan: Plan, outputs: dict[str, tuple[str, int]], inputs: dict[str, tuple[str, int]], extra: dict) -> dict:
-    from workflows import __version__
+    from mergeflow import __version__
 
     def files_of(cp) -> dict:
         # The stamp (size + mtime or ETag) lets a re-merge trust this sha256 without reading the file again.

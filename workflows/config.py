@@ -14,9 +14,9 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from infra.storage import StorageOptions, is_s3, normalize
-from workers.errors import ConfigError
-from workers.methods import METHODS, MethodParams, get_method
+from mergeflow.infra.storage import StorageOptions, is_s3, normalize
+from mergeflow.errors import ConfigError
+from mergeflow.workers.methods import METHODS, MethodParams, get_method
 
 # \Z, not $: "$" also matches before a trailing newline, and task names become file names
 TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")

@@ -16,8 +16,8 @@ import threading
 from concurrent.futures import Future
 from typing import Any
 
-from infra.storage import StorageOptions, sha256_of
-from workflows import runtime
+from mergeflow.infra.storage import StorageOptions, sha256_of
+from mergeflow.workflows import runtime
 
 MAX_THREADS = 4  # hashing is CPU-bound; more threads than cores only contend
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from infra.storage import StorageOptions, join, storage_for
-from workflows.reconstruct import load_run
+from mergeflow.infra.storage import StorageOptions, join, storage_for
+from mergeflow.workflows.reconstruct import load_run
 
 
 def _gb(n: int) -> str:

@@ -11,8 +11,8 @@ import json
 
 import numpy as np
 
-from infra.storage import StorageOptions, join, safe_relpath, storage_for
-from workers.shard import LayerStats, ShardResult
+from mergeflow.infra.storage import StorageOptions, join, safe_relpath, storage_for
+from mergeflow.workers.shard import LayerStats, ShardResult
 
 JOURNAL_DIR = ".mergeflow"
 

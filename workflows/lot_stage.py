@@ -7,13 +7,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from infra.storage import join
-from workers.dtypes import is_float
-from workers.lot.features import FeatureJob, FeatureResult, task_features
-from workers.lot.models import TaskModelSpec, check_model
-from workers.lot.rules import RULES, agreed_rule
-from workflows import runtime
-from workflows.plan import Plan
+from mergeflow.infra.storage import join
+from mergeflow.workers.dtypes import is_float
+from mergeflow.workers.lot.features import FeatureJob, FeatureResult, task_features
+from mergeflow.workers.lot.models import TaskModelSpec, check_model
+from mergeflow.workers.lot.rules import RULES, agreed_rule
+from mergeflow.workflows import runtime
+from mergeflow.workflows.plan import Plan
 
 log = logging.getLogger(__name__)
 

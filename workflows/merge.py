@@ -15,20 +15,20 @@ from typing import Callable, Mapping
 
 import numpy as np
 
-from infra import hash_cache
-from infra.lock import DEFAULT_TTL, RunLock
-from infra.storage import join, sha256_of, storage_for
-from workers import kth_value
-from workers.lot.shard import lot_shard
-from workers.methods import get_method
-from workers.shard import (ShardResult, ShardSpec, apply_shard, majority_redo, merge_shard, shard_counts,
+from mergeflow.infra import hash_cache
+from mergeflow.infra.lock import DEFAULT_TTL, RunLock
+from mergeflow.infra.storage import join, sha256_of, storage_for
+from mergeflow.workers import kth_value
+from mergeflow.workers.lot.shard import lot_shard
+from mergeflow.workers.methods import get_method
+from mergeflow.workers.shard import (ShardResult, ShardSpec, apply_shard, majority_redo, merge_shard, shard_counts,
                            shard_ties_sample)
-from workflows import commit, lot_stage, runtime, select, stats
-from workflows.commit import OutputState
-from workflows.config import MergeConfig
-from workflows.input_hashes import InputHashes
-from workflows.journal import Journal
-from workflows.plan import Plan, input_stamps, make_plan
+from mergeflow.workflows import commit, lot_stage, runtime, select, stats
+from mergeflow.workflows.commit import OutputState
+from mergeflow.workflows.config import MergeConfig
+from mergeflow.workflows.input_hashes import InputHashes
+from mergeflow.workflows.journal import Journal
+from mergeflow.workflows.plan import Plan, input_stamps, make_plan
 
 log = logging.getLogger(__name__)
 
@@ -409,7 +409,7 @@ def sizes_summary(plan: Plan, outputs: dict[str, tuple[str, int]]) -> dict:
 def track(report: MergeReport, config_text: str | None, options, parent_run_id: str | None = None) -> str | None:
     """One MLflow run per merge, logged after the commit: a tracking failure raises
     TrackingError but can never undo or corrupt the committed result."""
-    from infra.tracking import log_merge
+    from mergeflow.infra.tracking import log_merge
 
     if report.manifest is None or not options.enabled:
         return None
@@ -421,7 +421,7 @@ def track(report: MergeReport, config_text: str | None, options, parent_run_id: 
     if run_id:
         import json
 
-        from infra.tracking import redact
+        from mergeflow.infra.tracking import redact
 
         doc = {"tracking_uri": redact(options.tracking_uri()), "run_id": run_id, "experiment": options.experiment}
         store.write_bytes(join(output, commit.TRACKING), json.dumps(doc, indent=1).encode())

@@ -13,14 +13,14 @@ import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from infra.storage import storage_for
-from workers.checkpoint import Checkpoint, open_checkpoint
-from workers.dtypes import is_float
-from workers.errors import CheckpointError
-from workers.layers import group_layers, natural_key
-from workers.methods import MethodParams
-from workers.shard import ShardSpec, TensorJob
-from workflows.config import MergeConfig
+from mergeflow.infra.storage import storage_for
+from mergeflow.workers.checkpoint import Checkpoint, open_checkpoint
+from mergeflow.workers.dtypes import is_float
+from mergeflow.errors import CheckpointError
+from mergeflow.workers.layers import group_layers, natural_key
+from mergeflow.workers.methods import MethodParams
+from mergeflow.workers.shard import ShardSpec, TensorJob
+from mergeflow.workflows.config import MergeConfig
 
 MIN_AUTO_SHARD = 64 * 2**20
 MAX_AUTO_SHARD = 2 * 2**30
@@ -127,7 +127,7 @@ def fingerprint(config: MergeConfig, params: MethodParams, base: Checkpoint, tas
 def make_plan(config: MergeConfig, device: str = "cpu") -> Plan:
     params = config.method_params()
     if config.select_alpha or config.select_lambda:
-        from workers.evaluation import load_evaluator
+        from mergeflow.workers.evaluation import load_evaluator
 
         load_evaluator(config.selection.evaluator)  # a bad evaluator fails here, before any tensor is read
     base, tasks = open_all(config)

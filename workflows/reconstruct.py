@@ -6,12 +6,12 @@ import json
 import logging
 import re
 
-from infra.storage import StorageOptions, basename, join, sha256_of, storage_for
-from workers.checkpoint import open_checkpoint
-from workers.errors import CheckpointError, MergeflowError, OutputError
-from workers.rebuild import RebuildSpec, rebuild_part
-from workflows import runtime
-from workflows.commit import MANIFEST, SIDECAR_SUFFIXES, read_manifest
+from mergeflow.infra.storage import StorageOptions, basename, join, sha256_of, storage_for
+from mergeflow.workers.checkpoint import open_checkpoint
+from mergeflow.errors import CheckpointError, MergeflowError, OutputError
+from mergeflow.workers.rebuild import RebuildSpec, rebuild_part
+from mergeflow.workflows import runtime
+from mergeflow.workflows.commit import MANIFEST, SIDECAR_SUFFIXES, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ def reconstruct(run: str, task: str, output: str, options: StorageOptions, *, ra
 def _model_order(run: str, part: str, names: list[str], options) -> list[str]:
     """Tensors in the order the merged model file holds them (its header), so output
     files mirror the merged model's layout."""
-    from workers.safetensors_io import read_header
+    from mergeflow.workers.safetensors_io import read_header
 
     header = read_header(join(run, f"model/model-{part}.safetensors"), options)
     return sorted(names, key=lambda n: header.tensors[n].start)

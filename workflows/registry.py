@@ -14,17 +14,17 @@ import logging
 
 from pydantic import ValidationError
 
-from infra.storage import join, storage_for
-from workers.checkpoint import INDEX_NAME, SINGLE_NAME, UnreadableIndex, folder_files
-from workers.errors import ConfigError
-from workflows.config import TASK_NAME, MergeConfig, _format_error
+from mergeflow.infra.storage import join, storage_for
+from mergeflow.workers.checkpoint import INDEX_NAME, SINGLE_NAME, UnreadableIndex, folder_files
+from mergeflow.errors import ConfigError
+from mergeflow.workflows.config import TASK_NAME, MergeConfig, _format_error
 
 log = logging.getLogger(__name__)
 
 
 def _complete(folder: str, names: set[str], store) -> bool:
     """A checkpoint that has fully landed: every file a merge would read from it is there (write the
-    index last when uploading a sharded checkpoint). Judged by workers.checkpoint.folder_files, so
+    index last when uploading a sharded checkpoint). Judged by mergeflow.workers.checkpoint.folder_files, so
     the index wins over a model.safetensors beside it, as it does when the merge reads the folder;
     an index naming files outside the folder is a CheckpointError, not a folder still uploading."""
     try:

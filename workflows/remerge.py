@@ -33,22 +33,22 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from infra import hash_cache
-from infra.lock import RunLock
-from infra.storage import StorageOptions, basename, is_s3, join, normalize, sha256_of, storage_for
-from infra.storage import parent as parent_of
-from infra.tracking import checkpoint_digest
-from workers.append import PreviousSum, append_shard
-from workers.checkpoint import resolve_files
-from workers.errors import CheckpointError, MergeflowError
-from workers.safetensors_io import read_header
-from workflows import registry, runtime
-from workflows.commit import MANIFEST, clear, read_manifest
-from workflows.config import MergeConfig
-from workflows.journal import Journal
-from workflows.lot_stage import DEFAULT_CACHE as DEFAULT_LOT_CACHE
-from workflows.merge import MergeReport, Reuse, run_merge, ties_thresholds
-from workflows.plan import Plan, input_stamps, make_plan
+from mergeflow.infra import hash_cache
+from mergeflow.infra.lock import RunLock
+from mergeflow.infra.storage import StorageOptions, basename, is_s3, join, normalize, sha256_of, storage_for
+from mergeflow.infra.storage import parent as parent_of
+from mergeflow.infra.tracking import checkpoint_digest
+from mergeflow.workers.append import PreviousSum, append_shard
+from mergeflow.workers.checkpoint import resolve_files
+from mergeflow.errors import CheckpointError, MergeflowError
+from mergeflow.workers.safetensors_io import read_header
+from mergeflow.workflows import registry, runtime
+from mergeflow.workflows.commit import MANIFEST, clear, read_manifest
+from mergeflow.workflows.config import MergeConfig
+from mergeflow.workflows.journal import Journal
+from mergeflow.workflows.lot_stage import DEFAULT_CACHE as DEFAULT_LOT_CACHE
+from mergeflow.workflows.merge import MergeReport, Reuse, run_merge, ties_thresholds
+from mergeflow.workflows.plan import Plan, input_stamps, make_plan
 
 log = logging.getLogger(__name__)
 

@@ -17,8 +17,8 @@ import ray
 from ray._private import ray_constants
 from tqdm import tqdm
 
-from workers.errors import MergeflowError
-from workflows import ray_guard
+from mergeflow.errors import MergeflowError
+from mergeflow.workflows import ray_guard
 
 log = logging.getLogger(__name__)
 

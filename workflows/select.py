@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import dataclasses
 
-from infra.storage import join, storage_for
-from workers.evaluation import Scoring, score_finetuned, score_masked, score_scaled
-from workers.shard import ShardSpec, majority_redo, merge_shard
-from workflows import runtime
-from workflows.plan import Plan
+from mergeflow.infra.storage import join, storage_for
+from mergeflow.workers.evaluation import Scoring, score_finetuned, score_masked, score_scaled
+from mergeflow.workers.shard import ShardSpec, majority_redo, merge_shard
+from mergeflow.workflows import runtime
+from mergeflow.workflows.plan import Plan
 
 SCRATCH = ".mergeflow/select"  # inside the run's journal folder: never mistaken for a result
 

@@ -7,8 +7,8 @@ import io
 
 import numpy as np
 
-from workers.layers import natural_key
-from workers.shard import LayerStats, ShardResult
+from mergeflow.workers.layers import natural_key
+from mergeflow.workers.shard import LayerStats, ShardResult
 
 
 def merge_layers(results: list[ShardResult]) -> dict[str, LayerStats]:

@@ -16,9 +16,9 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from infra.lock import DEFAULT_TTL, EXIT_LOCKED, LockHeld, RunLock
-from infra.tracking import TrackingError, TrackingOptions, redact
-from workers.errors import MergeflowError
+from mergeflow.infra.lock import DEFAULT_TTL, EXIT_LOCKED, LockHeld, RunLock
+from mergeflow.infra.tracking import TrackingError, TrackingOptions, redact
+from mergeflow.errors import MergeflowError
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +53,9 @@ class Job:
 def remerge_once(job: Job) -> int:
     """Load the config, take the output's lock, re-merge, publish, track. Prints one line per
     outcome; raises MergeflowError (LockHeld when locked) for the caller to report."""
-    from workflows.config import load_config
-    from workflows.merge import track
-    from workflows.remerge import remerge
+    from mergeflow.workflows.config import load_config
+    from mergeflow.workflows.merge import track
+    from mergeflow.workflows.remerge import remerge
 
     cfg = load_config(job.config, output=job.output)
     ex = cfg.execution.model_copy(update={k: v for k, v in {"ray_address": job.ray_address, "device": job.device}.items() if v})
@@ -77,8 +77,8 @@ def remerge_once(job: Job) -> int:
         what = result.changes.describe() if result.changes else "first run"
         if r.state.value == "complete":
             print(f"published {result.run}: it already holds this merge ({what})", flush=True)
-            from infra.storage import join, storage_for
-            from workflows.commit import TRACKING
+            from mergeflow.infra.storage import join, storage_for
+            from mergeflow.workflows.commit import TRACKING
 
             if storage_for(result.run, cfg.storage.options()).exists(join(result.run, TRACKING)):
                 return 0  # tracked when it was made

@@ -26,9 +26,9 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
-from infra.storage import StorageOptions, join, storage_for
-from workers.errors import ConfigError
-from workers.lot.models import TaskModelSpec, call_module, open_task_model
+from mergeflow.infra.storage import StorageOptions, join, storage_for
+from mergeflow.errors import ConfigError
+from mergeflow.workers.lot.models import TaskModelSpec, call_module, open_task_model
 
 log = logging.getLogger(__name__)
 
@@ -242,8 +242,8 @@ def task_features(job: FeatureJob, *file_sha256: str) -> FeatureResult:
 
 def read_stats_summary(uri: str, storage: StorageOptions) -> tuple[tuple[str, ...], dict[str, int]]:
     """A statistics file's tensor names and its linear weights' row counts, without reading a Gram."""
-    from workers.dtypes import TORCH_DTYPES
-    from workers.safetensors_io import read_header
+    from mergeflow.workers.dtypes import TORCH_DTYPES
+    from mergeflow.workers.safetensors_io import read_header
 
     tensors = read_header(uri, storage).tensors
     rows = {}

@@ -1,7 +1,7 @@
 """Build one task's fine-tuned model and its exemplar batches, for LOT's feature pass.
 
 `method.model` names how:
-- `suite`: the digits suite of workers/suite_models.py. Exemplars come from the task's train split
+- `suite`: the digits suite of dev/suite/models.py. Exemplars come from the task's train split
   (the suite's data seed is read from suite.json next to the checkpoints).
 - `hf`: a transformers model instantiated offline from the checkpoint's config.json (class from its
   `architectures`, else AutoModel); exemplars are token ids from `method.exemplar_files[task]`, a
@@ -27,10 +27,10 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from infra.storage import StorageOptions, basename, join, parent, storage_for
-from workers.checkpoint import open_checkpoint
-from workers.dtypes import TORCH_DTYPES
-from workers.errors import CheckpointError, ConfigError, StorageError
+from mergeflow.infra.storage import StorageOptions, basename, join, parent, storage_for
+from mergeflow.workers.checkpoint import open_checkpoint
+from mergeflow.workers.dtypes import TORCH_DTYPES
+from mergeflow.errors import CheckpointError, ConfigError, StorageError
 
 BUILTIN = ("suite", "hf")
 HOOK = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
@@ -118,7 +118,7 @@ def load_tensors(checkpoint: str, storage: StorageOptions) -> dict[str, torch.Te
 
 
 def _suite(spec: TaskModelSpec) -> TaskModel:
-    from workers.suite_models import TRANSFORMS, backbone_module, lot_exemplars
+    from mergeflow.dev.suite.models import TRANSFORMS, backbone_module, lot_exemplars
 
     meta_uri = join(parent(spec.checkpoint), "suite.json")
     try:

@@ -8,9 +8,9 @@ from typing import Sequence
 
 import torch
 
-from workers.errors import CheckpointError
-from workers.lot import solve
-from workers.lot.features import ENERGY, GRAM, ROWS
+from mergeflow.errors import CheckpointError
+from mergeflow.workers.lot import solve
+from mergeflow.workers.lot.features import ENERGY, GRAM, ROWS
 
 RULES = ("linear", "norm_scale", "additive", "mean")
 

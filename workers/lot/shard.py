@@ -17,14 +17,14 @@ from contextlib import ExitStack
 import numpy as np
 import torch
 
-from workers.dtypes import TORCH_DTYPES
-from workers.errors import CheckpointError
-from workers.layers import layer_of
-from workers.lot import solve
-from workers.lot.features import ENERGY, GRAM, ROWS
-from workers.lot.rules import agreed_rule
-from workers.safetensors_io import TensorInfo, read_header
-from workers.shard import (LayerStats, ShardReader, ShardResult, ShardSpec, TensorJob, _bytes, _open_writers,
+from mergeflow.workers.dtypes import TORCH_DTYPES
+from mergeflow.errors import CheckpointError
+from mergeflow.workers.layers import layer_of
+from mergeflow.workers.lot import solve
+from mergeflow.workers.lot.features import ENERGY, GRAM, ROWS
+from mergeflow.workers.lot.rules import agreed_rule
+from mergeflow.workers.safetensors_io import TensorInfo, read_header
+from mergeflow.workers.shard import (LayerStats, ShardReader, ShardResult, ShardSpec, TensorJob, _bytes, _open_writers,
                            apply_alpha, commit_writers, copy_exact, task_chunks)
 
 

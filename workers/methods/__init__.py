@@ -3,7 +3,7 @@
 Importing this package registers every built-in method.
 """
 
-from workers.methods.registry import METHODS, ChunkGlobals, MethodOutput, MethodParams, get_method, merge_method
-from workers.methods import task_arithmetic, ties, tall_masks, consensus, lot  # noqa: F401  (registration)
+from mergeflow.workers.methods.registry import METHODS, ChunkGlobals, MethodOutput, MethodParams, get_method, merge_method
+from mergeflow.workers.methods import task_arithmetic, ties, tall_masks, consensus, lot  # noqa: F401  (registration)
 
 __all__ = ["METHODS", "ChunkGlobals", "MethodOutput", "MethodParams", "get_method", "merge_method"]

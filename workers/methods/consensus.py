@@ -2,8 +2,8 @@
 
 import torch
 
-from workers.methods.registry import ChunkGlobals, MethodOutput, MethodParams, merge_method
-from workers.methods.tall_masks import lambdas_on, mask_counts, multitask_vector, task_masks
+from mergeflow.workers.methods.registry import ChunkGlobals, MethodOutput, MethodParams, merge_method
+from mergeflow.workers.methods.tall_masks import lambdas_on, mask_counts, multitask_vector, task_masks
 
 
 def consensus_vector(masks: torch.Tensor, tau_mtl: torch.Tensor, k: int) -> torch.Tensor:

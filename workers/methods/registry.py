@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from workers.errors import ConfigError
+from mergeflow.errors import ConfigError
 
 
 @dataclass(frozen=True)

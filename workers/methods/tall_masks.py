@@ -3,8 +3,8 @@ the task's own vector dominates what the other tasks contribute."""
 
 import torch
 
-from workers.methods.registry import ChunkGlobals, MethodOutput, MethodParams, merge_method, running_sum
-from workers.methods.ties import ties_vector
+from mergeflow.workers.methods.registry import ChunkGlobals, MethodOutput, MethodParams, merge_method, running_sum
+from mergeflow.workers.methods.ties import ties_vector
 
 
 def multitask_vector(taus: torch.Tensor, params: MethodParams, g: ChunkGlobals) -> tuple[torch.Tensor, int, int]:

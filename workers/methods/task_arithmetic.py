@@ -1,4 +1,4 @@
-from workers.methods.registry import ChunkGlobals, MethodOutput, MethodParams, merge_method, running_sum
+from mergeflow.workers.methods.registry import ChunkGlobals, MethodOutput, MethodParams, merge_method, running_sum
 
 
 @merge_method("task_arithmetic")

@@ -8,8 +8,8 @@ thresholds are computed by workers/kth_value.py before this runs.
 import numpy as np
 import torch
 
-from workers.kth_value import small_int_sum
-from workers.methods.registry import ChunkGlobals, MethodOutput, MethodParams, merge_method
+from mergeflow.workers.kth_value import small_int_sum
+from mergeflow.workers.methods.registry import ChunkGlobals, MethodOutput, MethodParams, merge_method
 
 # Row by row, with float arithmetic only: every temporary is one chunk row (it stays in
 # cache), nothing reduces over the task dimension (torch does that slowly for (T, n)

@@ -5,8 +5,8 @@ stopping them also stops their children. No ray or torch import here: this modul
 
 CLI::
 
-    python -m infra.local_services s3 --dir /tmp/s3
-    python -m infra.local_services mlflow --dir /tmp/mlflow --s3-url http://127.0.0.1:8333 --bucket mergeflow
+    python -m mergeflow.dev.local_services s3 --dir /tmp/s3
+    python -m mergeflow.dev.local_services mlflow --dir /tmp/mlflow --s3-url http://127.0.0.1:8333 --bucket mergeflow
 """
 
 from __future__ import annotations
@@ -394,7 +394,7 @@ def _on_signal(signum: int, frame: object) -> None:
 
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m infra.local_services",
+        prog="python -m mergeflow.dev.local_services",
         description="Run a real local service on 127.0.0.1 in the foreground (Ctrl-C or SIGTERM stops it).",
     )
     sub = parser.add_subparsers(dest="service", required=True, metavar="{s3,mlflow}")

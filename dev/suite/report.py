@@ -13,16 +13,16 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from infra.storage import StorageOptions
-from workers.errors import OutputError
-from workers.evaluation import Scoring, score_checkpoint, score_rebuilt
-from workers.methods import METHODS
-from workflows import runtime
-from workflows.config import MergeConfig, config_from_dict
+from mergeflow.infra.storage import StorageOptions
+from mergeflow.errors import OutputError
+from mergeflow.workers.evaluation import Scoring, score_checkpoint, score_rebuilt
+from mergeflow.workers.methods import METHODS
+from mergeflow.workflows import runtime
+from mergeflow.workflows.config import MergeConfig, config_from_dict
 
 log = logging.getLogger(__name__)
 
-EVALUATOR = "workers.suite_models:evaluate"
+EVALUATOR = "mergeflow.dev.suite.models:evaluate"
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,7 @@ def merge_config(suite_dir: Path, tasks: list[str], row: Row, output: Path) -> M
 
 def run_merges(suite_dir: Path, tasks: list[str], out: Path, track_options, quiet: bool) -> dict[str, dict]:
     """One merge job per method row; a finished run of the same inputs and settings is reused."""
-    from workflows.merge import run_merge, track
+    from mergeflow.workflows.merge import run_merge, track
 
     manifests = {}
     for row in rows():

@@ -10,7 +10,7 @@ def add_parser(sub) -> None:
     s = sub.add_parser("suite", help="build a small real benchmark suite (digits tasks) to merge and score",
                        description="Real tasks from scikit-learn's digits under fixed transforms, on a shared MLP "
                                    "backbone; per-task heads are stored apart (head.safetensors) so merges see only "
-                                   "the backbone. Score a model with workers.suite_models:evaluate.")
+                                   "the backbone. Score a model with mergeflow.dev.suite.models:evaluate.")
     ss = s.add_subparsers(dest="suite_command", required=True, metavar="SUITE_COMMAND")
     b = ss.add_parser("build", help="train (or reuse) base and task checkpoints; print zero-shot vs fine-tuned accuracy")
     b.add_argument("--dir", default="suite-out", help="where to write base/, <task>/, suite.json, config.yaml "
@@ -54,7 +54,7 @@ def table(meta: dict, split: str = "test") -> str:
 
 
 def build(args) -> int:
-    from workers.suite_models import build_suite
+    from mergeflow.dev.suite.models import build_suite
 
     out = Path(args.dir)
     meta = build_suite(out, tasks=args.tasks, seed=args.seed, force=args.force,
@@ -67,9 +67,10 @@ def build(args) -> int:
 
 
 def report(args) -> int:
-    from infra.tracking import TrackingOptions
-    from workers.suite_models import build_suite
-    from workflows import runtime, suite_report
+    from mergeflow.infra.tracking import TrackingOptions
+    from mergeflow.dev.suite.models import build_suite
+    from mergeflow.dev.suite import report as suite_report
+    from mergeflow.workflows import runtime
 
     suite_dir = Path(args.dir).resolve()
     meta = build_suite(suite_dir, tasks=args.tasks, seed=args.seed, log=lambda s: print(s, file=sys.stderr, flush=True))

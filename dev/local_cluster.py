@@ -9,7 +9,7 @@ touches /tmp/ray, which other Ray users of the machine share. Nodes listen on 12
 
 CLI::
 
-    python -m infra.local_cluster --nodes 3 --cpus 1    # prints RAY_ADDRESS=...; Ctrl-C stops it
+    python -m mergeflow.dev.local_cluster --nodes 3 --cpus 1    # prints RAY_ADDRESS=...; Ctrl-C stops it
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ class LocalRayCluster:
         # Short and private: Ray's socket paths break past ~100 characters.
         self._temp = tempfile.mkdtemp(prefix="mfrc", dir="/tmp")
         env = os.environ | self.env | {"RAY_TMPDIR": self._temp} | LOOPBACK_ENV
-        cmd = [sys.executable, "-m", "infra.local_cluster", "--nodes", str(self.nodes), "--cpus", str(self.cpus),
+        cmd = [sys.executable, "-m", "mergeflow.dev.local_cluster", "--nodes", str(self.nodes), "--cpus", str(self.cpus),
                "--head-cpus", str(self.head_cpus), "--object-store-mib", str(self.object_store_mib), "--serve"]
         log = open(Path(self._temp) / "cluster.log", "w")
         self._proc = subprocess.Popen(
@@ -174,7 +174,7 @@ def _serve(nodes: int, cpus: int, head_cpus: int, object_store_mib: int, announc
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m infra.local_cluster", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m mergeflow.dev.local_cluster", description=__doc__.split("\n\n")[0])
     p.add_argument("--nodes", type=int, default=3, help="head + workers (default 3)")
     p.add_argument("--cpus", type=int, default=1, help="CPUs each node offers to Ray (default 1)")
     p.add_argument("--head-cpus", type=int, default=None, help="CPUs of the head (default: --cpus; 0: driver only)")

@@ -290,7 +290,7 @@ def backbone_module(backbone: dict[str, torch.Tensor]) -> SuiteMLP:
 
 def lot_exemplars(task: str, seed: int, exemplars: int = LOT_EXEMPLARS, exemplar_seed: int = 0) -> torch.Tensor:
     """LOT's exemplars for a task: a seeded choice of `exemplars` rows of its train split."""
-    from workers.lot.models import subset
+    from mergeflow.workers.lot.models import subset
 
     x, _ = task_data(task, seed, "train")
     return x[subset(len(x), exemplars, exemplar_seed)]
@@ -376,14 +376,14 @@ def build_suite(out_dir: Path, tasks: int = 8, seed: int = 0, *, hidden: int = 5
         "tasks": [{"name": n, "transform": TRANSFORMS[n][0]} for n in names],
         "splits": sizes,
         "epochs": {"pretrain": pre_epochs, "probe": probe_epochs, "finetune": ft_epochs},
-        "evaluator": "workers.suite_models:evaluate",
+        "evaluator": "mergeflow.dev.suite.models:evaluate",
         "accuracy": results,
         "average": average,
         "build_seconds": round(build_seconds, 2),
     }
     config = {"base": "base", "tasks": [{"name": n, "checkpoint": n} for n in names], "output": "run",
               "method": {"name": "tall_masks", "alpha": "auto", "lambda": "auto"},
-              "selection": {"evaluator": "workers.suite_models:evaluate", "split": "val"}}
+              "selection": {"evaluator": "mergeflow.dev.suite.models:evaluate", "split": "val"}}
     (out_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     meta_path.write_text(json.dumps(meta, indent=1) + "\n")
     meta["cached"] = False
@@ -400,7 +400,7 @@ def evaluate(backbone: dict[str, torch.Tensor] | Path | str, task: str, suite_di
     """Accuracy of `backbone` (a state dict, a .safetensors file or a checkpoint dir such as a merge run's
     model/) on `task`'s `split` ("val" or "test") of the suite in suite_dir, with the task's stored head.
 
-    This is the suite's evaluator for `selection.evaluator: workers.suite_models:evaluate`: without
+    This is the suite's evaluator for `selection.evaluator: mergeflow.dev.suite.models:evaluate`: without
     suite_dir, the suite is the folder holding the task's checkpoint (`checkpoint`)."""
     if split not in ("val", "test", "train"):
         raise ValueError(f"split must be 'val' or 'test', got {split!r}")
