@@ -47,15 +47,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import families  # noqa: E402
 
-from mergeflow.workers import kth_value, shard as shard_mod  # noqa: E402
-from mergeflow.workers.bits import pack_rows  # noqa: E402
+from mergeflow.workers import kth_value, reading  # noqa: E402
 from mergeflow.workers.checkpoint import open_checkpoint  # noqa: E402
 from mergeflow.workers.dtypes import TORCH_DTYPES  # noqa: E402
 from mergeflow.workers.layers import group_layers  # noqa: E402
-from mergeflow.workers.methods import ChunkGlobals, MethodParams, get_method  # noqa: E402
-from mergeflow.workers.methods.tall_masks import mask_counts  # noqa: E402
-from mergeflow.workers.shard import (ChunkBuffers, ShardSpec, TensorJob, apply_alpha, merge_shard, shard_counts,  # noqa: E402
-                           shard_ties_sample, task_chunks, tau_sq_sums)
+from mergeflow.workers.methods import get_method  # noqa: E402
+from mergeflow.workers.methods.ties.thresholds import shard_counts, shard_sample  # noqa: E402
+from mergeflow.workers.reading import ChunkBuffers, TensorAccess  # noqa: E402
+from mergeflow.workers.shard import ShardSpec, TensorJob, apply_scale, merge_shard, merged_chunks  # noqa: E402
 
 METHODS = ("task_arithmetic", "consensus", "ties")
 
@@ -115,16 +114,17 @@ def limits(device: str, files: list[Path], nbytes: int, repeats: int) -> dict[st
 # ----------------------------------------------------------------------------- the plan
 
 
-def make_specs(base_dir: Path, task_dirs: list[Path], output: str, params: MethodParams, device: str,
+def make_specs(base_dir: Path, task_dirs: list[Path], output: str, method: str, device: str,
                chunk_elems: int, shard_bytes: int) -> list[ShardSpec]:
     """Shards of whole layers as workflows/plan.py makes them (without its pydantic config)."""
     base = open_checkpoint(str(base_dir))
     tasks = [open_checkpoint(str(d)) for d in task_dirs]
     names = tuple(d.name for d in task_dirs)
     groups = group_layers(base, tasks, shard_bytes)
+    m, params, globals_ = method_for(method)
     return [ShardSpec(i, len(groups), tuple(TensorJob(n, base.tensors[n], tuple(t.tensors[n] for t in tasks))
                                             for n in group),
-                      names, params, output, chunk_elems=chunk_elems, device=device)
+                      names, m, params, output, chunk_elems=chunk_elems, device=device, globals=globals_)
             for i, group in enumerate(groups)]
 
 
@@ -142,7 +142,7 @@ class DeviceReader:
     def __init__(self, spec: ShardSpec, device: str):
         self._held = {}
         with ExitStack() as stack:
-            reader = shard_mod.ShardReader(spec.storage, stack)
+            reader = reading.ShardReader(spec.storage, stack)
             for job in spec.tensors:
                 if job.is_float:
                     for info in (job.base, *job.tasks):
@@ -152,24 +152,16 @@ class DeviceReader:
         return self._held[(info.file, info.start)][lo:hi]
 
 
-def kernel_pass(spec: ShardSpec, reader: DeviceReader, thresholds: torch.Tensor | None) -> None:
-    """merge_shard's per-chunk compute for one shard, on device-resident inputs, without writing."""
-    method = get_method(spec.params.name)
+def kernel_pass(spec: ShardSpec, reader: DeviceReader) -> None:
+    """merge_shard's per-chunk compute for one shard (the engine's own loop, workers.shard.merged_chunks:
+    the method's kernel, its bundle tensors, tau^2 sums), on device-resident inputs, without writing."""
     buffers = ChunkBuffers(spec)
-    g = ChunkGlobals(thresholds=thresholds, majority=1)
-    t = len(spec.task_names)
     for job in spec.tensors:
         if not job.is_float:
             continue
         dtype = TORCH_DTYPES[job.dtype]
-        for _, _, base, taus in task_chunks(spec, job, reader, buffers):
-            tau_sq_sums(taus)
-            out = method.fn(taus, spec.params, g)
-            apply_alpha(base, out.delta, spec.params.alpha, dtype)
-            if method.compresses:
-                out.tau_mtl.to(dtype)
-                pack_rows(out.masks)
-                torch.bincount(mask_counts(out.masks), minlength=t + 1)
+        for _, _, base, _, out, _ in merged_chunks(TensorAccess(spec, job, reader, buffers)):
+            apply_scale(base, out.delta, spec.scale, dtype)
 
 
 # ----------------------------------------------------------------------- merge stages
@@ -181,7 +173,7 @@ def ties_global(specs: list[ShardSpec], times: dict[str, float]) -> list:
     t0 = time.perf_counter()
     sample, total = kth_value.Sample.empty(t), 0
     for s in specs:
-        part, numel = shard_ties_sample(s)
+        part, numel = shard_sample(s)
         sample, total = sample + part, total + numel
     k = np.full(t, kth_value.kth_rank(total, specs[0].params.density), dtype=np.int64)
     times["sample"] = time.perf_counter() - t0
@@ -197,30 +189,31 @@ def ties_global(specs: list[ShardSpec], times: dict[str, float]) -> list:
     thresholds = (0.0,) * t if guess else tuple(float(x) for x in kth_value.select(run_pass, sample, total, k))
     times["thresholds"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    results = [merge_shard(dataclasses.replace(s, thresholds=thresholds, count_zeros=guess)) for s in specs]
+    results = [merge_shard(s.with_globals(thresholds=thresholds, count_zeros=guess)) for s in specs]
     times["apply"] = time.perf_counter() - t0
-    if guess and any(z < k[i] for i, z in enumerate(np.sum([r.zeros for r in results], axis=0))):
+    if guess and any(z < k[i] for i, z in enumerate(np.sum([r.sums["zeros"] for r in results], axis=0))):
         raise SystemExit("ties-global: the zero guess was refuted; this family needs the exact thresholds path")
     times["passes"] = passes
     times["zero_guess"] = guess
     return results
 
 
-def same_bytes_as_cpu(spec: ShardSpec, work: Path, thresholds) -> bool:
+def same_bytes_as_cpu(spec: ShardSpec, work: Path, globals_: dict) -> bool:
     """Merge one shard on the device and on the CPU; every output file's sha256 must agree."""
-    dev = merge_shard(dataclasses.replace(spec, output=str(work / "check-dev"), thresholds=thresholds))
-    cpu = merge_shard(dataclasses.replace(spec, output=str(work / "check-cpu"), thresholds=thresholds, device="cpu"))
+    spec = dataclasses.replace(spec, globals=globals_)
+    dev = merge_shard(dataclasses.replace(spec, output=str(work / "check-dev")))
+    cpu = merge_shard(dataclasses.replace(spec, output=str(work / "check-cpu"), device="cpu"))
     for d in ("check-dev", "check-cpu"):
         shutil.rmtree(work / d, ignore_errors=True)
     return {k: v[0] for k, v in dev.outputs.items()} == {k: v[0] for k, v in cpu.outputs.items()}
 
 
-def params_for(method: str, tasks: int) -> MethodParams:
-    if method == "consensus":
-        return MethodParams("consensus", 1.0, lambdas=(0.4,) * tasks, k=2)
-    if method == "ties":
-        return MethodParams("ties", 1.0, density=0.2, scope="global")
-    return MethodParams(method, 0.3)
+def method_for(name: str):
+    """(method, its parameters, the globals a run would give its shards) for a stage."""
+    method = get_method(name)
+    params = {"consensus": lambda: method.Params(alpha=1.0, k=2), "ties": lambda: method.Params(alpha=1.0, density=0.2),
+              "task_arithmetic": lambda: method.Params(alpha=0.3)}[name]()
+    return method, params, ({"majority": 1} if name == "ties" else {})
 
 
 def run(args) -> dict:
@@ -237,15 +230,15 @@ def run(args) -> dict:
                     "staging": args.staging if args.device.startswith("cuda") else "n/a", "input_bytes": sum(f.stat().st_size for f in files), "stages": {}}
     try:
         report["limits"] = limits(device, files, args.limit_mb * 2**20, args.repeats)
-        shard_mod.PIN_CUDA_READS = args.staging == "pinned"
+        reading.PIN_CUDA_READS = args.staging == "pinned"
         for method in args.methods:
-            params = params_for(method, args.tasks)
-            specs = make_specs(base_dir, task_dirs, str(work / method), params, device, args.chunk_elems,
+            specs = make_specs(base_dir, task_dirs, str(work / method), method, device, args.chunk_elems,
                                args.shard_mb * 2**20)
+            if method == "ties":  # any thresholds do the same work
+                specs = [s.with_globals(thresholds=(1e-3,) * args.tasks) for s in specs]
             biggest = max(specs, key=lambda s: s.nbytes)
             held = DeviceReader(biggest, device)
-            thr = torch.full((args.tasks,), 1e-3) if method == "ties" else None  # any value: the same work
-            sec, _ = timed(lambda: kernel_pass(biggest, held, thr), device, args.repeats)
+            sec, _ = timed(lambda: kernel_pass(biggest, held), device, args.repeats)
             del held
             report["stages"][f"kernels/{method}"] = {"seconds": sec, "bytes": biggest.nbytes}
             steps: dict[str, float] = {}
@@ -258,7 +251,7 @@ def run(args) -> dict:
             entry = {"seconds": sec, "bytes": stage_bytes(specs), "shards": len(specs),
                      "bytes_read": sum(r.bytes_read for r in results)} | steps
             if device != "cpu":
-                entry["same_bytes_as_cpu"] = same_bytes_as_cpu(specs[0], work, results[0].thresholds_used)
+                entry["same_bytes_as_cpu"] = same_bytes_as_cpu(specs[0], work, results[0].globals_used)
             report["stages"][name] = entry
             shutil.rmtree(work / method, ignore_errors=True)
     finally:

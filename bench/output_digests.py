@@ -100,8 +100,8 @@ def merge_case(work: Path, name: str, fam: str, method: dict, execution: dict) -
 SUITE_CASES = [  # on the 8-task digits suite: values chosen on validation data, and LOT
     ("suite-alpha-auto", {"name": "task_arithmetic", "alpha": "auto"}),
     ("suite-tall-auto", {"name": "tall_masks", "alpha": 0.3, "lambda": "auto"}),
-    ("suite-lot", {"name": "lot", "lambda": 1.0, "model": "suite", "exemplars": 32}),
-    ("suite-lot-auto", {"name": "lot", "lambda": "auto", "model": "suite", "exemplars": 32}),
+    ("suite-lot", {"name": "lot", "lambda": 1.0, "model": "mergeflow.dev.suite.models:lot_task_model", "exemplars": 32}),
+    ("suite-lot-auto", {"name": "lot", "lambda": "auto", "model": "mergeflow.dev.suite.models:lot_task_model", "exemplars": 32}),
 ]
 
 

@@ -23,7 +23,8 @@ import torch
 
 def main() -> None:
     from mergeflow.workers import kth_value
-    from mergeflow.workers.shard import merge_shard, shard_counts, shard_ties_sample
+    from mergeflow.workers.methods.ties.thresholds import shard_counts, shard_sample
+    from mergeflow.workers.shard import merge_shard
     from mergeflow.workflows.config import config_from_dict
     from mergeflow.workflows.plan import make_plan
 
@@ -52,12 +53,10 @@ def main() -> None:
                             "output": out, "method": method, "execution": {"chunk_elems": args.chunk_elems}})
     spec = make_plan(cfg).shards[args.shard]
     if args.method == "ties" and args.scope == "global":
-        import dataclasses
-
-        spec = dataclasses.replace(spec, thresholds=(1e-3,) * len(tasks))  # any value: same work
+        spec = spec.with_globals(thresholds=(1e-3,) * len(tasks), majority=1)  # any value: same work
     count = {"zeros": kth_value.Count("window", 0, 1), "window": kth_value.Count("window", 0x3A000000, args.window_bins << 16),
              "high": kth_value.Count("high")}.get(args.which)
-    fn = {"apply": lambda: merge_shard(spec), "sample": lambda: shard_ties_sample(spec)}.get(
+    fn = {"apply": lambda: merge_shard(spec), "sample": lambda: shard_sample(spec)}.get(
         args.which, lambda: shard_counts(spec, (count,) * len(tasks)))
     times = []
     for _ in range(args.repeats):

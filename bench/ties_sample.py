@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mergeflow.workers import kth_value  # noqa: E402
-from mergeflow.workers.shard import shard_counts, shard_ties_sample  # noqa: E402
+from mergeflow.workers.methods.ties.thresholds import shard_counts, shard_sample  # noqa: E402
 from mergeflow.workflows.config import config_from_dict  # noqa: E402
 from mergeflow.workflows.plan import make_plan  # noqa: E402
 
@@ -54,7 +54,7 @@ def main() -> None:
         t0 = time.perf_counter()
         sample = kth_value.Sample.empty(t)
         for s in plan.shards:
-            sample = sample + shard_ties_sample(s)[0]
+            sample = sample + shard_sample(s)[0]
         seconds = time.perf_counter() - t0
         scum = np.cumsum(sample.high, axis=1)
         n = scum[:, -1]

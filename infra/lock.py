@@ -24,8 +24,6 @@ rule out.
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
 import json
 import logging
 import os
@@ -33,12 +31,9 @@ import socket
 import threading
 import time
 import uuid
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from email.utils import parsedate_to_datetime
-from pathlib import Path
 
-from mergeflow.infra.storage import StorageOptions, is_s3, join
+from mergeflow.infra.storage import StorageOptions, join, storage_for
 from mergeflow.errors import MergeflowError, StorageError
 
 log = logging.getLogger(__name__)
@@ -135,140 +130,6 @@ class Seen:
     age: float
 
 
-# --------------------------------------------------------------------------------- local files
-
-
-class _LocalBackend:
-    """Compare-and-swap on a local file. Replacing or deleting happens under an flock of the file
-    itself, and only if the path still names the inode we locked and holds the version we read:
-    a contender that waited on a file since replaced or deleted sees the change and loses."""
-
-    def __init__(self, path: str):
-        self.path = Path(path)
-
-    def _tmp(self, body: bytes) -> Path:
-        tmp = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex[:12]}.tmp")
-        with open(tmp, "wb") as f:
-            f.write(body)
-            f.flush()
-            os.fsync(f.fileno())
-        return tmp
-
-    def create(self, body: bytes) -> str | None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self._tmp(body)
-        try:
-            os.link(tmp, self.path)  # fails if the name exists; readers never see a half-written lock
-        except FileExistsError:
-            return None
-        finally:
-            tmp.unlink(missing_ok=True)
-        return hashlib.sha256(body).hexdigest()
-
-    def read(self) -> Seen | None:
-        try:
-            with open(self.path, "rb") as f:
-                data, mtime = f.read(), os.fstat(f.fileno()).st_mtime
-        except FileNotFoundError:
-            return None
-        return Seen(Holder.parse(data), hashlib.sha256(data).hexdigest(), max(0.0, time.time() - mtime))
-
-    @contextmanager
-    def _locked_if(self, version: str):
-        """Yield True, holding the file's flock, when the file is still at `version`; else False."""
-        try:
-            f = open(self.path, "rb")
-        except FileNotFoundError:
-            yield False
-            return
-        with f:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX)  # released when f closes, also if we die
-            try:
-                same_inode = os.stat(self.path).st_ino == os.fstat(f.fileno()).st_ino
-            except FileNotFoundError:
-                same_inode = False
-            yield same_inode and hashlib.sha256(f.read()).hexdigest() == version
-
-    def replace(self, body: bytes, version: str) -> str | None:
-        with self._locked_if(version) as ours:
-            if not ours:
-                return None
-            os.replace(self._tmp(body), self.path)
-        return hashlib.sha256(body).hexdigest()
-
-    def delete(self, version: str) -> bool:
-        with self._locked_if(version) as ours:
-            if ours:
-                self.path.unlink()
-            return ours
-
-
-# ------------------------------------------------------------------------------------------- S3
-
-
-class _S3Backend:
-    def __init__(self, uri: str, options: StorageOptions):
-        from mergeflow.infra.storage import S3Storage, _split
-
-        self.uri = uri
-        self.options = options
-        self.bucket, self.key = _split(uri)
-        self._storage = S3Storage(options)
-
-    @property
-    def _client(self):
-        from mergeflow.infra.storage import _s3_client
-
-        return _s3_client(self.options)
-
-    def _call(self, fn, **kwargs):
-        """A request whose 412 (precondition failed) and 404 are answers, not errors."""
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        from mergeflow.infra.storage import _endpoint_of, _s3_error
-
-        try:
-            return fn(Bucket=self.bucket, Key=self.key, **kwargs)
-        except ClientError as e:
-            status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-            code = e.response.get("Error", {}).get("Code", "")
-            if status == 412 or code in ("PreconditionFailed", "ConditionalRequestConflict"):
-                return None
-            if status == 409:  # a concurrent conditional write in flight: as good as losing the race
-                return None
-            if code in ("NoSuchKey", "404", "NotFound") or status == 404 and code != "NoSuchBucket":
-                return None
-            raise _s3_error(self.uri, e, _endpoint_of(self._client)) from None
-        except BotoCoreError as e:
-            raise _s3_error(self.uri, e, _endpoint_of(self._client)) from None
-
-    def create(self, body: bytes) -> str | None:
-        # SeaweedFS (and others) create a missing bucket on PUT: make sure it exists first.
-        self._storage._head(self.uri, missing_ok=True)
-        resp = self._call(self._client.put_object, Body=body, IfNoneMatch="*")
-        return resp and resp["ETag"]
-
-    def read(self) -> Seen | None:
-        resp = self._call(self._client.get_object)
-        if resp is None:
-            return None
-        from mergeflow.infra.storage import _read_body
-
-        data = _read_body(self.uri, self._client, resp)
-        age = 0.0
-        date = resp.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
-        if date and resp.get("LastModified"):
-            age = max(0.0, (parsedate_to_datetime(date) - resp["LastModified"]).total_seconds())
-        return Seen(Holder.parse(data), resp["ETag"], age)
-
-    def replace(self, body: bytes, version: str) -> str | None:
-        resp = self._call(self._client.put_object, Body=body, IfMatch=version)
-        return resp and resp["ETag"]
-
-    def delete(self, version: str) -> bool:
-        return self._call(self._client.delete_object, IfMatch=version) is not None
-
-
 # ----------------------------------------------------------------------------------------- lock
 
 
@@ -282,7 +143,7 @@ class RunLock:
         self.uri = join(root, LOCK_NAME)
         self.root = root
         self.ttl, self.interval, self.command = ttl, heartbeat, command
-        self._backend = _S3Backend(self.uri, options or StorageOptions()) if is_s3(root) else _LocalBackend(self.uri)
+        self._store = storage_for(self.uri, options or StorageOptions())
         self._holder: Holder | None = None
         self._version: str | None = None
         self._stop = threading.Event()
@@ -293,7 +154,11 @@ class RunLock:
     # -- state of the lock object
 
     def holder(self) -> Seen | None:
-        return self._backend.read()
+        return self._read()
+
+    def _read(self) -> Seen | None:
+        v = self._store.read_versioned(self.uri)
+        return None if v is None else Seen(Holder.parse(v.data), v.version, v.age)
 
     def is_stale(self, seen: Seen) -> bool:
         return seen.age > self.ttl or (seen.holder is not None and seen.holder.gone())
@@ -305,30 +170,34 @@ class RunLock:
         me = Holder(socket.gethostname(), os.getpid(), now, now, uuid.uuid4().hex, self.command, pid_namespace(),
                     process_start(os.getpid()))
         body = me.body()
-        for _ in range(5):
-            version = self._backend.create(body)
-            if version is None:
-                seen = self._backend.read()
-                if seen is None:
-                    continue  # released between our two requests: try again
-                if not self.is_stale(seen):
-                    raise LockHeld(self._held_message(seen))
-                who = seen.holder.describe() if seen.holder else "an unreadable lock"
-                log.warning("%s: taking over the stale lock of %s (heartbeat %.0fs ago)", self.root, who, seen.age)
-                version = self._backend.replace(body, seen.version)
+        _HELD_HERE.add(me.token)  # from the first write on: other threads here must not take it for a dead lock
+        try:
+            for _ in range(5):
+                version = self._store.create_if_absent(self.uri, body)
                 if version is None:
-                    continue  # someone else changed it first: look again
-            if self._confirm(me):
-                _HELD_HERE.add(me.token)
-                self._holder, self._version = me, version
-                self._start_heartbeat()
-                return self
-        seen = self._backend.read()
-        raise LockHeld(self._held_message(seen) if seen else f"{self.root}: could not take the lock; retry later")
+                    seen = self._read()
+                    if seen is None:
+                        continue  # released between our two requests: try again
+                    if not self.is_stale(seen):
+                        raise LockHeld(self._held_message(seen))
+                    who = seen.holder.describe() if seen.holder else "an unreadable lock"
+                    log.warning("%s: taking over the stale lock of %s (heartbeat %.0fs ago)", self.root, who, seen.age)
+                    version = self._store.replace_if_match(self.uri, body, seen.version)
+                    if version is None:
+                        continue  # someone else changed it first: look again
+                if self._confirm(me):
+                    self._holder, self._version = me, version
+                    self._start_heartbeat()
+                    return self
+            seen = self._read()
+            raise LockHeld(self._held_message(seen) if seen else f"{self.root}: could not take the lock; retry later")
+        except BaseException:
+            _HELD_HERE.discard(me.token)
+            raise
 
     def _confirm(self, me: Holder) -> bool:
         """Read back: a store that ignored the condition would show another writer's token here."""
-        seen = self._backend.read()
+        seen = self._read()
         return seen is not None and seen.holder is not None and seen.holder.token == me.token
 
     def _held_message(self, seen: Seen) -> str:
@@ -343,7 +212,7 @@ class RunLock:
             if self._holder is None or self.lost:
                 return False
             h = Holder(**{**asdict(self._holder), "heartbeat": time.time()})
-            version = self._backend.replace(h.body(), self._version)
+            version = self._store.replace_if_match(self.uri, h.body(), self._version)
             if version is None:
                 self.lost = True
                 log.error("%s: lost the lock (taken over after our heartbeat stalled)", self.root)
@@ -353,7 +222,7 @@ class RunLock:
 
     def check(self) -> None:
         """Raise LockLost unless the lock is still ours: call before publishing a result."""
-        seen = self._backend.read()
+        seen = self._read()
         if self.lost or seen is None or seen.holder is None or self._holder is None or seen.holder.token != self._holder.token:
             self.lost = True
             raise LockLost(f"{self.root}: the lock was taken over while this merge ran (heartbeat stalled for more "
@@ -382,7 +251,7 @@ class RunLock:
             if self._holder is not None:
                 _HELD_HERE.discard(self._holder.token)
                 try:
-                    if not self.lost and not self._backend.delete(self._version):
+                    if not self.lost and not self._store.delete_if_match(self.uri, self._version):
                         log.warning("%s: the lock was no longer ours at release", self.root)
                 except MergeflowError as e:  # the store is unreachable: the lock goes stale after the TTL
                     log.warning("%s: could not release the lock (%s); it is stale after %.0fs", self.root, e, self.ttl)

@@ -2,7 +2,7 @@
 bundle that rebuilds each of them, on a Ray cluster.
 
     import mergeflow
-    report = mergeflow.merge("merge.yaml", output="runs/x")
+    result = mergeflow.merge("merge.yaml", output="runs/x")   # also plan, reconstruct, inspect, remerge
 
 The layers live in mergeflow.workers (per-shard compute, no ray), mergeflow.workflows (the Ray
 recipe, the CLI) and mergeflow.infra (storage, locks, tracking); mergeflow.dev holds the
@@ -27,16 +27,25 @@ if not os.path.isdir(os.path.join(_here, "workers")):
     __path__.append(os.path.dirname(_here))  # type: ignore[name-defined]  # noqa: F821
 
 _API = {
+    "merge": "mergeflow.api", "plan": "mergeflow.api", "load": "mergeflow.api", "reconstruct": "mergeflow.api",
+    "inspect": "mergeflow.api", "remerge": "mergeflow.api", "MergeResult": "mergeflow.api", "RunInfo": "mergeflow.api",
     "MergeflowError": "mergeflow.errors", "ConfigError": "mergeflow.errors", "CheckpointError": "mergeflow.errors",
-    "StorageError": "mergeflow.errors", "OutputError": "mergeflow.errors",
+    "StorageError": "mergeflow.errors", "OutputError": "mergeflow.errors", "LockHeld": "mergeflow.infra.lock",
+    "TrackingError": "mergeflow.infra.tracking", "Method": "mergeflow.workers.methods",
+    "MethodOutput": "mergeflow.workers.methods", "methods": "mergeflow.workers.methods",
+    "register_backend": "mergeflow.infra.storage",
 }
+_RENAMED = {"register_method": ("mergeflow.workers.methods", "register")}
 
 
 def __getattr__(name: str):
     """The public API, imported on first use (ray, torch and mlflow take seconds to import)."""
     if name in _API:
         return getattr(import_module(_API[name]), name)
+    if name in _RENAMED:
+        module, attr = _RENAMED[name]
+        return getattr(import_module(module), attr)
     raise AttributeError(f"module 'mergeflow' has no attribute {name!r}")
 
 
-__all__ = ["__version__", *_API]
+__all__ = ["__version__", *_API, *_RENAMED]

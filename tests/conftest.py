@@ -79,3 +79,13 @@ def s3_server(request, tmp_path_factory):
     server.start()
     return server
 
+
+
+def reference_args(cfg) -> dict:
+    """The config's method parameters as tests/reference_impl.merge takes them (its defaults where
+    the method has no such parameter)."""
+    p, names = cfg.method.params, cfg.task_names
+    lam = getattr(p, "lambda_", 0.4)
+    return {"alpha": p.alpha, "density": getattr(p, "density", 0.2), "scope": getattr(p, "scope", "global"),
+            "merge": getattr(p, "merge", "mean"), "base_merge": getattr(p, "base_merge", "task_arithmetic"),
+            "k": getattr(p, "k", 2), "lambdas": [lam[n] for n in names] if isinstance(lam, dict) else [lam] * len(names)}

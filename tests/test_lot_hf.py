@@ -15,11 +15,16 @@ from conftest import config_for
 from mergeflow.infra.storage import sha256_of
 from mergeflow.workers.checkpoint import open_checkpoint
 from mergeflow.errors import ConfigError
-from mergeflow.workers.lot import solve
-from mergeflow.workers.lot.features import ENERGY, GRAM, ROWS, FeatureJob, load_stats, task_features
-from mergeflow.workers.lot.models import TaskModelSpec
-from mergeflow.workers.lot.shard import lot_shard
+from mergeflow.workers.methods.lot import solve
+from mergeflow.workers.methods.lot.features import ENERGY, GRAM, ROWS, FeatureJob, load_stats, task_features
+from mergeflow.workers.methods.lot.models import TaskModelSpec
+from mergeflow.workers.shard import merge_shard
 from mergeflow.workflows.plan import make_plan
+
+
+def lot_shard(spec, stats):
+    """LOT's merge of one shard from these statistics files (what the map runs after the feature stage)."""
+    return merge_shard(spec.with_globals(lot_stats=tuple(stats)))
 
 CONFIG = {"model_type": "bert", "architectures": ["BertModel"], "vocab_size": 50, "hidden_size": 16,
           "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 24, "max_position_embeddings": 32,
@@ -98,7 +103,7 @@ def test_lot_merge_of_bert_loads_and_beats_task_arithmetic_on_drift(family, tmp_
     plan = make_plan(config_for(root / "base", tasks, tmp_path / "run",
                                 {"name": "lot", "model": "hf", "exemplars": 4,
                                  "exemplar_files": dict(zip([n for n, _ in tasks], files))}))
-    assert plan.params.exemplar_files == tuple(files)
+    assert list(plan.params.exemplar_files.values()) == files
     out = lot_shard(plan.shards[0], tuple(r.uri for r in results))
     assert list(out.outputs) == ["model/model-00001-of-00001.safetensors"]
     merged = load_file(str(tmp_path / "run" / "model" / "model-00001-of-00001.safetensors"))

@@ -14,11 +14,11 @@ import yaml
 from safetensors.torch import load_file
 
 from conftest import config_for
-from mergeflow.workers.lot import solve
-from mergeflow.workers.lot.features import ENERGY, GRAM, ROWS, load_stats
-from mergeflow.workers.lot.features import collect
-from mergeflow.workers.lot.rules import merge_state_dicts
-from mergeflow.dev.suite.models import backbone_module, load_backbone, lot_exemplars
+from mergeflow.workers.methods.lot import solve
+from mergeflow.workers.methods.lot.features import ENERGY, GRAM, ROWS, load_stats
+from mergeflow.workers.methods.lot.features import collect
+from mergeflow.workers.methods.lot.rules import merge_state_dicts
+from mergeflow.dev.suite.models import LOT_MODEL, backbone_module, load_backbone, lot_exemplars
 from mergeflow.workflows.cli import main
 from mergeflow.workflows.merge import run_merge
 
@@ -45,7 +45,7 @@ def test_cli_merge_lot_matches_the_solve_and_reuses_cached_statistics(ray_sessio
     suite_dir, names = suite
     cache = tmp_path / "cache"
     cfg = write_config(tmp_path / "lot.yaml", suite_dir, names, tmp_path / "run1",
-                       {"name": "lot", "model": "suite", "exemplars": 32, "stats_cache": str(cache)})
+                       {"name": "lot", "model": LOT_MODEL, "exemplars": 32, "stats_cache": str(cache)})
     assert main(["merge", cfg, "--quiet", "--no-tracking"]) == 0
     out = capsys.readouterr().out
     assert "merged 3 tasks with lot" in out and "3 computed, 0 reused" in out
@@ -55,8 +55,8 @@ def test_cli_merge_lot_matches_the_solve_and_reuses_cached_statistics(ray_sessio
     assert lot["rules"] == {"linear": 3, "norm_scale": 0, "additive": 3, "mean": 0}
     # 3 tasks x 32 exemplars = 96 feature rows for 64 inputs per layer: flagged as thin
     assert lot["thin_layers"] == {name: [96, 64] for name in LINEARS}
-    assert m1["method"]["alpha"] == 1.0 and m1["method"]["model"] == "suite" and m1["method"]["exemplars"] == 32
-    assert {"lot_features", "merge"} <= set(m1["timings"])
+    assert m1["method"]["lambda"] == 1.0 and m1["method"]["model"] == LOT_MODEL and m1["method"]["exemplars"] == 32
+    assert {"method_passes", "merge"} <= set(m1["timings"])
     files = sorted(cache.iterdir())
     assert len(files) == 3 and sorted(str(f) for f in files) == sorted(lot["stats"].values())
     stamps = {f: f.stat().st_mtime_ns for f in files}
@@ -86,11 +86,11 @@ def test_cli_merge_lot_matches_the_solve_and_reuses_cached_statistics(ray_sessio
 
     # other exemplars: a different key, so computed again
     cfg64 = write_config(tmp_path / "lot64.yaml", suite_dir, names, tmp_path / "run3",
-                         {"name": "lot", "model": "suite", "exemplars": 64, "lambda": 0.5, "stats_cache": str(cache)})
+                         {"name": "lot", "model": LOT_MODEL, "exemplars": 64, "lambda": 0.5, "stats_cache": str(cache)})
     assert main(["merge", cfg64, "--quiet", "--no-tracking"]) == 0
     m3 = json.loads((tmp_path / "run3" / "manifest.json").read_text())
     assert m3["lot"]["features_computed"] == 3 and len(list(cache.iterdir())) == 6
-    assert m3["method"]["alpha"] == 0.5 and m3["lot"]["thin_layers"] == {}  # 192 rows for 64 inputs
+    assert m3["method"]["lambda"] == 0.5 and m3["lot"]["thin_layers"] == {}  # 192 rows for 64 inputs
 
 
 def test_lot_drift_is_at_most_task_arithmetic_and_ties(ray_session, suite, tmp_path):
@@ -99,7 +99,7 @@ def test_lot_drift_is_at_most_task_arithmetic_and_ties(ray_session, suite, tmp_p
     suite_dir, names = suite
     tasks = [(n, suite_dir / n) for n in names]
     runs = {}
-    for method in ({"name": "lot", "model": "suite"}, {"name": "task_arithmetic"}, {"name": "ties"}):
+    for method in ({"name": "lot", "model": LOT_MODEL}, {"name": "task_arithmetic"}, {"name": "ties"}):
         report = run_merge(config_for(suite_dir / "base", tasks, tmp_path / method["name"], method), quiet=True)
         runs[method["name"]] = merged(tmp_path / method["name"])
         if method["name"] == "lot":
@@ -132,14 +132,15 @@ def test_bad_model_sources_fail_in_one_line(ray_session, suite, tmp_path, capsys
     assert "method.model" in run({"name": "lot"})  # no model source at all
     assert "cannot import module 'no_such_pkg.mod'" in run({"name": "lot", "model": "no_such_pkg.mod:build"})
     assert "no function 'nope'" in run({"name": "lot", "model": "mergeflow.dev.suite.models:nope"})
-    assert "not suite, hf or a hook" in run({"name": "lot", "model": "suite_please"})
+    assert "not hf or a hook" in run({"name": "lot", "model": "suite_please"})
     assert "exemplar_files: no token-id file for task 'identity'" in run({"name": "lot", "model": "hf"})
-    assert "LOT takes one number" in run({"name": "lot", "model": "suite", "lambda": {n: 1.0 for n in names}})
+    assert "method.lambda: " in run({"name": "lot", "model": LOT_MODEL, "lambda": {n: 1.0 for n in names}})
+    assert "method.alpha: unknown key for method lot" in run({"name": "lot", "model": LOT_MODEL, "alpha": 0.5})
     # checkpoints outside a suite: no suite.json next to them
     lone = tmp_path / "lone"
     for d in ["base", *names]:
         shutil.copytree(suite_dir / d, lone / d)
-    err = run({"name": "lot", "model": "suite"}, where=lone)
+    err = run({"name": "lot", "model": LOT_MODEL}, where=lone)
     assert f"suite.json at {lone / 'suite.json'}" in err and err.split("task '")[1].split("'")[0] in names
 
 
@@ -167,8 +168,8 @@ def test_user_hook_statistics_and_cache(suite, tmp_path):
     """The hook path in the worker itself (no Ray: a hook must be importable wherever workers run)."""
     from mergeflow.infra.storage import sha256_of
     from mergeflow.workers.checkpoint import open_checkpoint
-    from mergeflow.workers.lot.features import FeatureJob, task_features
-    from mergeflow.workers.lot.models import TaskModelSpec
+    from mergeflow.workers.methods.lot.features import FeatureJob, task_features
+    from mergeflow.workers.methods.lot.models import TaskModelSpec
     from mergeflow.dev.suite.models import task_data
 
     suite_dir, _ = suite
@@ -194,11 +195,11 @@ def test_lambda_auto_selects_on_validation_and_equals_a_direct_merge(ray_session
 
     suite_dir, names = suite
     raw = {"base": str(suite_dir / "base"), "tasks": [{"name": n, "checkpoint": str(suite_dir / n)} for n in names],
-           "method": {"name": "lot", "model": "suite", "lambda": "auto", "stats_cache": str(tmp_path / "cache")},
+           "method": {"name": "lot", "model": LOT_MODEL, "lambda": "auto", "stats_cache": str(tmp_path / "cache")},
            "selection": {"evaluator": "mergeflow.dev.suite.models:evaluate", "alphas": [0.5, 1.0, 1.5]}}
     auto = run_merge(config_from_dict(raw | {"output": str(tmp_path / "auto")}), quiet=True)
     chosen = auto.manifest["selection"]["alpha"]["chosen"]
-    assert chosen in (0.5, 1.0, 1.5) and auto.manifest["method"]["alpha"] == chosen
+    assert chosen in (0.5, 1.0, 1.5) and auto.manifest["method"]["lambda"] == chosen
     assert len(auto.manifest["selection"]["alpha"]["trials"]) == 3
     direct = dict(raw, method=raw["method"] | {"lambda": chosen})
     direct.pop("selection")
@@ -215,7 +216,7 @@ def test_remerge_adding_a_task_runs_only_the_new_task_model(ray_session, suite, 
 
     suite_dir, names = suite
     tasks = [(n, suite_dir / n) for n in names]
-    method = {"name": "lot", "model": "suite"}
+    method = {"name": "lot", "model": LOT_MODEL}
     root = tmp_path / "root"
     first = remerge(config_for(suite_dir / "base", tasks[:2], root, method), quiet=True)
     assert first.report.manifest["lot"]["features_computed"] == 2

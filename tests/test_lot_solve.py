@@ -1,4 +1,4 @@
-"""LOT's closed-form solutions (workers/lot/solve.py) on the reference cases of ALGORITHMS.md, and
+"""LOT's closed-form solutions (workers/methods/lot/solve.py) on the reference cases of ALGORITHMS.md, and
 against brute-force least squares on random features.
 
 The spec writes linear layers in the paper's layout Y = X W (W is in x out); the code uses torch's
@@ -7,7 +7,7 @@ W (out x in), y = x W^T, so the reference task vectors are transposed going in a
 import pytest
 import torch
 
-from mergeflow.workers.lot import solve
+from mergeflow.workers.methods.lot import solve
 
 X1 = torch.tensor([[1.0, 0, 1], [0, 1, 0]], dtype=torch.float64)
 X2 = torch.tensor([[1.0, 1, 0], [0, 0, 2]], dtype=torch.float64)

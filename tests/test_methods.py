@@ -9,7 +9,7 @@ import torch
 
 from mergeflow.workers import kth_value
 from mergeflow.workers.bits import pack_rows, pack_rows_torch, unpack
-from mergeflow.workers.methods import ChunkGlobals, MethodParams, get_method
+from kernels import kernel
 
 THETA0 = torch.tensor([1.0, -1.0, 0.5, 0.0, 2.0, -0.5])
 TAUS = torch.tensor(
@@ -26,9 +26,11 @@ def thresholds(taus: torch.Tensor, density: float) -> torch.Tensor:
 
 
 def run(name: str, **kw):
-    params = MethodParams(name=name, alpha=kw.pop("alpha", 1.0), lambdas=(0.5, 0.5, 0.5), **kw)
-    g = ChunkGlobals(thresholds=thresholds(TAUS, params.density) if params.uses_ties else None)
-    return params, get_method(name).fn(TAUS, params, g)
+    kw.setdefault("alpha", 1.0)
+    if name in ("tall_masks", "consensus"):
+        kw["lambdas"] = (0.5, 0.5, 0.5)
+    ties = name == "ties" or kw.get("base_merge") == "ties"
+    return kernel(name, TAUS, thresholds=thresholds(TAUS, kw.get("density", 0.2)) if ties else None, **kw)
 
 
 def test_task_arithmetic_sum_and_scaled_model():
@@ -76,9 +78,7 @@ def test_consensus_reference_and_limits():
 
 def test_ties_sign_tie_uses_majority_and_is_reported():
     taus = torch.tensor([[0.5, 0.3, 0.2], [-0.5, 0.1, 0.4]])
-    params = MethodParams(name="ties", alpha=1.0, density=1.0, merge="sum")
-    g = ChunkGlobals(thresholds=torch.zeros(2), majority=-1)
-    out = get_method("ties").fn(taus, params, g)
+    _, out = kernel("ties", taus, thresholds=torch.zeros(2), majority=-1, alpha=1.0, density=1.0, merge="sum")
     assert out.ambiguous == 1 and out.sign_sum == 2
     assert out.delta.tolist()[0] == -0.5  # the tie at coordinate 0 follows the majority sign given
 
@@ -122,13 +122,13 @@ def test_row_wise_ties_and_consensus_match_whole_tensor_formulas_bit_for_bit(mer
     taus[:, 1::7] = -0.0  # zero signs must come out as the whole-tensor formulas give them
     taus[1:3, 5::11] = -taus[0, 5::11]  # exact cancellations: elected sign 0, majority fallback
     thresholds = torch.tensor([0.5, 0.0, 1.0, 0.2, 3.0])
-    out = get_method("ties").fn(taus, MethodParams("ties", 1.0, merge=merge), ChunkGlobals(thresholds, majority))
+    _, out = kernel("ties", taus, thresholds=thresholds, majority=majority, alpha=1.0, merge=merge)
     want, sign_sum, ambiguous = _whole_tensor_ties(taus, thresholds, majority, merge)
     assert torch.equal(out.delta.view(torch.int32), want.view(torch.int32))
     assert (out.sign_sum, out.ambiguous) == (sign_sum, ambiguous) and ambiguous > 0
 
     lambdas = (0.3, 0.5, 0.0, 1.0, 0.7)
-    out = get_method("consensus").fn(taus, MethodParams("consensus", 1.0, lambdas=lambdas, k=2), ChunkGlobals())
+    _, out = kernel("consensus", taus, lambdas=lambdas, alpha=1.0, k=2)
     tau_mtl = out.tau_mtl  # the running sum, checked by test_task_arithmetic_sum_and_scaled_model
     masks = taus.abs() > torch.tensor(lambdas)[:, None] * (tau_mtl[None, :] - taus).abs()
     assert torch.equal(out.masks, masks)

@@ -329,7 +329,7 @@ def test_files_and_their_folder_are_synced_around_the_rename(tmp_path, monkeypat
     disk before the rename publishes it, and the rename before commit() returns."""
     import stat
 
-    from mergeflow.infra.storage import LocalStorage
+    from mergeflow.infra.storage.local import LocalStorage
 
     events: list[str] = []
     real_fsync, real_replace = os.fsync, os.replace

@@ -70,8 +70,8 @@ def test_auto_selects_the_argmax_it_logged_and_writes_that_model(suite, tmp_path
     for task in names:
         mine = sorted((float(c.data.params["lambda"]), c.data.metrics["score"]) for c in children
                       if c.data.params["trial"] == "lambda" and c.data.params["task"] == task)
-        assert mine[_argmax([s for _, s in mine])][0] == report.manifest["method"]["lambdas"][task]
-        assert float(parent.data.params[f"lambda.{task}"]) == report.manifest["method"]["lambdas"][task]
+        assert mine[_argmax([s for _, s in mine])][0] == report.manifest["method"]["lambda"][task]
+        assert float(parent.data.params[f"lambda.{task}"]) == report.manifest["method"]["lambda"][task]
 
     # The trials scored the very models the run holds: the written model at the chosen alpha ...
     chosen = next(t for t in sel["alpha"]["trials"] if t["alpha"] == best_alpha)
@@ -81,13 +81,13 @@ def test_auto_selects_the_argmax_it_logged_and_writes_that_model(suite, tmp_path
     task = names[1]
     out = tmp_path / "rebuilt"
     reconstruct(str(tmp_path / "auto"), task, str(out), StorageOptions(), quiet=True)
-    lam = report.manifest["method"]["lambdas"][task]
+    lam = report.manifest["method"]["lambda"][task]
     trial = next(t for t in sel["lambda"]["trials"] if t["task"] == task and t["lambda"] == lam)
     assert evaluate(out, task, root, "val") == trial["score"]
 
     # A merge given the chosen values writes the same bytes (model, bundle) without any trial.
     fixed = _config(suite, tmp_path / "fixed", {"name": "tall_masks", "alpha": best_alpha,
-                                                "lambda": report.manifest["method"]["lambdas"]}, selection=None)
+                                                "lambda": report.manifest["method"]["lambda"]}, selection=None)
     run_merge(fixed, quiet=True)
     for prefix in ("model", "compressed"):
         assert _files(tmp_path / "auto", prefix) == _files(tmp_path / "fixed", prefix)
@@ -98,8 +98,8 @@ def test_consensus_over_ties_selects_and_matches_a_fixed_merge(suite, tmp_path, 
     report = run_merge(_config(suite, tmp_path / "auto", method | {"alpha": "auto", "lambda": "auto"}), quiet=True)
     chosen = report.manifest["method"]
     assert chosen["alpha"] in SELECTION["alphas"]
-    assert set(chosen["lambdas"].values()) <= set(SELECTION["lambdas"])
-    fixed = method | {"alpha": chosen["alpha"], "lambda": chosen["lambdas"]}
+    assert set(chosen["lambda"].values()) <= set(SELECTION["lambdas"])
+    fixed = method | {"alpha": chosen["alpha"], "lambda": chosen["lambda"]}
     run_merge(_config(suite, tmp_path / "fixed", fixed, selection=None), quiet=True)
     for prefix in ("model", "compressed"):
         assert _files(tmp_path / "auto", prefix) == _files(tmp_path / "fixed", prefix)
@@ -137,4 +137,5 @@ def test_suite_config_selects_and_dry_run_says_so(suite, tmp_path, capsys):
     assert raw["method"] == {"name": "tall_masks", "alpha": "auto", "lambda": "auto"}
     assert raw["selection"]["evaluator"] == "mergeflow.dev.suite.models:evaluate"
     assert main(["merge", str(root / "config.yaml"), "--output", str(tmp_path / "o"), "--dry-run"]) == 0
-    assert "tall_masks (alpha auto, lambda auto)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "tall_masks (alpha auto, lambda auto" in out

@@ -15,7 +15,9 @@ from conftest import config_for
 from mergeflow.errors import CheckpointError
 from mergeflow.workers import kth_value
 from mergeflow.workers.kth_value import nonzero_counts
-from mergeflow.workers.shard import merge_shard, shard_counts, tau_sq_sums
+from mergeflow.workers.methods.ties.thresholds import shard_counts
+from mergeflow.workers.reading import tau_sq_sums
+from mergeflow.workers.shard import merge_shard
 from mergeflow.workflows.plan import make_plan
 
 NAME = "model.layers.1.mlp.up_proj.weight"

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 import reference_impl as ref
-from conftest import config_for
+from conftest import config_for, reference_args
 from mergeflow.workflows.merge import run_merge
 from mergeflow.workflows.reconstruct import reconstruct
 from mergeflow.infra.storage import StorageOptions
@@ -76,9 +76,7 @@ def test_sharded_merge_equals_reference(ray_session, family, tmp_path, method, p
 
     base = load_checkpoint(base_dir)
     tasks = [load_checkpoint(p) for _, p in task_dirs]
-    p = cfg.method_params()
-    want = ref.merge(base, tasks, method, alpha=p.alpha, density=p.density, scope=p.scope, merge=p.merge,
-                     lambdas=list(p.lambdas), base_merge=p.base_merge, k=p.k)
+    want = ref.merge(base, tasks, method, **reference_args(cfg))
     got = load_dir(tmp_path / "run" / "model")
     assert got.keys() == want["model"].keys()
     for name in want["model"]:

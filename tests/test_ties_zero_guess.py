@@ -14,7 +14,7 @@ from conftest import config_for
 from test_sharded_equals_reference import load_checkpoint, load_dir
 from mergeflow.infra.storage import StorageOptions
 from mergeflow.workers import kth_value
-from mergeflow.workers.shard import _phase
+from mergeflow.workers.methods.ties.thresholds import _phase
 from mergeflow.workflows.inspect_run import describe
 from mergeflow.workflows.merge import run_merge
 
@@ -40,7 +40,7 @@ def _sampled(name, flat):
 
 
 def _assert_reference(cfg, base_dir, task_dirs, out):
-    p = cfg.method_params()
+    p = cfg.method.params
     want = ref.merge(load_checkpoint(base_dir), [load_checkpoint(d) for _, d in task_dirs], "ties", alpha=p.alpha,
                      density=p.density, scope="global", merge=p.merge)
     got = load_dir(out / "model")
@@ -83,7 +83,7 @@ def test_a_misleading_sample_costs_a_second_merge_not_exactness(ray_session, fam
     # Resume: journaled shards merged with other thresholds than the run's are never reused
     exact = _globals(out)
     records = sorted((out / ".mergeflow" / "shards").glob("*.json"))
-    assert {tuple(json.loads(r.read_text())["thresholds_used"]) for r in records} == {tuple(exact["thresholds"])}
+    assert {tuple(json.loads(r.read_text())["globals_used"]["thresholds"]) for r in records} == {tuple(exact["thresholds"])}
     numel = sum(t.numel() for t in load_checkpoint(base_dir).values() if t.is_floating_point())
     k = kth_value.kth_rank(numel, 0.5)
     (out / "manifest.json").unlink()  # as if killed after the guess, before its check

@@ -24,13 +24,14 @@ def test_workers_import_and_merge_without_ray_mlflow_boto3(family, tmp_path):
             sys.modules[name] = None  # any import of these now raises ImportError
         from pathlib import Path
         from mergeflow.workers.checkpoint import open_checkpoint
-        from mergeflow.workers.methods import MethodParams
+        from mergeflow.workers.methods import get_method, methods
         from mergeflow.workers.shard import ShardSpec, TensorJob, merge_shard
-        import mergeflow.workers.lot.features, mergeflow.workers.lot.models, mergeflow.workers.lot.rules, mergeflow.workers.lot.shard  # LOT's workers too
+        assert {{"task_arithmetic", "ties", "tall_masks", "consensus", "lot"}} <= set(methods())  # LOT too
+        tall = get_method("tall_masks")
         base = open_checkpoint({str(base)!r})
         tasks = [open_checkpoint(p) for p in {[str(p) for _, p in tasks]!r}]
         jobs = tuple(TensorJob(n, base.tensors[n], tuple(t.tensors[n] for t in tasks)) for n in sorted(base.tensors))
-        spec = ShardSpec(0, 1, jobs, ("a", "b", "c"), MethodParams("tall_masks", 0.3, lambdas=(0.4,) * 3), {str(tmp_path / "out")!r})
+        spec = ShardSpec(0, 1, jobs, ("a", "b", "c"), tall, tall.Params(alpha=0.3, lambda_=0.4), {str(tmp_path / "out")!r})
         result = merge_shard(spec)
         print(sorted(result.outputs))
     """)
@@ -44,7 +45,7 @@ def test_workers_import_and_merge_without_ray_mlflow_boto3(family, tmp_path):
 @pytest.mark.parametrize("method", ["task_arithmetic", "ties", "tall_masks", "consensus"])
 def test_cuda_path_matches_cpu(family, tmp_path, method):
     base, tasks = family(tasks=4, hidden=64)
-    plan = make_plan(config_for(base, tasks, tmp_path / "cpu", {"name": method, "scope": "tensor"}))
+    plan = make_plan(config_for(base, tasks, tmp_path / "cpu", {"name": method} | ({"scope": "tensor"} if method == "ties" else {})))
     spec = plan.shards[0]
     cpu = merge_shard(spec)
     gpu = merge_shard(dataclasses.replace(spec, device="cuda", output=str(tmp_path / "gpu")))

@@ -1,4 +1,5 @@
-"""Task Arithmetic re-merge of one shard: a previous run's unscaled sum plus the tasks appended since.
+"""Re-merge of one shard of a running-sum method (Task Arithmetic): the parent run's unscaled sum
+plus the tasks appended since.
 
 Task Arithmetic sums task vectors strictly in task order (`running_sum`, t = 1..T, float32), and a
 run that keeps `delta/` stores that float32 sum exactly. So when tasks 1..k are unchanged and tasks
@@ -22,18 +23,8 @@ from mergeflow.workers.dtypes import TORCH_DTYPES
 from mergeflow.errors import CheckpointError
 from mergeflow.workers.layers import layer_of
 from mergeflow.workers.safetensors_io import TensorInfo
-from mergeflow.workers.shard import (
-    LayerStats,
-    ShardReader,
-    ShardResult,
-    ShardSpec,
-    _bytes,
-    _open_writers,
-    apply_alpha,
-    chunk_ranges,
-    commit_writers,
-    copy_exact,
-)
+from mergeflow.workers.reading import ShardReader, chunk_ranges, copy_exact
+from mergeflow.workers.shard import LayerStats, ShardResult, ShardSpec, apply_scale, commit_writers, open_writers, to_bytes
 
 
 @dataclass(frozen=True)
@@ -59,8 +50,8 @@ def append_shard(spec: ShardSpec, previous: PreviousSum) -> ShardResult:
     result = ShardResult(spec.index, {}, {})
     with ExitStack() as cleanup, ExitStack() as files:
         reader = ShardReader.for_spec(spec, files)
-        writers = _open_writers(new, False, cleanup)
-        model, delta = writers.get(spec.model_file()), writers.get(spec.delta_file())
+        writers = open_writers(new, cleanup)
+        model, delta = writers.get("model"), writers.get("delta")
         for job in new.tensors:
             if not job.is_float:
                 copy_exact(new, job, reader, model)  # checks the new tasks agree with the base
@@ -80,9 +71,9 @@ def append_shard(spec: ShardSpec, previous: PreviousSum) -> ShardResult:
                     acc += tau  # the next step of running_sum, in the same order
                     sq[i] += float((tau.double() ** 2).sum())
                 if model is not None:
-                    model.write(job.name, _bytes(apply_alpha(base, acc, spec.params.alpha, TORCH_DTYPES[job.dtype])))
+                    model.write(job.name, to_bytes(apply_scale(base, acc, spec.scale, TORCH_DTYPES[job.dtype])))
                 if delta is not None:
-                    delta.write(job.name, _bytes(acc))
+                    delta.write(job.name, to_bytes(acc))
             layer = layer_of(job.name)
             stats = result.layers.setdefault(layer, LayerStats(0, np.zeros(len(spec.task_names))))
             old = np.zeros(len(spec.task_names))

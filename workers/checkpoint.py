@@ -13,7 +13,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from mergeflow.infra.storage import StorageOptions, basename, is_s3, join, storage_for
+from mergeflow.infra.storage import StorageOptions, basename, join, storage_for
 from mergeflow.errors import CheckpointError, StorageError
 from mergeflow.workers.safetensors_io import FileHeader, TensorInfo, read_header
 
@@ -64,9 +64,9 @@ def _resolve_files(uri: str, options: StorageOptions | None) -> tuple[list[str],
     names = folder_files(uri, lambda n: store.exists(join(uri, n)), store.read_bytes)
     if names is not None:
         return [join(uri, n) for n in names], config
-    # An s3 "directory" exists when objects lie under it (S3Storage.exists checks the prefix).
+    # An object store's "folder" exists when objects lie under it (its exists() checks the prefix).
     if config is None and not store.exists(uri):
-        where = " (no objects under this prefix)" if is_s3(uri) else ""
+        where = store.missing_hint(uri)
         raise CheckpointError(f"{uri}: checkpoint not found{where}")
     if store.exists(join(uri, "pytorch_model.bin")):
         raise CheckpointError(f"{uri}: only pytorch_model.bin found; pickled checkpoints are refused, convert to safetensors")

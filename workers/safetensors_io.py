@@ -253,8 +253,10 @@ class StreamingWriter:
     arrive in order, chunk by chunk. Hashes as it writes, so the sha256 recorded in
     the manifest costs no second read."""
 
-    def __init__(self, uri: str, entries: list[tuple[str, str, tuple[int, ...]]], options: StorageOptions | None = None):
+    def __init__(self, uri: str, entries: list[tuple[str, str, tuple[int, ...]]], options: StorageOptions | None = None,
+                 rel: str = ""):
         self.uri = uri
+        self.rel = rel  # the file's path in its run, for the manifest
         header, sizes = layout_header(entries)
         self._remaining = dict(zip([e[0] for e in entries], sizes))
         self._order = [e[0] for e in entries]

@@ -20,36 +20,45 @@ Merge a base checkpoint and T fine-tuned checkpoints as described by CONFIG (YAM
 
   base: path/or/s3://bucket/base        # HF directory or one .safetensors file
   tasks:
-    - {name: math, checkpoint: ckpts/math}
-    - {name: code, checkpoint: ckpts/code}
+    - {{name: math, checkpoint: ckpts/math}}
+    - {{name: code, checkpoint: ckpts/code}}
   output: runs/merged                   # or pass --output
-  method:
-    name: tall_masks                    # task_arithmetic | ties | tall_masks | consensus | lot
-    alpha: 0.3                          # model = base + alpha * merged vector; auto: chosen on val
-    density: 0.2                        # TIES: share of each task vector kept
-    scope: global                       # TIES trim over the whole model or per tensor
-    merge: mean                         # TIES disjoint merge: mean | sum
-    lambda: 0.4                         # TALL masks: one value, {task: value}, or auto (per task)
-    base_merge: task_arithmetic         # tau_MTL for tall_masks/consensus: task_arithmetic | ties
-    k: 2                                # consensus: keep weights kept by >= k task masks
-  # LOT instead (name: lot): lambda is the scale of the merged vector (default 1.0; auto: chosen on val)
-  #   model: suite                      # suite | hf | module:function, builds each task's model
-  #   exemplars: 64                     # exemplars per task for the feature statistics
-  #   exemplar_seed: 0                  # which exemplars, when more are available
-  #   exemplar_files: {math: ids/math.json}  # hf: token-id JSON file per task
-  #   stats_cache: s3://bucket/lot      # feature statistics cache (default OUT/.lot_stats)
+  method: {{name: tall_masks, lambda: 0.4}}   # a method and its own parameters (below)
   selection:                            # needed by auto: how candidates are scored
     evaluator: pkg.module:function      # fn(model, *, task, split, checkpoint, **options) -> score
-    split: val                          # alphas: [0.1 .. 1.0], lambdas: [0.2 .. 0.6], options: {}
-  execution: {shard_size: auto, device: auto}   # chunk_elems: by default sized per device
+    split: val                          # alphas: [0.1 .. 1.0], lambdas: [0.2 .. 0.6], options: {{}}
+  execution: {{shard_size: auto, device: auto}}   # chunk_elems: by default sized per device
 
-Outputs: OUT/model (merged HF checkpoint), OUT/compressed (tau_MTL + 1 bit per weight per
-task, for tall_masks and consensus), OUT/stats, and OUT/manifest.json written last.
-Re-running the same command resumes an interrupted run.
+Methods and their parameters (defaults in brackets):
+{methods}
+Outputs: OUT/model (merged HF checkpoint), OUT/compressed (the bundle of a method that compresses:
+every task rebuilds from it), OUT/stats, and OUT/manifest.json written last.
+Re-running the same command resumes an interrupted run; a second merge into OUT exits 75.
 """
 
 
-def _parser() -> argparse.ArgumentParser:
+def methods_help() -> str:
+    """Every registered method with its parameters, their defaults and docs (from the Params dataclass)."""
+    import dataclasses
+    import textwrap
+
+    from mergeflow.workers.methods import methods
+
+    lines = []
+    for name, method in sorted(methods().items()):
+        lines.append(f"  {name}: {method.summary}")
+        for f in dataclasses.fields(method.Params):
+            default = f.default if f.default not in (dataclasses.MISSING, "") else "required"
+            head = f"    {f.name.rstrip('_')} [{'none' if default is None else default}]"
+            doc = f.metadata.get("doc", "")
+            if len(head) >= 29:
+                lines.append(head)
+                head = ""
+            lines.append(textwrap.fill(doc, 100, initial_indent=f"{head:<30}", subsequent_indent=" " * 30))
+    return "\n".join(lines) + "\n"
+
+
+def _parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mergeflow", description="Merge many fine-tuned checkpoints into one model, "
                                 "or into a compressed bundle that rebuilds each of them, on a Ray cluster.")
     p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
@@ -58,8 +67,10 @@ def _parser() -> argparse.ArgumentParser:
                         "credentials and session tokens: never paste them anywhere)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    m = sub.add_parser("merge", help="run a merge described by a YAML/JSON config",
-                       description=MERGE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    wants_help = argv is not None and "merge" in argv and ("-h" in argv or "--help" in argv)
+    m = sub.add_parser("merge", help="run a merge described by a YAML/JSON config",  # listing methods imports torch
+                       description=MERGE_HELP.format(methods=methods_help() if wants_help else "  (mergeflow merge -h)\n"),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     m.add_argument("config", help="YAML or JSON config file")
     m.add_argument("--output", help="output directory or s3:// prefix (overrides the config's output)")
     m.add_argument("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS, else a local runtime)")
@@ -204,7 +215,7 @@ def _merge(args) -> int:
         print(f"{cfg.output}: already complete (same inputs and settings); not logged to MLflow yet, logging it")
         return _track(report, args)
     t = report.timings
-    print(f"merged {len(report.plan.tasks)} tasks with {report.plan.params.name} into {cfg.output} "
+    print(f"merged {len(report.plan.tasks)} tasks with {report.plan.method.name} into {cfg.output} "
           f"in {t['total']:.1f}s ({report.shards_run} shards computed, {report.shards_reused} reused; "
           f"{report.bytes_read / 1e9:.3f} GB read)")
     from mergeflow.workflows.inspect_run import describe
@@ -292,7 +303,7 @@ def _suite(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # keep MLflow's INFO chatter out of our output
-    args = _parser().parse_args(argv)
+    args = _parser(sys.argv[1:] if argv is None else argv).parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     if args.debug and not args.debug_wire:

@@ -187,25 +187,6 @@ def _sidecars(plan: Plan) -> list[str]:
     return out
 
 
-def write_compressed_index(plan: Plan) -> dict[str, tuple[str, int]]:
-    tensors = {}
-    for spec in plan.shards:
-        for job in spec.tensors:
-            if job.is_float:
-                tensors[job.name] = {"part": spec.part, "dtype": job.dtype, "shape": list(job.shape)}
-    doc = {
-        "format": "mergeflow.tall/1",
-        "tasks": list(plan.task_names),
-        "lambdas": dict(zip(plan.task_names, plan.params.lambdas)),
-        "tau_mtl": {"files": [s.tau_file() for s in plan.shards], "dtype": plan.params.store_dtype},
-        "masks": {t: [s.mask_file(t) for s in plan.shards] for t in plan.task_names},
-        "mask_order": "np.packbits (first element in the most significant bit), count = numel",
-        "tensors": tensors,
-    }
-    store = storage_for(plan.config.output, plan.config.storage.options())
-    return {"compressed/index.json": _put(store, plan.config.output, "compressed/index.json", json.dumps(doc, indent=1).encode())}
-
-
 def _put(store, output: str, rel: str, data: bytes) -> tuple[str, int]:
     store.write_bytes(join(output, rel), data)
     return hashlib.sha256(data).hexdigest(), len(data)
@@ -217,7 +198,9 @@ def put_files(plan: Plan, files: dict[str, bytes]) -> dict[str, tuple[str, int]]
     return {rel: _put(store, plan.config.output, rel, data) for rel, data in files.items()}
 
 
-def write_manifest(plan: Plan, outputs: dict[str, tuple[str, int]], inputs: dict[str, tuple[str, int]], extra: dict) -> dict:
+def write_manifest(plan: Plan, method: dict, outputs: dict[str, tuple[str, int]], inputs: dict[str, tuple[str, int]],
+                   extra: dict) -> dict:
+    """manifest.json, last: `method` is the method's record (its name and every declared parameter)."""
     from mergeflow import __version__
 
     def files_of(cp) -> dict:
@@ -230,7 +213,7 @@ def write_manifest(plan: Plan, outputs: dict[str, tuple[str, int]], inputs: dict
         "mergeflow_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "fingerprint": plan.fingerprint,
-        "method": plan.params.__dict__ | {"lambdas": dict(zip(plan.task_names, plan.params.lambdas))},
+        "method": method,
         "inputs": {
             "base": {"uri": plan.base.uri, "files": files_of(plan.base)},
             "tasks": [{"name": n, "uri": cp.uri, "files": files_of(cp)} for n, cp in zip(plan.task_names, plan.tasks)],

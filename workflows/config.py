@@ -6,17 +6,21 @@ that name the key. Relative paths are resolved against the config file's folder.
 
 from __future__ import annotations
 
+import dataclasses
+import keyword
 import math
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, TypeAdapter, ValidationError, field_validator, model_serializer,
+                      model_validator)
 
-from mergeflow.infra.storage import StorageOptions, is_s3, normalize
-from mergeflow.errors import ConfigError
-from mergeflow.workers.methods import METHODS, MethodParams, get_method
+from mergeflow.errors import ConfigError, MergeflowError
+from mergeflow.infra.storage import StorageOptions, is_local, normalize
+from mergeflow.workers import chunking
+from mergeflow.workers.methods import Method, get_method, methods
 
 # \Z, not $: "$" also matches before a trailing newline, and task names become file names
 TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
@@ -54,86 +58,87 @@ class TaskConfig(_Model):
 AUTO = "auto"
 DEFAULT_ALPHAS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 DEFAULT_LAMBDAS = (0.2, 0.3, 0.4, 0.5, 0.6)
-DEFAULT_LAMBDA = 0.4  # TALL masks / consensus, when lambda is not given
-LAMBDA_METHODS = ("tall_masks", "consensus")  # methods whose per-task masks take a lambda
 
 
-class MethodConfig(_Model):
+def _field_name(key: str) -> str:
+    return key + "_" if keyword.iskeyword(key) else key  # `lambda` is a Python keyword: params use lambda_
+
+
+def _key_name(field_name: str) -> str:
+    return field_name[:-1] if field_name.endswith("_") and keyword.iskeyword(field_name[:-1]) else field_name
+
+
+def parse_params(method: Method, raw: dict) -> Any:
+    """The method's own parameters from the config's `method:` block (less `name`), validated by
+    pydantic against the method's Params dataclass. ValueError("key: what is wrong") otherwise."""
+    fields = [f.name for f in dataclasses.fields(method.Params)]
+    values = {}
+    for key, value in raw.items():
+        name = _field_name(str(key))
+        if name not in fields:
+            known = ", ".join(_key_name(f) for f in fields)
+            raise ValueError(f"{key}: unknown key for method {method.name} (its parameters: {known or 'none'})")
+        values[name] = value
+    try:
+        return _adapter(method.Params).validate_python(values)
+    except ValidationError as e:
+        first = e.errors()[0]
+        loc = _key_name(str(first["loc"][0])) if first["loc"] else ""  # the key, not pydantic's union branch
+        msg = first["msg"].removeprefix("Value error, ")
+        raise ValueError(f"{loc}: {msg}" if loc and not msg.startswith(f"{loc}:") else msg) from None
+
+
+_adapters: dict[type, TypeAdapter] = {}
+
+
+def _adapter(params_type: type) -> TypeAdapter:
+    if params_type not in _adapters:
+        _adapters[params_type] = TypeAdapter(params_type)
+    return _adapters[params_type]
+
+
+class MethodChoice(BaseModel):
+    """The config's `method:` block: a registered method's name and its validated parameters."""
+
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
     name: str
-    alpha: float | Literal["auto"] | None = None
-    density: float = 0.2
-    scope: Literal["global", "tensor"] = "global"
-    merge: Literal["mean", "sum"] | None = None
-    # None: 0.4 for TALL masks / consensus, 1.0 for LOT (its model scale)
-    lambda_: float | dict[str, float] | Literal["auto"] | None = Field(None, alias="lambda")
-    base_merge: Literal["task_arithmetic", "ties"] = "task_arithmetic"
-    k: int = 2
-    store_dtype: Literal["base", "float32"] = "base"
-    # LOT (lambda is its model scale, default 1.0)
-    model: str | None = None  # suite | hf | module:function (workers/lot/models.py)
-    exemplars: int = 64
-    exemplar_seed: int = 0
-    exemplar_files: dict[str, str] | None = None  # hf: task -> token-id JSON file
-    stats_cache: str | None = None  # default OUTPUT/.lot_stats; a shared place lets re-merges reuse it
+    params: Any
 
-    @field_validator("exemplars")
+    @model_validator(mode="before")
     @classmethod
-    def _exemplars(cls, v: int) -> int:
-        if v < 1:
-            raise ValueError(f"must be >= 1, got {v}")
-        return v
+    def _parse(cls, raw):
+        if isinstance(raw, MethodChoice):
+            return raw
+        if not isinstance(raw, dict):
+            raise ValueError("must be a mapping: {name: METHOD, ...its parameters}")
+        if set(raw) == {"name", "params"} and dataclasses.is_dataclass(raw["params"]):
+            return raw  # already parsed
+        if "name" not in raw:
+            raise ValueError(f"name: required key is missing (one of {sorted(methods())})")
+        try:
+            method = get_method(str(raw["name"]))
+        except MergeflowError as e:
+            raise ValueError(str(e).removeprefix("method.")) from None
+        return {"name": method.name, "params": parse_params(method, {k: v for k, v in raw.items() if k != "name"})}
 
-    @field_validator("name")
-    @classmethod
-    def _known(cls, v: str) -> str:
-        if v not in METHODS:
-            raise ValueError(f"unknown merge method {v!r}; choose one of {sorted(METHODS)}")
-        return v
+    @model_serializer
+    def _dump(self) -> dict:
+        return {"name": self.name, **{_key_name(f.name): getattr(self.params, f.name)
+                                       for f in dataclasses.fields(self.params)}}
 
-    @field_validator("density")
-    @classmethod
-    def _density(cls, v: float) -> float:
-        if not 0.0 < v <= 1.0:
-            raise ValueError(f"must be in (0, 1], got {v}")
-        return v
+    @property
+    def method(self) -> Method:
+        return get_method(self.name)
 
-    @field_validator("alpha")
-    @classmethod
-    def _alpha(cls, v):
-        if isinstance(v, float) and not math.isfinite(v):
-            raise ValueError("must be a finite number")
-        return v
-
-    @field_validator("k")
-    @classmethod
-    def _k(cls, v: int) -> int:
-        if v < 0:
-            raise ValueError(f"must be >= 0, got {v}")
-        return v
-
-    @field_validator("lambda_")
-    @classmethod
-    def _lambda(cls, v):
-        if v is None or v == AUTO:
-            return v
-        values = v.values() if isinstance(v, dict) else [v]
-        if any(not math.isfinite(x) or x < 0 for x in values):
-            raise ValueError("lambda values must be finite and >= 0")
-        return v
-
-
-# Elements per task per compute step when the config does not say. On a CPU the T task rows
-# of a chunk (T x chunk float32, ~8 MiB here) stay in the last-level cache between the dozen
-# element-wise passes a method makes over them: measured 1.5-2x faster than 4M-element chunks.
-# A GPU wants large chunks to amortise kernel launches and transfers.
-CPU_CHUNK_FLOATS = 1 << 21
-CPU_MIN_CHUNK = 1 << 16
-GPU_CHUNK = 1 << 22
+    def auto(self) -> list[str]:
+        """The config keys set to auto: chosen on validation data."""
+        m = self.method
+        return [_key_name(k) for k in (m.scale, *m.selectable) if getattr(self.params, k, None) == AUTO]
 
 
 class ExecutionConfig(_Model):
     shard_size: int | str = "auto"  # input bytes per Ray task; "auto" sizes from the model
-    chunk_elems: int = 1 << 18  # elements per task per compute step: memory is O(T x chunk); see chunk_for
+    chunk_elems: int = chunking.DEFAULT_CHUNK  # elements per task per compute step: memory is O(T x chunk)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     ray_address: str | None = None
     # delta/: the unscaled merged vector in float32 (4 bytes per parameter, twice a bf16 model). "auto":
@@ -164,10 +169,7 @@ class ExecutionConfig(_Model):
         """chunk_elems as configured, or when it was not set, sized for the device and task count."""
         if "chunk_elems" in self.model_fields_set:
             return self.chunk_elems
-        if device == "cuda":
-            return GPU_CHUNK
-        chunk = max(CPU_MIN_CHUNK, CPU_CHUNK_FLOATS // max(tasks, 1))
-        return chunk - chunk % 8
+        return chunking.chunk_for(device, tasks)
 
 
 class StorageConfig(_Model):
@@ -175,7 +177,9 @@ class StorageConfig(_Model):
     region: str | None = None
 
     def options(self) -> StorageOptions:
-        return StorageOptions(self.endpoint_url, self.region)
+        from mergeflow.infra.storage import registered
+
+        return StorageOptions(self.endpoint_url, self.region, plugins=registered())
 
 
 class SelectionConfig(_Model):
@@ -208,19 +212,16 @@ class MergeConfig(_Model):
     tasks: list[TaskConfig] = []
     tasks_from: str | None = None  # a folder or s3:// prefix whose sub-folders are task checkpoints
     output: str | None = None
-    method: MethodConfig
+    method: MethodChoice
     selection: SelectionConfig | None = None
     execution: ExecutionConfig = ExecutionConfig()
     storage: StorageConfig = StorageConfig()
 
     @property
-    def select_alpha(self) -> bool:
-        # LOT's lambda is its model scale, so `lambda: auto` there is alpha selection
-        return self.method.alpha == AUTO or (self.method.name == "lot" and self.method.lambda_ == AUTO)
-
-    @property
-    def select_lambda(self) -> bool:
-        return self.method.lambda_ == AUTO and self.method.name in LAMBDA_METHODS
+    def select_scale(self) -> bool:
+        """The model scale (alpha; LOT's lambda) is chosen on validation data after the map."""
+        m = self.method
+        return getattr(m.params, m.method.scale) == AUTO
 
     @model_validator(mode="after")
     def _tasks(self) -> "MergeConfig":
@@ -231,95 +232,38 @@ class MergeConfig(_Model):
             if t.name in seen:
                 raise ValueError(f"tasks: duplicate task name {t.name!r}")
             seen.add(t.name)
-        if (self.select_alpha or self.select_lambda) and self.selection is None:
-            key = "alpha" if self.method.alpha == AUTO else "lambda"
-            raise ValueError(f"method.{key}: auto needs a `selection:` section naming an evaluator "
+        auto = self.method.auto()
+        if auto and self.selection is None:
+            raise ValueError(f"method.{auto[0]}: auto needs a `selection:` section naming an evaluator "
                              "(selection: {evaluator: 'package.module:function'})")
-        lam = self.method.lambda_
-        if self.method.name == "lot":
-            _check_lot(self.method, seen if self.tasks_from is None else None)
-        elif isinstance(lam, dict) and self.tasks_from is None:  # discovered tasks are checked once resolved
-            unknown = sorted(set(lam) - seen)
-            missing = [t.name for t in self.tasks if t.name not in lam]
-            if unknown:
-                raise ValueError(f"method.lambda: names unknown task {unknown[0]!r}")
-            if missing:
-                raise ValueError(f"method.lambda: no value for task {missing[0]!r} (give every task one)")
+        if self.tasks_from is None:  # discovered tasks are checked once resolved
+            try:
+                self.method.method.check(self.method.params, self.task_names)
+            except ValueError as e:
+                raise ValueError(f"method.{e}") from None
         return self
 
     @property
     def task_names(self) -> tuple[str, ...]:
         return tuple(t.name for t in self.tasks)
 
-    def method_params(self) -> MethodParams:
-        m = self.method
-        merge = m.merge or "mean"
-        alpha = m.alpha
-        lot: dict = {}
-        if m.name == "lot":
-            # LOT's lambda scales the merged vector: it is this method's alpha (default 1.0, the paper's)
-            alpha = m.lambda_ if m.lambda_ is not None else (1.0 if alpha is None else alpha)
-            files = m.exemplar_files or {}
-            lot = {"exemplars": m.exemplars, "exemplar_seed": m.exemplar_seed, "model": m.model,
-                   "exemplar_files": tuple(files[n] for n in self.task_names) if files else ()}
-        if alpha is None:
-            # A mean (plain TIES) is already on the scale of one task vector; sums of T vectors need scaling down.
-            alpha = 1.0 if (m.name == "ties" and merge == "mean") else 0.3
-        elif alpha == AUTO:
-            alpha = 1.0  # stands in until selection picks one; no model is written with it
-        lam = DEFAULT_LAMBDA if m.lambda_ is None else m.lambda_
-        if lam == AUTO:
-            lam = self.selection.lambdas[0] if self.selection else DEFAULT_LAMBDAS[0]  # likewise replaced
-        lambdas = tuple(lam[n] for n in self.task_names) if isinstance(lam, dict) else (lam,) * len(self.tasks)
-        get_method(m.name)
-        return MethodParams(
-            name=m.name,
-            alpha=float(alpha),
-            density=m.density,
-            scope=m.scope,
-            merge=merge,
-            lambdas=tuple(float(x) for x in lambdas),
-            base_merge=m.base_merge,
-            k=m.k,
-            store_dtype=m.store_dtype,
-            **lot,
-        )
-
-
-def _check_lot(m: MethodConfig, tasks: set[str] | None) -> None:
-    """`tasks` None: tasks are discovered later (tasks_from) and checked once resolved."""
-    if isinstance(m.lambda_, dict):
-        raise ValueError("method.lambda: LOT takes one number (the scale of the merged vector)")
-    if m.alpha is not None and m.lambda_ is not None and m.alpha != m.lambda_:
-        raise ValueError("method.alpha: LOT's scale is method.lambda; give one of the two")
-    if not m.model:
-        raise ValueError("method.model: LOT runs each task's model on its exemplars; give suite, hf or module:function")
-    if m.model == "hf" and tasks is not None:
-        files = m.exemplar_files or {}
-        missing = sorted(tasks - set(files))
-        if missing:
-            raise ValueError(f"method.exemplar_files: no token-id file for task {missing[0]!r} (model hf needs one per task)")
-        unknown = sorted(set(files) - tasks)
-        if unknown:
-            raise ValueError(f"method.exemplar_files: names unknown task {unknown[0]!r}")
-
 
 def _format_error(source: str, err: ValidationError) -> str:
     first = err.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"] if p != "lambda_") or "config"
-    if "lambda_" in [str(p) for p in first["loc"]]:
-        loc = ".".join([*(str(p) for p in first["loc"] if p != "lambda_"), "lambda"])
+    loc = ".".join(str(p) for p in first["loc"] if not isinstance(p, int) or p) or "config"
     msg = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         msg = "unknown key (check the spelling; see `mergeflow merge --help`)"
     elif first["type"] == "missing":
         msg = "required key is missing"
+    elif loc == "method" and (m := re.match(r"^([\w.]+): (.*)$", msg)):  # the method's own key, named by it
+        loc, msg = f"method.{m.group(1)}", m.group(2)
     return f"{source}: {loc}: {msg}" if loc != "config" else f"{source}: {msg}"
 
 
 def _resolve(path: str, root: Path) -> str:
-    if is_s3(path):
-        return path.rstrip("/")
+    if not is_local(path):  # an object store's URI is absolute as it is
+        return normalize(path)
     p = Path(path).expanduser()
     return normalize(str(p if p.is_absolute() else root / p))
 
@@ -345,17 +289,21 @@ def config_from_dict(raw: dict, source: str = "config", root: Path | None = None
     except ValidationError as e:
         raise ConfigError(_format_error(source, e)) from None
     if output:  # from the command line: relative to the working directory
-        out = output if is_s3(output) else normalize(output)
+        out = normalize(output)
     elif cfg.output:  # from the file: relative to the file, like every other path in it
         out = _resolve(cfg.output, root)
     else:
         raise ConfigError(f"{source}: output: required key is missing (or pass --output DIR)")
     method = cfg.method
-    if method.exemplar_files or method.stats_cache:
-        method = method.model_copy(update={
-            "exemplar_files": {k: _resolve(v, root) for k, v in (method.exemplar_files or {}).items()} or None,
-            "stats_cache": _resolve(method.stats_cache, root) if method.stats_cache else None,
-        })
+    paths = {}
+    for name in method.method.path_params:  # relative to the config file, like every other path in it
+        value = getattr(method.params, name)
+        if isinstance(value, dict):
+            paths[name] = {k: _resolve(v, root) for k, v in value.items()}
+        elif value:
+            paths[name] = _resolve(value, root)
+    if paths:
+        method = MethodChoice(name=method.name, params=dataclasses.replace(method.params, **paths))
     return cfg.model_copy(
         update={
             "method": method,

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 
+from mergeflow.errors import MergeflowError
 from mergeflow.infra.storage import StorageOptions, join, storage_for
+from mergeflow.workers.methods import get_method
 from mergeflow.workflows.reconstruct import load_run
 
 
@@ -14,23 +16,19 @@ def _gb(n: int) -> str:
 
 def describe(run: str, options: StorageOptions) -> str:
     m = load_run(run, options)
-    method = m["method"]
+    record = m["method"]
     s = m.get("summary", {})
     tasks = [t["name"] for t in m["inputs"]["tasks"]]
-    params = [f"alpha {method['alpha']:g}"]
-    if method["name"] == "lot":
-        params = [f"lambda {method['alpha']:g}", f"model {method['model']}", f"{method['exemplars']} exemplars per task"]
-    if method["name"] == "ties" or method.get("base_merge") == "ties" and method["name"] != "task_arithmetic":
-        params += [f"density {method['density']:g}", f"scope {method['scope']}", f"merge {method['merge']}"]
-    if method["name"] in ("tall_masks", "consensus"):
-        params.append(f"tau_MTL = {method['base_merge']}")
-    if method["name"] == "consensus":
-        params.append(f"k {method['k']}")
+    try:
+        method = get_method(record["name"])
+        params, extra = method.describe_params(record), method.describe(m)
+    except MergeflowError:  # a method this installation does not have (a plugin): its record as it is
+        params, extra = ", ".join(f"{k} {v}" for k, v in record.items() if k != "name"), []
     lines = [
         f"run         {run}",
         f"created     {m['created']} (mergeflow {m['mergeflow_version']})",
         *([f"parent      {m['parent']['run']}"] if m.get("parent") else []),
-        f"method      {method['name']} ({', '.join(params)})",
+        f"method      {record['name']} ({params})",
         f"base        {m['inputs']['base']['uri']}",
         f"tasks       {len(tasks)}: {', '.join(tasks)}",
         f"parameters  {s.get('parameters', 0):,} in {m['shards']} shard(s)",
@@ -39,34 +37,10 @@ def describe(run: str, options: StorageOptions) -> str:
     ]
     if "compressed_bytes" in s:
         lines.append(
-            f"compressed/ {_gb(s['compressed_bytes'])} (tau_MTL + masks) against {_gb(s['checkpoints_bytes'])} of task "
+            f"compressed/ {_gb(s['compressed_bytes'])} (the bundle) against {_gb(s['checkpoints_bytes'])} of task "
             f"checkpoints; with the base: {s['compression_ratio']:.2f}x smaller"
         )
-    if "mask_density" in s:
-        lines.append("mask density per task (share of weights the task's mask keeps):")
-        for t in tasks:
-            lam = method.get("lambdas", {}).get(t)
-            lines.append(f"  {t:<24} {s['mask_density'][t]:7.2%}   lambda {lam:g}")
-        hist = s["tasks_keeping"]
-        total = max(sum(hist), 1)
-        lines.append("weights kept by c tasks (c = 0 catastrophic, 1 selfish):")
-        for c, n in enumerate(hist):
-            bar = "#" * round(40 * n / total)
-            lines.append(f"  {c:>3}  {n / total:7.2%}  {bar}")
-    if "ties" in m:
-        lines.append(f"TIES        thresholds per task {[f'{x:.3g}' for x in m['ties']['thresholds']] or 'per tensor'}, majority sign {m['ties']['majority']:+d}")
-        guess = {"confirmed": "0 from the sample, confirmed by the merge's zero counts",
-                 "refuted": "the sample's 0 was refuted by the merge's zero counts; merged again with these"}
-        if m["ties"].get("zero_guess") in guess:
-            lines.append(f"            thresholds: {guess[m['ties']['zero_guess']]}")
-    if "lot" in m:
-        lot = m["lot"]
-        rules = ", ".join(f"{k} {v}" for k, v in lot["rules"].items() if v)
-        lines.append(f"LOT         features of {len(lot['stats'])} task(s): {lot['features_computed']} computed, "
-                     f"{lot['features_reused']} reused from {lot['stats_cache']}; tensors per rule: {rules}")
-        if lot.get("thin_layers"):
-            lines.append(f"  warning: {len(lot['thin_layers'])} linear layer(s) saw fewer feature rows than twice their "
-                         "input width (manifest lot.thin_layers); raise method.exemplars")
+    lines += extra
     nodes = m.get("nodes", {})
     if nodes:
         lines.append(f"ray nodes   {len(nodes)} computed the shards:")

@@ -17,22 +17,26 @@ from mergeflow.workers.shard import LayerStats, ShardResult
 JOURNAL_DIR = ".mergeflow"
 
 
-def result_to_json(r: ShardResult) -> dict:
-    def arr(a):
-        return None if a is None else np.asarray(a).tolist()
+def _plain(value):
+    """JSON-ready: numpy arrays and scalars to lists and numbers, tuples to lists."""
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
 
+
+def result_to_json(r: ShardResult) -> dict:
     return {
         "index": r.index,
         "outputs": {k: list(v) for k, v in r.outputs.items()},
-        "layers": {
-            k: {"numel": s.numel, "tau_sq": arr(s.tau_sq), "kept": arr(s.kept), "count_hist": arr(s.count_hist)}
-            for k, s in r.layers.items()
-        },
-        "sign_sum": r.sign_sum,
-        "ambiguous": r.ambiguous,
-        "majority_used": r.majority_used,
-        "thresholds_used": None if r.thresholds_used is None else list(r.thresholds_used),
-        "zeros": None if r.zeros is None else list(r.zeros),
+        "layers": {k: {"numel": s.numel, "tau_sq": _plain(s.tau_sq), **_plain(s.sums)} for k, s in r.layers.items()},
+        "sums": _plain(r.sums),
+        "globals_used": _plain(r.globals_used),
         "bytes_read": r.bytes_read,
         "seconds": r.seconds,
         "node": r.node,
@@ -41,25 +45,20 @@ def result_to_json(r: ShardResult) -> dict:
 
 
 def result_from_json(d: dict) -> ShardResult:
-    def arr(a, dtype):
-        return None if a is None else np.asarray(a, dtype=dtype)
-
     layers = {
-        k: LayerStats(v["numel"], arr(v["tau_sq"], np.float64), arr(v["kept"], np.int64), arr(v["count_hist"], np.int64))
+        k: LayerStats(v["numel"], np.asarray(v["tau_sq"], dtype=np.float64),
+                      {key: np.asarray(x) for key, x in v.items() if key not in ("numel", "tau_sq") and x is not None})
         for k, v in d["layers"].items()
     }
     return ShardResult(
         index=d["index"],
         outputs={safe_relpath(k, "journal record"): (v[0], int(v[1])) for k, v in d["outputs"].items()},
         layers=layers,
-        sign_sum=d["sign_sum"],
-        ambiguous=d["ambiguous"],
-        majority_used=d["majority_used"],
-        thresholds_used=None if d.get("thresholds_used") is None else tuple(d["thresholds_used"]),
-        zeros=None if d.get("zeros") is None else tuple(d["zeros"]),
+        sums=d.get("sums", {}),
+        globals_used=d.get("globals_used", {}),
         bytes_read=d["bytes_read"],
         seconds=d["seconds"],
-        node=d.get("node", ""),  # absent in records written before nodes were recorded
+        node=d.get("node", ""),
         node_ip=d.get("node_ip", ""),
     )
 

@@ -1,7 +1,8 @@
-"""The merge recipe: plan -> map -> reduce -> commit, one call each.
+"""The merge recipe: plan -> method passes -> map -> after-map -> selection -> commit (then track).
 
-The driver handles headers, small statistics and JSON only; tensor bytes move
-between storage and the Ray workers that own each shard.
+The driver handles headers, small statistics and JSON only; tensor bytes move between storage
+and the Ray workers that own each shard. The recipe knows no method: the method's stages
+(workers/methods/base.py) run on a Run (workflows/run.py), and its kernels in the workers.
 """
 
 from __future__ import annotations
@@ -11,26 +12,22 @@ import logging
 import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
-
-import numpy as np
 
 from mergeflow.infra import hash_cache
 from mergeflow.infra.lock import DEFAULT_TTL, RunLock
 from mergeflow.infra.storage import join, sha256_of, storage_for
-from mergeflow.workers import kth_value
-from mergeflow.workers.lot.shard import lot_shard
-from mergeflow.workers.methods import get_method
-from mergeflow.workers.shard import (ShardResult, ShardSpec, apply_shard, majority_redo, merge_shard, shard_counts,
-                           shard_ties_sample)
-from mergeflow.workflows import commit, lot_stage, runtime, select, stats
+from mergeflow.workers.shard import ShardResult, apply_shard, merge_shard
+from mergeflow.workflows import commit, runtime, select, stats
 from mergeflow.workflows.commit import OutputState
 from mergeflow.workflows.config import MergeConfig
 from mergeflow.workflows.input_hashes import InputHashes
 from mergeflow.workflows.journal import Journal
 from mergeflow.workflows.plan import Plan, input_stamps, make_plan
+from mergeflow.workflows.run import Reuse, Run, memory_per_task
 
 log = logging.getLogger(__name__)
+
+__all__ = ["MergeReport", "Reuse", "run_merge", "track"]
 
 
 @dataclass
@@ -45,93 +42,11 @@ class MergeReport:
     bytes_hashed: int = 0
 
 
-@dataclass(frozen=True)
-class Reuse:
-    """Work a re-merge takes from its parent run instead of redoing it (built by workflows/remerge.py)."""
-
-    input_hashes: Mapping[str, str] = field(default_factory=dict)  # input file -> sha256 known to be current
-    thresholds: Callable[[Plan, bool], tuple[float, ...]] | None = None  # global TIES thresholds, from a cache
-    worker: Callable[[ShardSpec], ShardResult] | None = None  # the apply pass, in place of merge_shard
-    manifest: dict = field(default_factory=dict)  # extra manifest keys: the parent, what was reused
-
-
 @contextmanager
 def _timed(timings: dict[str, float], stage: str):
     t0 = time.perf_counter()
     yield
     timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - t0
-
-
-def _memory_per_task(plan: Plan) -> int:
-    # float32 task rows, their abs/bit views and masks: ~6 words per element per task, plus I/O buffers.
-    chunk = plan.shards[0].chunk_elems if plan.shards else plan.config.execution.chunk_elems
-    return 6 * 4 * chunk * (len(plan.tasks) + 2) + 256 * 2**20
-
-
-def _pass_options(plan: Plan, quiet: bool) -> dict:
-    return dict(sizes=[s.nbytes for s in plan.shards], quiet=quiet, memory=_memory_per_task(plan),
-                gpu=plan.shards[0].device == "cuda")
-
-
-def _ties_sample(plan: Plan, quiet: bool) -> tuple[kth_value.Sample, int]:
-    """The 1/32 sample of every task's |tau| (and how many values each task has)."""
-    sample, total = kth_value.Sample.empty(len(plan.tasks)), 0
-    for part, numel in runtime.run_tasks(shard_ties_sample, [(s,) for s in plan.shards], desc="TIES threshold: sample",
-                                         **_pass_options(plan, quiet)):
-        sample, total = sample + part, total + numel
-    return sample, total
-
-
-def _ties_k(plan: Plan, total: int) -> np.ndarray:
-    return np.full(len(plan.tasks), kth_value.kth_rank(total, plan.params.density), dtype=np.int64)
-
-
-def ties_thresholds(plan: Plan, quiet: bool, sampled: tuple[kth_value.Sample, int] | None = None) -> tuple[float, ...]:
-    """Exact whole-model TIES thresholds (per task, the k-th smallest |tau_t| over the model).
-
-    A 1/32 sample places each k-th value in a narrow window; one counting pass then finds it
-    exactly. Tasks whose window would be too wide, or missed, take two histogram passes."""
-    kw = _pass_options(plan, quiet)
-    sample, total = sampled or _ties_sample(plan, quiet)
-
-    def run_pass(counting: kth_value.Plan, i: int) -> list[np.ndarray]:
-        kinds = sorted({c.kind for c in counting} - {"skip"})
-        calls = [(s, counting) for s in plan.shards]
-        counts = kth_value.summed(counting, runtime.run_tasks(
-            shard_counts, calls, desc=f"TIES threshold: pass {i + 1} ({'+'.join(kinds)})", **kw))
-        if i == 1:
-            log.info("TIES thresholds: %s needed more than one pass", ", ".join(
-                plan.task_names[j] for j, c in enumerate(counting) if c.kind != "skip"))
-        return counts
-
-    return tuple(float(x) for x in kth_value.select(run_pass, sample, total, _ties_k(plan, total)))
-
-
-def first_ties_thresholds(plan: Plan, quiet: bool, guess_zeros: bool) -> dict:
-    """Global TIES thresholds for the journal's globals: {"thresholds": [...]}, exact, or, when the
-    sample puts every task's k-th |tau| at 0 with margin (sparse task vectors: most bf16 weights of
-    a fine-tune often keep their base value), thresholds of 0 plus {"zeros_to_check": k}. The apply
-    pass then counts each task's zeros and check_zero_thresholds confirms them: one pass over the
-    inputs fewer, and the same result, as trimming at 0 keeps everything."""
-    sample, total = _ties_sample(plan, quiet)
-    k = _ties_k(plan, total)
-    if guess_zeros and kth_value.zeros_expected(sample, total, k):
-        return {"thresholds": [0.0] * len(plan.tasks), "zeros_to_check": k.tolist()}
-    return {"thresholds": list(ties_thresholds(plan, quiet, (sample, total)))}
-
-
-def check_zero_thresholds(plan: Plan, results: dict[int, ShardResult], saved: dict, quiet: bool) -> bool:
-    """True when every task has at least k exact zeros (the guessed thresholds of 0 are the exact
-    ones); otherwise saved["thresholds"] becomes the exact thresholds and the caller merges again."""
-    k = np.asarray(saved.pop("zeros_to_check"), dtype=np.int64)
-    zeros = np.sum([r.zeros for r in results.values()], axis=0)
-    short = [plan.task_names[t] for t in np.flatnonzero(zeros < k)]
-    if not short:
-        return True
-    log.warning("TIES: the sample put every threshold at 0 but %s %s fewer zeros than trimming needs; computing "
-                "exact thresholds and merging again", ", ".join(short), "has" if len(short) == 1 else "have")
-    saved["thresholds"] = list(ties_thresholds(plan, quiet))
-    return False
 
 
 def _verify_outputs(output: str, outputs: dict[str, tuple[str, int]], options) -> bool:
@@ -143,16 +58,15 @@ def _verify_outputs(output: str, outputs: dict[str, tuple[str, int]], options) -
     return True
 
 
-def reusable_shards(plan: Plan, journal: Journal, quiet: bool) -> dict[int, ShardResult]:
-    """Journaled shards computed with the plan's TIES thresholds (and zero counts, where it checks
-    guessed ones) whose files are still there with the recorded hashes."""
-    recorded = {s.index: r for s in plan.shards if (r := journal.recorded(s.index)) is not None
-                and r.thresholds_used == s.thresholds and (r.zeros is not None or not s.count_zeros)}
+def reusable_shards(run: Run, journal: Journal) -> dict[int, ShardResult]:
+    """Journaled shards the method accepts for this run's shards (computed with the same reduced
+    values) whose files are still there with the recorded hashes."""
+    recorded = {s.index: r for s in run.shards if (r := journal.recorded(s.index)) is not None
+                and run.method.can_reuse(r, s)}
     if not recorded:
         return {}
-    options = plan.config.storage.options()
-    calls = [(plan.config.output, r.outputs, options) for r in recorded.values()]
-    ok = runtime.run_tasks(_verify_outputs, calls, desc="verify written shards", quiet=quiet)
+    calls = [(run.output, r.outputs, run.storage) for r in recorded.values()]
+    ok = runtime.run_tasks(_verify_outputs, calls, desc="verify written shards", quiet=run.quiet)
     return {i: r for (i, r), good in zip(recorded.items(), ok) if good}
 
 
@@ -163,17 +77,8 @@ def on_node(fn, *args) -> ShardResult:
     return result
 
 
-def _with(plan: Plan, **changes) -> Plan:
-    return dataclasses.replace(plan, shards=tuple(dataclasses.replace(s, **changes) for s in plan.shards))
-
-
-def _with_params(plan: Plan, **changes) -> Plan:
-    params = dataclasses.replace(plan.params, **changes)
-    return dataclasses.replace(_with(plan, params=params), params=params)
-
-
-def map_shards(plan: Plan, specs, journal: Journal, quiet: bool, desc: str, fn=merge_shard, extra: tuple = (),
-               merge_into: dict[int, ShardResult] | None = None, memory: int | None = None) -> list[ShardResult]:
+def map_shards(run: Run, specs, journal: Journal, desc: str, fn=merge_shard, extra: tuple = (),
+               merge_into: dict[int, ShardResult] | None = None) -> list[ShardResult]:
     """Run `fn(spec, *extra)` per shard, journaling each result as it lands; with `merge_into`, a
     result's outputs are added to that shard's earlier result (a second pass over the same shard,
     which keeps the node of the first)."""
@@ -193,9 +98,9 @@ def map_shards(plan: Plan, specs, journal: Journal, quiet: bool, desc: str, fn=m
         desc=desc,
         sizes=[s.nbytes for s in specs],
         on_result=record,
-        memory=memory or _memory_per_task(plan),
-        gpu=plan.shards[0].device == "cuda",
-        quiet=quiet,
+        memory=run.method.memory(run) or memory_per_task(run.plan, run.chunk),
+        gpu=run.device == "cuda",
+        quiet=run.quiet,
     )
     return results
 
@@ -222,7 +127,7 @@ def run_merge(config: MergeConfig, *, overwrite: bool = False, quiet: bool = Fal
 
 def _merge_locked(plan: Plan, overwrite: bool, quiet: bool, reuse: Reuse, lock: RunLock, timings: dict[str, float],
                   t_start: float) -> MergeReport:
-    config = plan.config
+    config, method = plan.config, plan.method
     worker = reuse.worker or merge_shard
     with _timed(timings, "plan"):
         state = commit.prepare_output(plan, overwrite)
@@ -246,80 +151,47 @@ def _merge_locked(plan: Plan, overwrite: bool, quiet: bool, reuse: Reuse, lock: 
             hashing.connected()
             device = runtime.resolve_device(config.execution.device)
             chunk = config.execution.chunk_for(device, len(plan.tasks))
-            plan = dataclasses.replace(
-                plan, shards=tuple(dataclasses.replace(s, device=device, chunk_elems=chunk) for s in plan.shards)
-            )
         journal = Journal(config.output, options)
-        saved = journal.load_globals() or {}
-        zero_guess = None  # "confirmed" or "refuted" when the apply pass checked thresholds of 0
-        if plan.params.uses_ties and plan.params.scope == "global":
-            with _timed(timings, "ties_thresholds"):
-                if not saved.get("thresholds"):
-                    if reuse.thresholds:
-                        saved["thresholds"] = list(reuse.thresholds(plan, quiet))
-                    else:
-                        guess = reuse.worker is None and not config.select_lambda  # passes that need exact ones
-                        saved |= first_ties_thresholds(plan, quiet, guess_zeros=guess)
-                    journal.save_globals(saved)
-                plan = _with(plan, thresholds=tuple(saved["thresholds"]), count_zeros="zeros_to_check" in saved)
-        selection: dict = {}
-        if config.select_lambda:
-            with _timed(timings, "select_lambda"):
-                selection["lambda"] = saved.get("lambda") or select.select_lambdas(plan, quiet)
-                saved["lambda"] = selection["lambda"]
-                journal.save_globals(saved)
-                chosen = tuple(float(selection["lambda"]["chosen"][t]) for t in plan.task_names)
-                plan = _with_params(plan, lambdas=chosen)
-        if config.select_alpha:
-            plan = _with(plan, write_model=False, write_delta=True)  # the model waits for alpha
+        run = Run(plan, journal, reuse, device=device, chunk=chunk, quiet=quiet,
+                  input_hashes=lambda: known | hashing.for_tasks())
+        scale_auto = config.select_scale
+        if scale_auto:  # the model waits for the scale: the map writes the unscaled delta
+            run.write_model, run.write_delta = False, True
 
-        lot = None
-        shard_worker: dict = {"fn": worker}
-        if get_method(plan.params.name).kind == "features":
-            with _timed(timings, "lot_features"):
-                lot = lot_stage.collect_features(plan, known | hashing.for_tasks(), quiet)
-            # LOT solves whole tensors from per-task statistics, in its own shard worker
-            shard_worker = {"fn": lot_shard, "extra": (lot.stats,), "memory": lot.memory}
+        with _timed(timings, "method_passes"):
+            method.before_map(run)
 
         with _timed(timings, "merge"):
-            reused = reusable_shards(plan, journal, quiet) if state is OutputState.RESUME else {}
-            todo = [s for s in plan.shards if s.index not in reused]
+            reused = reusable_shards(run, journal) if state is OutputState.RESUME else {}
+            todo = [s for s in run.shards if s.index not in reused]
             results = dict(reused)
-            for r in map_shards(plan, todo, journal, quiet, desc=f"merge ({plan.params.name})", **shard_worker):
+            for r in map_shards(run, todo, journal, desc=f"merge ({method.name})", fn=worker):
                 results[r.index] = r
             report.shards_reused, report.shards_run = len(reused), len(todo)
-            if "zeros_to_check" in saved:
-                zero_guess = "confirmed" if check_zero_thresholds(plan, results, saved, quiet) else "refuted"
-                journal.save_globals(saved)
-                plan = _with(plan, thresholds=tuple(saved["thresholds"]), count_zeros=False)
-                if zero_guess == "refuted":
-                    results = {r.index: r for r in map_shards(plan, plan.shards, journal, quiet,
-                                                              desc=f"merge ({plan.params.name})", **shard_worker)}
-                    report.shards_run += len(plan.shards)
-            if plan.params.uses_ties:
-                _, redo = majority_redo(list(plan.shards), list(results.values()))
-                for r in map_shards(plan, redo, journal, quiet, desc="TIES majority-sign fix-up", fn=worker):
+            while (redo := method.after_map(run, results)) is not None and redo.shards:
+                for r in map_shards(run, redo.shards, journal, desc=redo.desc, fn=worker):
                     results[r.index] = r
-                report.shards_run += len(redo)
+                report.shards_run += len(redo.shards)
 
-        if config.select_alpha:
-            with _timed(timings, "select_alpha"):
-                selection["alpha"] = saved.get("alpha") or select.select_alpha(plan, list(plan.shards), quiet)
-                saved["alpha"] = selection["alpha"]
-                journal.save_globals(saved)
-                plan = _with_params(plan, alpha=float(selection["alpha"]["chosen"]))
+        if scale_auto:
+            with _timed(timings, "select_scale"):
+                run.selection["alpha"] = run.saved.get("alpha") or select.select_scale(run)
+                run.saved["alpha"] = run.selection["alpha"]
+                run.save()
+                run.params = method.with_scale(run.params, float(run.selection["alpha"]["chosen"]))
             with _timed(timings, "merge"):
-                alpha = plan.params.alpha
-                for r in map_shards(plan, plan.shards, journal, quiet, desc=f"write model (alpha {alpha:g})",
-                                    fn=apply_shard, extra=(alpha,), merge_into=results):
+                scale = float(method.scale_of(run.params))
+                run.write_model = True
+                for r in map_shards(run, run.shards, journal, desc=f"write model ({method.scale.rstrip('_')} {scale:g})",
+                                    fn=apply_shard, extra=(scale,), merge_into=results):
                     results[r.index] = r
 
         with _timed(timings, "commit"):
-            ordered = [results[s.index] for s in plan.shards]
+            shards = run.shards
+            ordered = [results[s.index] for s in shards]
             outputs = commit.shard_outputs(ordered)
             outputs |= commit.write_model_index(plan)
-            if get_method(plan.params.name).compresses:
-                outputs |= commit.write_compressed_index(plan)
+            outputs |= commit.put_files(plan, method.run_files(run, ordered))
             layers = stats.merge_layers(ordered)
             summary = stats.summary(layers, plan.task_names)
             outputs |= write_stats(plan, layers, summary)
@@ -337,20 +209,17 @@ def _merge_locked(plan: Plan, overwrite: bool, quiet: bool, reuse: Reuse, lock: 
                 "timings": {k: round(v, 3) for k, v in timings.items()},
                 "nodes": placement(ordered),
             }
-            if lot is not None:
-                extra["lot"] = lot.manifest(plan)
-            if selection:
+            extra |= method.manifest(run, ordered)
+            if run.selection:
                 extra["selection"] = {"evaluator": config.selection.evaluator, "split": config.selection.split,
-                                      **selection}
-            if plan.params.uses_ties:
-                extra["ties"] = {"thresholds": list(plan.shards[0].thresholds or ()),  # empty: per-tensor scope
-                                 "majority": int(np.sign(sum(r.sign_sum for r in ordered)))}
-                if zero_guess:
-                    extra["ties"]["zero_guess"] = zero_guess
+                                      **run.selection}
             extra |= reuse.manifest
+            if "remerge" in extra and run.reused:
+                extra["remerge"] = extra["remerge"] | {"reused": extra["remerge"]["reused"] | run.reused}
             commit.sweep(plan, outputs)
             lock.check()  # a merge whose lock was taken over must not publish a manifest
-            report.manifest = commit.write_manifest(plan, outputs, inputs, extra)
+            report.manifest = commit.write_manifest(plan, method.record(run.params, plan.task_names), outputs, inputs,
+                                                    extra)
     except BaseException:
         hashing.cancel()
         commit.drop_partial_writes(config.output, options)  # temp files of the shards the failure cancelled

@@ -18,7 +18,7 @@ from mergeflow.workers.checkpoint import Checkpoint, open_checkpoint
 from mergeflow.workers.dtypes import is_float
 from mergeflow.errors import CheckpointError
 from mergeflow.workers.layers import group_layers, natural_key
-from mergeflow.workers.methods import MethodParams
+from mergeflow.workers.methods import Method
 from mergeflow.workers.shard import ShardSpec, TensorJob
 from mergeflow.workflows.config import MergeConfig
 
@@ -29,7 +29,8 @@ MAX_AUTO_SHARD = 2 * 2**30
 @dataclass(frozen=True)
 class Plan:
     config: MergeConfig
-    params: MethodParams
+    method: Method
+    params: object  # the method's parameters (auto values still auto)
     base: Checkpoint
     tasks: tuple[Checkpoint, ...]
     shards: tuple[ShardSpec, ...]
@@ -49,9 +50,9 @@ class Plan:
         return sum(i.numel for i in self.base.tensors.values())
 
     def describe(self) -> str:
+        params = self.method.describe_params(self.method.record(self.params, self.task_names))
         lines = [
-            f"method      {self.params.name} (alpha {'auto' if self.config.select_alpha else f'{self.params.alpha:g}'}"
-            f"{', lambda auto' if self.config.select_lambda else ''})",
+            f"method      {self.method.name} ({params})",
             f"tasks       {len(self.tasks)}: {', '.join(self.task_names)}",
             f"tensors     {len(self.base.tensors)} ({self.parameters:,} parameters)",
             f"input       {self.input_bytes / 1e9:.3f} GB in {len(self.base.files) * (len(self.tasks) + 1)} files",
@@ -110,23 +111,22 @@ def input_stamps(files: list[str], options) -> dict[str, str]:
         return dict(zip(files, pool.map(fp, files)))
 
 
-def fingerprint(config: MergeConfig, params: MethodParams, base: Checkpoint, tasks: list[Checkpoint], groups,
-                stamps: dict[str, str]) -> str:
+def fingerprint(config: MergeConfig, base: Checkpoint, tasks: list[Checkpoint], groups, stamps: dict[str, str]) -> str:
     doc = {
-        "params": params.__dict__,
+        "params": config.method.model_dump(),
         "base": base.uri,
         "tasks": [[n, t.uri] for n, t in zip(config.task_names, tasks)],
         "files": stamps,
         "shards": groups,
     }
-    if config.select_alpha or config.select_lambda:
+    if config.method.auto():
         doc["selection"] = config.selection.model_dump()
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=list).encode()).hexdigest()
 
 
 def make_plan(config: MergeConfig, device: str = "cpu") -> Plan:
-    params = config.method_params()
-    if config.select_alpha or config.select_lambda:
+    method, params = config.method.method, config.method.params
+    if config.method.auto():
         from mergeflow.workers.evaluation import load_evaluator
 
         load_evaluator(config.selection.evaluator)  # a bad evaluator fails here, before any tensor is read
@@ -143,6 +143,7 @@ def make_plan(config: MergeConfig, device: str = "cpu") -> Plan:
             count=len(groups),
             tensors=tuple(TensorJob(n, base.tensors[n], tuple(t.tensors[n] for t in tasks)) for n in names),
             task_names=config.task_names,
+            method=method,
             params=params,
             output=config.output,
             chunk_elems=ex.chunk_elems,
@@ -153,4 +154,4 @@ def make_plan(config: MergeConfig, device: str = "cpu") -> Plan:
         for i, names in enumerate(groups)
     )
     stamps = input_stamps([f for cp in [base, *tasks] for f in cp.files], config.storage.options())
-    return Plan(config, params, base, tuple(tasks), specs, fingerprint(config, params, base, tasks, groups, stamps), stamps)
+    return Plan(config, method, params, base, tuple(tasks), specs, fingerprint(config, base, tasks, groups, stamps), stamps)

@@ -9,7 +9,8 @@ import re
 from mergeflow.infra.storage import StorageOptions, basename, join, sha256_of, storage_for
 from mergeflow.workers.checkpoint import open_checkpoint
 from mergeflow.errors import CheckpointError, MergeflowError, OutputError
-from mergeflow.workers.rebuild import RebuildSpec, rebuild_part
+from mergeflow.workers.chunking import GPU_CHUNK
+from mergeflow.workers.methods import get_method, methods
 from mergeflow.workflows import runtime
 from mergeflow.workflows.commit import MANIFEST, SIDECAR_SUFFIXES, read_manifest
 
@@ -29,9 +30,10 @@ def reconstruct(run: str, task: str, output: str, options: StorageOptions, *, ra
                 overwrite: bool = False, quiet: bool = False) -> dict:
     manifest = load_run(run, options)
     names = [t["name"] for t in manifest["inputs"]["tasks"]]
-    if "compressed/index.json" not in manifest["outputs"]:
-        raise MergeflowError(f"{run}: method {manifest['method']['name']} wrote no compressed bundle; "
-                             "reconstruct needs a tall_masks or consensus run")
+    method = get_method(manifest["method"]["name"])
+    if not method.compresses:
+        raise MergeflowError(f"{run}: method {method.name} wrote no compressed bundle; reconstruct needs a run of a "
+                             f"method that compresses ({', '.join(sorted(n for n, m in methods().items() if m.compresses))})")
     if task not in names:
         raise MergeflowError(f"{run}: no task {task!r} in this run; it has {', '.join(names)}")
     out_store = storage_for(output, options)
@@ -40,9 +42,7 @@ def reconstruct(run: str, task: str, output: str, options: StorageOptions, *, ra
 
     store = storage_for(run, options)
     expect = manifest["outputs"]
-    index = json.loads(_verified(store, run, "compressed/index.json", expect))
     weight_map = json.loads(_verified(store, run, "model/model.safetensors.index.json", expect))["weight_map"]
-
     base_uri = manifest["inputs"]["base"]["uri"]
     base = open_checkpoint(base_uri, options)
     base_expected = {join(base_uri, n) if not base_uri.endswith(".safetensors") else base_uri: f["sha256"]
@@ -55,21 +55,8 @@ def reconstruct(run: str, task: str, output: str, options: StorageOptions, *, ra
             raise CheckpointError(f"{run}: model/model.safetensors.index.json maps {name!r} to {fname!r}, not a "
                                   "model part file of a mergeflow run (the run is corrupt or was tampered with)")
         parts.setdefault(m.group(1), []).append(name)
-    specs = []
-    for part, tensors in sorted(parts.items()):
-        tau_rel = f"compressed/tau_mtl-{part}.safetensors"
-        mask_rel = f"compressed/masks/{task}/masks-{part}.safetensors"
-        has_float = any(n in index["tensors"] for n in tensors)
-        expected = {join(run, r): expect[r]["sha256"] for r in (tau_rel, mask_rel) if has_float}
-        specs.append(RebuildSpec(
-            task=task,
-            base=tuple(base.tensors[n] for n in _model_order(run, part, tensors, options)),
-            tau_file=join(run, tau_rel) if has_float else None,
-            mask_file=join(run, mask_rel) if has_float else None,
-            expected=expected,
-            output=join(output, f"model-{part}.safetensors"),
-            storage=options,
-        ))
+    specs = method.rebuild_specs(run, manifest, task, parts, base, output, options, GPU_CHUNK,
+                                 lambda part, tensors: _model_order(run, part, tensors, options))
 
     runtime.connect(ray_address)
     base_files = list(base_expected.items())
@@ -78,7 +65,7 @@ def reconstruct(run: str, task: str, output: str, options: StorageOptions, *, ra
     for (f, want), have in zip(base_files, got):
         if want != have:
             raise CheckpointError(f"{f}: the base checkpoint changed since the merge (sha256 differs from the manifest)")
-    results = runtime.run_tasks(rebuild_part, [(s,) for s in specs], desc=f"rebuild {task}",
+    results = runtime.run_tasks(method.rebuild_part, [(s,) for s in specs], desc=f"rebuild {task}",
                                 sizes=[sum(b.nbytes for b in s.base) for s in specs], quiet=quiet)
     files = {basename(s.output): {"sha256": sha, "size": size} for s, (sha, size) in zip(specs, results)}
     total = sum(b.nbytes for s in specs for b in s.base)

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 
 from mergeflow.infra import hash_cache
 from mergeflow.infra.lock import RunLock
-from mergeflow.infra.storage import StorageOptions, basename, is_s3, join, normalize, sha256_of, storage_for
+from mergeflow.infra.storage import StorageOptions, basename, join, normalize, sha256_of, storage_for
 from mergeflow.infra.storage import parent as parent_of
 from mergeflow.infra.tracking import checkpoint_digest
 from mergeflow.workers.append import PreviousSum, append_shard
@@ -46,8 +46,7 @@ from mergeflow.workflows import registry, runtime
 from mergeflow.workflows.commit import MANIFEST, clear, read_manifest
 from mergeflow.workflows.config import MergeConfig
 from mergeflow.workflows.journal import Journal
-from mergeflow.workflows.lot_stage import DEFAULT_CACHE as DEFAULT_LOT_CACHE
-from mergeflow.workflows.merge import MergeReport, Reuse, run_merge, ties_thresholds
+from mergeflow.workflows.merge import MergeReport, Reuse, run_merge
 from mergeflow.workflows.plan import Plan, input_stamps, make_plan
 
 log = logging.getLogger(__name__)
@@ -88,7 +87,7 @@ def load_parent(uri: str, options: StorageOptions) -> Parent:
 
 def find_parent(root: str, options: StorageOptions, explicit: str | None = None) -> Parent | None:
     if explicit:
-        return load_parent(explicit.rstrip("/") if is_s3(explicit) else normalize(explicit), options)
+        return load_parent(normalize(explicit), options)
     store = storage_for(root, options)
     if store.exists(join(root, LATEST)):
         return load_parent(join(root, latest_run(root, store.read_bytes(join(root, LATEST)))), options)
@@ -135,30 +134,29 @@ def parent_taskset(manifest: dict) -> TaskSet:
     return TaskSet(checkpoint_digest(inputs["base"]), tuple((t["name"], checkpoint_digest(t)) for t in inputs["tasks"]))
 
 
-def method_doc(config: MergeConfig) -> dict:
-    p = config.method_params()
-    return json.loads(json.dumps(p.__dict__ | {"lambdas": dict(zip(config.task_names, p.lambdas))}))
-
-
 def same_method(config: MergeConfig, manifest: dict) -> bool:
-    """Same method settings. Per-task lambdas are compared for the tasks both runs have (a new
-    task's lambda is part of adding it); a value chosen by selection (`auto`) is compared by how it
-    is chosen (evaluator, split, grid), not by the value the parent happened to choose."""
-    doc, recorded = method_doc(config), manifest["method"]
-    lambdas, before = doc.pop("lambdas"), recorded.get("lambdas") or {}
-    if config.select_alpha:
-        doc.pop("alpha")
-    same = all(recorded.get(k) == v for k, v in doc.items())
-    if not config.select_lambda:
-        same = same and all(before.get(n, v) == v for n, v in lambdas.items())
-    if config.select_alpha or config.select_lambda:
+    """Same method settings: the method's declared parameters as the manifest records them. A value
+    keyed by task (TALL masks' per-task lambdas) is compared for the tasks both runs have (a new
+    task's value is part of adding it); a value chosen on validation data (`auto`) is compared by
+    how it is chosen (evaluator, split, grid), not by the value the parent happened to choose."""
+    method, recorded = config.method.method, manifest["method"]
+    doc = json.loads(json.dumps(method.record(config.method.params, config.task_names)))
+    auto = config.method.auto()
+    same = all(k in auto or _same_value(recorded.get(k), v) for k, v in doc.items())
+    if auto:
         sel, was = config.selection, manifest.get("selection") or {}
         same = same and (was.get("evaluator"), was.get("split")) == (sel.evaluator, sel.split)
-        if config.select_alpha:
-            same = same and (was.get("alpha") or {}).get("grid") == list(sel.alphas)
-        if config.select_lambda:
-            same = same and (was.get("lambda") or {}).get("grid") == list(sel.lambdas)
+        for key in auto:  # the scale's record is "alpha" whatever the method calls it
+            record = "alpha" if key == method.scale.rstrip("_") else key
+            grid = sel.alphas if record == "alpha" else getattr(sel, f"{key}s", None)
+            same = same and (was.get(record) or {}).get("grid") == list(grid or ())
     return same
+
+
+def _same_value(before, now) -> bool:
+    if isinstance(before, dict) and isinstance(now, dict):
+        return all(before.get(k, v) == v for k, v in now.items())
+    return before == now
 
 
 @dataclass(frozen=True)
@@ -229,8 +227,9 @@ def known_hashes(manifest: dict, stamps: dict[str, str]) -> dict[str, str]:
 
 
 def appendable(config: MergeConfig, parent: Parent, old: TaskSet, new: TaskSet) -> int | None:
-    """k when the parent's delta/ holds the Task Arithmetic sum of exactly the first k new tasks."""
-    if config.method.name != "task_arithmetic" or parent.manifest["method"]["name"] != "task_arithmetic":
+    """k when the parent's delta/ holds the running sum of exactly the first k new tasks (a method
+    whose delta is the in-order sum of the task vectors, merged by the same method)."""
+    if not config.method.method.running_sum or parent.manifest["method"]["name"] != config.method.name:
         return None
     k = len(old.tasks)
     if old.base != new.base or new.tasks[:k] != old.tasks:
@@ -280,39 +279,6 @@ def previous_sum(parent: Parent, plan: Plan, k: int, options: StorageOptions, qu
     names = parent.task_names
     tau_sq = {layer: tuple(float(e["tau_norm"][n]) ** 2 for n in names) for layer, e in layers.items()}
     return PreviousSum(tensors, tau_sq, k)
-
-
-def threshold_cache(config: MergeConfig, parent: Parent, new: TaskSet) -> dict[int, float]:
-    """Task index -> the parent's global TIES threshold for the same (base, task content, density)."""
-    m = parent.manifest
-    thresholds = (m.get("ties") or {}).get("thresholds") or []
-    params = config.method_params()
-    if not thresholds or m["method"].get("scope") != "global" or m["method"].get("density") != params.density:
-        return {}
-    old = parent_taskset(m)
-    cache = {(old.base, d): thr for (_, d), thr in zip(old.tasks, thresholds)}
-    return {i: cache[(new.base, d)] for i, (_, d) in enumerate(new.tasks) if (new.base, d) in cache}
-
-
-def task_subset(plan: Plan, keep: list[int]) -> Plan:
-    """The plan restricted to some tasks: shard functions take any task subset."""
-    shards = tuple(
-        dataclasses.replace(
-            s,
-            task_names=tuple(s.task_names[i] for i in keep),
-            tensors=tuple(dataclasses.replace(j, tasks=tuple(j.tasks[i] for i in keep)) for j in s.tensors),
-        )
-        for s in plan.shards
-    )
-    return dataclasses.replace(plan, tasks=tuple(plan.tasks[i] for i in keep), shards=shards)
-
-
-def cached_thresholds(cache: dict[int, float], plan: Plan, quiet: bool) -> tuple[float, ...]:
-    """Global TIES thresholds: cached ones as they are, the histogram passes for the others only
-    (a task's threshold depends on its own task vector alone)."""
-    missing = [i for i in range(len(plan.tasks)) if i not in cache]
-    fresh = dict(zip(missing, ties_thresholds(task_subset(plan, missing), quiet))) if missing else {}
-    return tuple(cache[i] if i in cache else fresh[i] for i in range(len(plan.tasks)))
 
 
 # ------------------------------------------------------------------------------- run folders
@@ -403,12 +369,9 @@ def remerge(config: MergeConfig, *, parent: str | None = None, if_changed: bool 
     root, options = config.output, config.storage.options()
     par = find_parent(root, options, parent)
     config = registry.resolve(config, par.task_names if par else ())
-    if config.execution.keep_delta == "auto":
-        keep_delta = config.method.name == "task_arithmetic"
+    if config.execution.keep_delta == "auto":  # the next re-merge extends a running sum
+        keep_delta = config.method.method.running_sum
         config = config.model_copy(update={"execution": config.execution.model_copy(update={"keep_delta": keep_delta})})
-    if config.method.name == "lot" and not config.method.stats_cache:  # one LOT statistics cache for all runs
-        method = config.method.model_copy(update={"stats_cache": join(root, DEFAULT_LOT_CACHE)})
-        config = config.model_copy(update={"method": method})
     result = RemergeResult(root, par)
 
     files = checkpoint_files(config)
@@ -435,25 +398,25 @@ def remerge(config: MergeConfig, *, parent: str | None = None, if_changed: bool 
     if k is not None and config.execution.ray_address:
         runtime.connect(config.execution.ray_address)  # verify the parent's sum on the cluster, not locally
     prev = previous_sum(par, plan, k, options, quiet) if k is not None else None
-    global_ties = plan.params.uses_ties and plan.params.scope == "global"
-    cache = threshold_cache(config, par, new) if par and global_ties else {}
     names = config.task_names
     result.reused = {
         "input_hashes": from_parent,  # files whose sha256 came from the parent's manifest
         "bytes_hashed_to_compare": hashed_bytes,
         "sum_of_tasks": list(names[:k]) if prev else [],
-        "thresholds_of": [names[i] for i in sorted(cache)],
-        "thresholds_computed_for": [n for i, n in enumerate(names) if i not in cache] if global_ties else [],
     }
     reuse = Reuse(
         input_hashes=hashes,
-        thresholds=functools.partial(cached_thresholds, cache) if cache else None,
         worker=functools.partial(append_shard, previous=prev) if prev else None,
         manifest={"parent": par.record() if par else None,
                   "remerge": {"changes": result.changes.record() if result.changes else None, "reused": result.reused}},
+        parent=par.manifest if par else None,
+        digests=new if par else None,
+        parent_digests=old if par else None,
+        cache_root=root,  # caches shared by every run under the root (LOT's statistics)
     )
     result.run = pick_run_dir(root, options, plan.fingerprint)
     result.report = run_merge(config.model_copy(update={"output": result.run}), quiet=quiet, reuse=reuse, lock=lock)
+    result.reused = (result.report.manifest or {}).get("remerge", {}).get("reused", result.reused)
     if lock is not None:
         lock.check()  # a merge whose lock was taken over must not move latest.json
     publish(root, result.run, options)

@@ -9,6 +9,7 @@ import os
 import secrets
 import shutil
 import tempfile
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -198,8 +199,27 @@ def _remote():
     return _remote_in_worker
 
 
+_shipped: set[str] = set()
+
+
+def ship_plugins() -> None:
+    """Methods and storage backends registered from outside mergeflow travel by value: Ray pickles
+    their modules' code with the tasks, so workers need no installation of a plugin (a notebook's
+    method, a test's backend) beyond the packages the plugin itself imports."""
+    from mergeflow.infra.storage import registered
+    from mergeflow.workers.methods.registry import plugin_modules
+
+    names = plugin_modules() | {getattr(f, "__module__", "") for _, f in registered()}
+    for name in sorted(names - _shipped):
+        module = sys.modules.get(name)
+        if module is not None and name != "__main__" and not name.startswith("mergeflow."):
+            ray.cloudpickle.register_pickle_by_value(module)
+        _shipped.add(name)
+
+
 def submit(fn: Callable, calls: Sequence[tuple]) -> list:
     """Start fn(*call) for every call in the background; pass the handles to gather()."""
+    ship_plugins()
     return [_remote().options(num_cpus=1).remote(fn, *call) for call in calls]
 
 
@@ -254,6 +274,7 @@ def run_tasks(
         opts["num_gpus"] = 0.5
     if memory:
         opts["memory"] = memory
+    ship_plugins()
     refs = [_remote().options(**opts).remote(fn, *call) for call in calls]
     index = {ref: i for i, ref in enumerate(refs)}
     results: list[Any] = [None] * len(refs)

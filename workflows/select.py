@@ -1,90 +1,40 @@
-"""Hyper-parameter selection on validation data, as the TALL-masks reference code does it.
+"""The model scale chosen on validation data (`alpha: auto`; LOT's `lambda: auto`), for every method.
 
-- lambda (TALL masks, consensus), per task: one extra map pass writes the masks for every candidate
-  lambda into a scratch area; each task's rebuilt model theta_0 + m_t(lambda) * tau_MTL is scored on
-  that task; the best lambda wins. Only the chosen masks end up in the run (the final pass writes them).
-- alpha (every method): the map pass writes the unscaled merged vector (delta/, float32) instead of a
-  model; theta_0 + alpha * delta is scored on every task for each candidate alpha; the best average
-  normalized score (merged / fine-tuned, per task) wins; a cheap apply pass writes model/ from
-  base + delta.
-
-Every trial is a Ray task; ties go to the first candidate in grid order. The trials and their scores go
-into the manifest (`selection`), and from there into MLflow child runs.
+The map writes the unscaled merged vector (delta/, float32) instead of a model; theta_0 + s * delta
+is scored on every task for each candidate scale s; the best average normalized score (merged /
+fine-tuned, per task) wins, ties going to the first candidate in grid order; a cheap apply pass then
+writes model/ from base + delta. Every trial is a Ray task; trials and scores go into the manifest
+(`selection.alpha`), and from there into MLflow child runs. A method's other `auto` parameters are
+its own to choose (TALL masks' lambda: workers/methods/tall_masks/lambdas.py).
 """
 
 from __future__ import annotations
 
-import dataclasses
-
-from mergeflow.infra.storage import join, storage_for
-from mergeflow.workers.evaluation import Scoring, score_finetuned, score_masked, score_scaled
-from mergeflow.workers.shard import ShardSpec, majority_redo, merge_shard
-from mergeflow.workflows import runtime
-from mergeflow.workflows.plan import Plan
-
-SCRATCH = ".mergeflow/select"  # inside the run's journal folder: never mistaken for a result
-
-
-def scoring_for(plan: Plan) -> Scoring:
-    sel = plan.config.selection
-    checkpoints = {t.name: t.checkpoint for t in plan.config.tasks}
-    return Scoring(sel.evaluator, sel.split, checkpoints, dict(sel.options))
+from mergeflow.infra.storage import join
+from mergeflow.workers.evaluation import score_finetuned, score_scaled
 
 
 def _argmax(values: list[float]) -> int:
     return max(range(len(values)), key=lambda i: (values[i], -i))  # first best in grid order
 
 
-def select_lambdas(plan: Plan, quiet: bool) -> dict:
-    """Per-task lambda by the validation score of each task's rebuilt model."""
-    config, storage = plan.config, plan.config.storage.options()
-    grid = tuple(config.selection.lambdas)
-    scratch = join(config.output, SCRATCH)
-    specs = [dataclasses.replace(s, output=scratch, write_model=False, write_delta=False, mask_grid=grid)
-             for s in plan.shards]
-    results = runtime.run_tasks(merge_shard, [(s,) for s in specs], desc="lambda candidates",
-                                sizes=[s.nbytes for s in specs], quiet=quiet)
-    if plan.params.uses_ties:  # the candidates' tau_MTL must be the one the final pass writes
-        _, redo = majority_redo(specs, results)
-        runtime.run_tasks(merge_shard, [(s,) for s in redo], desc="TIES majority-sign fix-up", quiet=quiet)
-    scoring = scoring_for(plan)
-    base_files = plan.base.files
-    tau_files = tuple(join(scratch, s.tau_file()) for s in specs)
-    calls, keys = [], []
-    for task in plan.task_names:
-        for i, lam in enumerate(grid):
-            masks = tuple(join(scratch, s.grid_mask_file(i, task)) for s in specs)
-            calls.append((scoring, base_files, tau_files, masks, task, storage))
-            keys.append((task, lam))
-    scores = runtime.run_tasks(score_masked, calls, desc="lambda trials", quiet=quiet, unit="trial")
-    storage_for(scratch, storage).delete_prefix(scratch)
-    trials = [{"task": t, "lambda": lam, "score": s} for (t, lam), s in zip(keys, scores)]
-    chosen = {}
-    for task in plan.task_names:
-        mine = [tr["score"] for tr in trials if tr["task"] == task]
-        chosen[task] = grid[_argmax(mine)]
-    return {"grid": list(grid), "trials": trials, "chosen": chosen}
+def finetuned_scores(run) -> dict[str, float]:
+    calls = [(run.scoring, t, run.storage) for t in run.task_names]
+    return dict(zip(run.task_names, run.map(score_finetuned, calls, desc="fine-tuned scores")))
 
 
-def finetuned_scores(plan: Plan, quiet: bool) -> dict[str, float]:
-    scoring, storage = scoring_for(plan), plan.config.storage.options()
-    calls = [(scoring, t, storage) for t in plan.task_names]
-    scores = runtime.run_tasks(score_finetuned, calls, desc="fine-tuned scores", quiet=quiet, unit="task")
-    return dict(zip(plan.task_names, scores))
-
-
-def select_alpha(plan: Plan, delta_specs: list[ShardSpec], quiet: bool) -> dict:
-    """alpha by average normalized validation score of theta_0 + alpha * delta."""
-    config, storage = plan.config, plan.config.storage.options()
-    grid = tuple(config.selection.alphas)
-    scoring = scoring_for(plan)
-    delta_files = tuple(join(s.output, s.delta_file()) for s in delta_specs)
-    finetuned = finetuned_scores(plan, quiet)
-    calls = [(scoring, plan.base.files, delta_files, a, plan.task_names, storage) for a in grid]
-    results = runtime.run_tasks(score_scaled, calls, desc="alpha trials", quiet=quiet, unit="trial")
+def select_scale(run) -> dict:
+    """{"grid", "finetuned", "trials", "chosen"}: the scale by average normalized validation score."""
+    grid = tuple(run.selection_config.alphas)
+    scoring = run.scoring
+    delta_files = tuple(join(s.output, s.delta_file()) for s in run.shards)
+    finetuned = finetuned_scores(run)
+    calls = [(scoring, run.base_files, delta_files, a, run.task_names, run.storage) for a in grid]
+    results = run.map(score_scaled, calls, desc="alpha trials" if run.method.scale == "alpha" else "scale trials",
+                      unit="trial")
     trials = []
     for a, scores in zip(grid, results):
-        normalized = {t: scores[t] / finetuned[t] if finetuned[t] else 0.0 for t in plan.task_names}
+        normalized = {t: scores[t] / finetuned[t] if finetuned[t] else 0.0 for t in run.task_names}
         trials.append({"alpha": a, "scores": scores, "normalized": normalized,
                        "avg_score": sum(scores.values()) / len(scores),
                        "avg_normalized": sum(normalized.values()) / len(normalized)})

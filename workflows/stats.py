@@ -18,7 +18,7 @@ def merge_layers(results: list[ShardResult]) -> dict[str, LayerStats]:
             if key in layers:
                 layers[key].add(s)
             else:
-                layers[key] = LayerStats(s.numel, s.tau_sq.copy(), s.kept, s.count_hist)
+                layers[key] = LayerStats(s.numel, s.tau_sq.copy(), dict(s.sums))
     return dict(sorted(layers.items(), key=lambda kv: natural_key(kv[0])))
 
 
@@ -26,9 +26,9 @@ def layers_doc(layers: dict[str, LayerStats], tasks: tuple[str, ...]) -> dict:
     doc = {}
     for key, s in layers.items():
         entry: dict = {"numel": s.numel, "tau_norm": dict(zip(tasks, np.sqrt(s.tau_sq).round(6).tolist()))}
-        if s.kept is not None:
-            entry["mask_density"] = dict(zip(tasks, (s.kept / max(s.numel, 1)).round(6).tolist()))
-            entry["tasks_keeping"] = s.count_hist.tolist()  # index c: weights kept by exactly c tasks
+        if "kept" in s.sums:  # a method with task masks reports how many weights each keeps
+            entry["mask_density"] = dict(zip(tasks, (s.sums["kept"] / max(s.numel, 1)).round(6).tolist()))
+            entry["tasks_keeping"] = s.sums["count_hist"].tolist()  # index c: weights kept by exactly c tasks
         doc[key] = entry
     return doc
 
@@ -36,9 +36,9 @@ def layers_doc(layers: dict[str, LayerStats], tasks: tuple[str, ...]) -> dict:
 def summary(layers: dict[str, LayerStats], tasks: tuple[str, ...]) -> dict:
     numel = sum(s.numel for s in layers.values())
     out: dict = {"parameters": numel}
-    kept = [s.kept for s in layers.values() if s.kept is not None]
+    kept = [s.sums["kept"] for s in layers.values() if "kept" in s.sums]
     if kept and numel:
-        hist = sum(s.count_hist for s in layers.values())
+        hist = sum(s.sums["count_hist"] for s in layers.values())
         out["mask_density"] = dict(zip(tasks, (sum(kept) / numel).round(6).tolist()))
         out["tasks_keeping"] = hist.tolist()
         out["selfish_share"] = round(float(hist[1] / numel), 6) if len(hist) > 1 else 0.0
@@ -48,7 +48,7 @@ def summary(layers: dict[str, LayerStats], tasks: tuple[str, ...]) -> dict:
 
 def overlap_png(layers: dict[str, LayerStats], tasks: tuple[str, ...]) -> bytes | None:
     """Stacked bars per layer: the share of weights kept by 0, 1, ..., T tasks."""
-    rows = [(k, s.count_hist / max(s.numel, 1)) for k, s in layers.items() if s.count_hist is not None]
+    rows = [(k, s.sums["count_hist"] / max(s.numel, 1)) for k, s in layers.items() if "count_hist" in s.sums]
     if not rows:
         return None
     import matplotlib

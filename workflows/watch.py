@@ -83,7 +83,7 @@ def remerge_once(job: Job) -> int:
             if storage_for(result.run, cfg.storage.options()).exists(join(result.run, TRACKING)):
                 return 0  # tracked when it was made
         else:
-            print(f"merged {len(r.plan.tasks)} tasks with {r.plan.params.name} into {result.run} ({what}"
+            print(f"merged {len(r.plan.tasks)} tasks with {r.plan.method.name} into {result.run} ({what}"
                   f"{'; ' + ', '.join(notes) if notes else ''}; {r.bytes_read / 1e9:.3f} GB read, "
                   f"{r.timings['total']:.1f}s)", flush=True)
         try:

@@ -29,6 +29,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from mergeflow.infra.storage import StorageOptions
+
 CODE_VERSION = 1  # bump when training or data change: invalidates cached suites
 N_CLASSES = 10
 TASK_COUNTS = (8, 14, 20)
@@ -290,10 +292,38 @@ def backbone_module(backbone: dict[str, torch.Tensor]) -> SuiteMLP:
 
 def lot_exemplars(task: str, seed: int, exemplars: int = LOT_EXEMPLARS, exemplar_seed: int = 0) -> torch.Tensor:
     """LOT's exemplars for a task: a seeded choice of `exemplars` rows of its train split."""
-    from mergeflow.workers.lot.models import subset
+    from mergeflow.workers.methods.lot.models import subset
 
     x, _ = task_data(task, seed, "train")
     return x[subset(len(x), exemplars, exemplar_seed)]
+
+
+def lot_task_model(checkpoint: str, task: str, exemplars: int, seed: int) -> tuple[nn.Module, list[torch.Tensor]]:
+    """LOT's model source for the suite (`method.model: mergeflow.dev.suite.models:lot_task_model`):
+    the task's backbone and a seeded choice of its train inputs. The data seed is the suite's
+    (suite.json next to the checkpoints); the task is named by the task or its checkpoint folder."""
+    from mergeflow.errors import CheckpointError, ConfigError
+    from mergeflow.workers.methods.lot.models import load_tensors
+
+    meta = Path(checkpoint).parent / "suite.json"
+    try:
+        data_seed = int(json.loads(meta.read_text())["seed"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ConfigError(f"task {task!r}: the digits suite's model source needs its suite.json at {meta} "
+                          "(build the suite with `mergeflow suite build`)") from None
+    transform = task if task in TRANSFORMS else Path(checkpoint).name
+    if transform not in TRANSFORMS:
+        raise ConfigError(f"task {task!r}: not a digits-suite task (name the task or its checkpoint folder "
+                          f"after one of {sorted(TRANSFORMS)[:4]}...)")
+    batches = [lot_exemplars(transform, data_seed, exemplars, seed)]
+    try:
+        return backbone_module(load_tensors(checkpoint, StorageOptions())), batches
+    except (KeyError, RuntimeError) as e:
+        raise CheckpointError(f"task {task!r}: {checkpoint} is not a digits-suite backbone "
+                              f"({str(e).splitlines()[0]})") from None
+
+
+LOT_MODEL = f"{__name__}:lot_task_model"
 
 
 # --------------------------------------------------------------------------- suite files

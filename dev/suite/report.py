@@ -16,7 +16,8 @@ from pathlib import Path
 from mergeflow.infra.storage import StorageOptions
 from mergeflow.errors import OutputError
 from mergeflow.workers.evaluation import Scoring, score_checkpoint, score_rebuilt
-from mergeflow.workers.methods import METHODS
+from mergeflow.dev.suite.models import LOT_MODEL
+from mergeflow.workers.methods import get_method, methods
 from mergeflow.workflows import runtime
 from mergeflow.workflows.config import MergeConfig, config_from_dict
 
@@ -45,12 +46,12 @@ ROWS = [
     # LOT's lambda is its model scale: auto selects it like alpha. The MLP sees one feature row per
     # exemplar, so 256 train exemplars per task (2048 rows for 512 inputs); 64 rows per task, fine for
     # a ViT's many tokens per image, leave the 512-wide least squares barely determined (val 0.23).
-    Row("lot", "LOT", {"name": "lot", "model": "suite", "lambda": "auto", "exemplars": 256}),
+    Row("lot", "LOT", {"name": "lot", "model": LOT_MODEL, "lambda": "auto", "exemplars": 256}),
 ]
 
 
 def rows() -> list[Row]:
-    return [r for r in ROWS if r.method is None or r.method["name"] in METHODS]
+    return [r for r in ROWS if r.method is None or r.method["name"] in methods()]
 
 
 def merge_config(suite_dir: Path, tasks: list[str], row: Row, output: Path) -> MergeConfig:
@@ -116,10 +117,11 @@ def hyperparameters(manifest: dict | None) -> str:
         return ""
     m, sel = manifest["method"], manifest.get("selection", {})
     parts = []
-    if "alpha" in sel:
-        parts.append(f"{'lambda' if m['name'] == 'lot' else 'alpha'} {m['alpha']:g}")
+    if "alpha" in sel:  # the model scale, whatever the method calls it
+        scale = get_method(m["name"]).scale.rstrip("_")
+        parts.append(f"{scale} {m[scale]:g}")
     if "lambda" in sel:
-        lams = sorted(m["lambdas"].values())
+        lams = sorted(m["lambda"].values())
         parts.append(f"lambda {lams[0]:g}-{lams[-1]:g} (median {lams[len(lams) // 2]:g})" if lams[0] != lams[-1]
                      else f"lambda {lams[0]:g}")
     if m["name"] == "consensus":

@@ -1,9 +1,7 @@
-"""Merge methods: pure functions over float32 chunks of task vectors, one registry.
+"""Merge methods: each module (or folder) here is one method, registered by name; base.py says
+what a method is to the engine, registry.py how they are found."""
 
-Importing this package registers every built-in method.
-"""
+from mergeflow.workers.methods.base import ChunkContext, Method, MethodOutput, NoParams, Redo
+from mergeflow.workers.methods.registry import get_method, methods, register
 
-from mergeflow.workers.methods.registry import METHODS, ChunkGlobals, MethodOutput, MethodParams, get_method, merge_method
-from mergeflow.workers.methods import task_arithmetic, ties, tall_masks, consensus, lot  # noqa: F401  (registration)
-
-__all__ = ["METHODS", "ChunkGlobals", "MethodOutput", "MethodParams", "get_method", "merge_method"]
+__all__ = ["ChunkContext", "Method", "MethodOutput", "NoParams", "Redo", "get_method", "methods", "register"]

@@ -1,9 +1,24 @@
-"""Consensus merging (Wang et al. 2024, sec. 4): drop weights fewer than k TALL masks keep."""
+"""Consensus merging (Wang et al. 2024, sec. 4): tau_MTL restricted to the weights that at least
+k TALL masks keep. The bundle is TALL's, so each task also rebuilds from it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import torch
 
-from mergeflow.workers.methods.registry import ChunkGlobals, MethodOutput, MethodParams, merge_method
-from mergeflow.workers.methods.tall_masks import lambdas_on, mask_counts, multitask_vector, task_masks
+from mergeflow.workers.methods.registry import register
+from mergeflow.workers.methods.tall_masks import TallMasks, TallMasksParams, mask_counts
+
+
+@dataclass(frozen=True)
+class ConsensusParams(TallMasksParams):
+    k: int = field(default=2, metadata={"doc": "keep weights that at least k task masks keep"})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.k < 0:
+            raise ValueError(f"k: must be >= 0, got {self.k}")
 
 
 def consensus_vector(masks: torch.Tensor, tau_mtl: torch.Tensor, k: int) -> torch.Tensor:
@@ -12,15 +27,11 @@ def consensus_vector(masks: torch.Tensor, tau_mtl: torch.Tensor, k: int) -> torc
     return torch.mul(tau_mtl, keep).add_(0.0)
 
 
-@merge_method("consensus", compresses=True)
-def consensus(taus, params: MethodParams, g: ChunkGlobals) -> MethodOutput:
-    """Consensus: tau_MTL restricted to weights kept by at least k task masks."""
-    tau_mtl, sign_sum, ambiguous = multitask_vector(taus, params, g)
-    masks = task_masks(taus, tau_mtl, lambdas_on(params, taus))
-    return MethodOutput(
-        delta=consensus_vector(masks, tau_mtl, params.k),
-        tau_mtl=tau_mtl,
-        masks=masks,
-        sign_sum=sign_sum,
-        ambiguous=ambiguous,
-    )
+@register
+class Consensus(TallMasks):
+    name = "consensus"
+    summary = "Consensus: tau_MTL restricted to weights kept by at least k task masks"
+    Params = ConsensusParams
+
+    def delta(self, tau_mtl, masks, params):
+        return consensus_vector(masks, tau_mtl, params.k)

@@ -28,7 +28,7 @@ from torch import nn
 
 from mergeflow.infra.storage import StorageOptions, join, storage_for
 from mergeflow.errors import ConfigError
-from mergeflow.workers.lot.models import TaskModelSpec, call_module, open_task_model
+from mergeflow.workers.methods.lot.models import TaskModelSpec, call_module, open_task_model
 
 log = logging.getLogger(__name__)
 

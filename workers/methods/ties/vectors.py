@@ -1,15 +1,11 @@
-"""TIES merging (Yadav et al. 2023): trim, elect sign, disjoint merge.
-
-Follows the reference code exactly (docs/methods.md): trim keeps |tau_t| >= thr_t
-where thr_t is the k-th smallest |tau_t| with k = P - int(P * density); the
-thresholds are computed by workers/kth_value.py before this runs.
-"""
+"""TIES' vector math on one chunk: trim, elect sign, disjoint merge (Yadav et al. 2023), exactly
+as the reference code (docs/methods.md): trim keeps |tau_t| >= thr_t where thr_t is the k-th
+smallest |tau_t| with k = P - int(P * density)."""
 
 import numpy as np
 import torch
 
 from mergeflow.workers.kth_value import small_int_sum
-from mergeflow.workers.methods.registry import ChunkGlobals, MethodOutput, MethodParams, merge_method
 
 # Row by row, with float arithmetic only: every temporary is one chunk row (it stays in
 # cache), nothing reduces over the task dimension (torch does that slowly for (T, n)
@@ -74,11 +70,13 @@ def disjoint_merge(trimmed: list[torch.Tensor], signs: torch.Tensor, merge: str)
     return total, magnitude
 
 
-def ties_vector(taus: torch.Tensor, g: ChunkGlobals, merge: str) -> tuple[torch.Tensor, int, int]:
-    trimmed = trim(taus, g.thresholds)
-    signs, sign_sum, tied = elect_signs(trimmed, g.majority)
+def ties_vector(taus: torch.Tensor, thresholds: torch.Tensor, majority: int, merge: str) -> tuple[torch.Tensor, int, int]:
+    """The TIES merged vector of a chunk, the sum of its elected signs, and how many coordinates
+    the (provisional) majority sign decided."""
+    trimmed = trim(taus, thresholds)
+    signs, sign_sum, tied = elect_signs(trimmed, majority)
     merged, magnitude = disjoint_merge(trimmed, signs, merge)
-    return merged, sign_sum, _decided_by_majority(trimmed, tied, magnitude, g.majority)
+    return merged, sign_sum, _decided_by_majority(trimmed, tied, magnitude, majority)
 
 
 def _decided_by_majority(trimmed: list[torch.Tensor], tied: torch.Tensor, magnitude: torch.Tensor,
@@ -93,10 +91,3 @@ def _decided_by_majority(trimmed: list[torch.Tensor], tied: torch.Tensor, magnit
         for x in trimmed:
             magnitude += torch.abs(x)
     return small_int_sum(torch.sign(magnitude).mul_(tied))
-
-
-@merge_method("ties")
-def ties(taus, params: MethodParams, g: ChunkGlobals) -> MethodOutput:
-    """TIES: trim each task vector to its top density, elect signs, average agreeing entries."""
-    merged, sign_sum, ambiguous = ties_vector(taus, g, params.ties_merge)
-    return MethodOutput(delta=merged, sign_sum=sign_sum, ambiguous=ambiguous)

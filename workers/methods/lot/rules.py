@@ -1,6 +1,6 @@
 """Which closed-form solution each parameter gets, decided by the statistics its feature pass
 produced, and the whole LOT merge of in-memory state dicts (notebooks, the suite's report; the
-batch merge streams the same solutions shard by shard in workers/lot/shard.py)."""
+batch merge streams the same solutions shard by shard: the LOT method's tensor kernel)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from typing import Sequence
 import torch
 
 from mergeflow.errors import CheckpointError
-from mergeflow.workers.lot import solve
-from mergeflow.workers.lot.features import ENERGY, GRAM, ROWS
+from mergeflow.workers.methods.lot import solve
+from mergeflow.workers.methods.lot.features import ENERGY, GRAM, ROWS
 
 RULES = ("linear", "norm_scale", "additive", "mean")
 

@@ -1,8 +1,6 @@
 """Build one task's fine-tuned model and its exemplar batches, for LOT's feature pass.
 
 `method.model` names how:
-- `suite`: the digits suite of dev/suite/models.py. Exemplars come from the task's train split
-  (the suite's data seed is read from suite.json next to the checkpoints).
 - `hf`: a transformers model instantiated offline from the checkpoint's config.json (class from its
   `architectures`, else AutoModel); exemplars are token ids from `method.exemplar_files[task]`, a
   JSON list of token-id lists or `{"input_ids": [...], "attention_mask": [...]}`. Needs the
@@ -13,7 +11,8 @@
   dict (`module(**batch)`; an `attention_mask` there also drops padded tokens from the statistics).
 
 Batches are materialised (they are a few dozen exemplars) so that they can be hashed before any
-model is built: a cached statistics file then costs no model load at all.
+model is built: with `hf`, a cached statistics file then costs no model load at all. The digits
+suite is a hook like any other: `mergeflow.dev.suite.models:lot_task_model`.
 """
 
 from __future__ import annotations
@@ -27,12 +26,12 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from mergeflow.infra.storage import StorageOptions, basename, join, parent, storage_for
+from mergeflow.infra.storage import StorageOptions, storage_for
 from mergeflow.workers.checkpoint import open_checkpoint
 from mergeflow.workers.dtypes import TORCH_DTYPES
 from mergeflow.errors import CheckpointError, ConfigError, StorageError
 
-BUILTIN = ("suite", "hf")
+BUILTIN = ("hf",)
 HOOK = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 HF_BATCH = 16  # sequences per forward pass
 
@@ -41,7 +40,7 @@ HF_BATCH = 16  # sequences per forward pass
 class TaskModelSpec:
     """Everything a worker needs to build task `task`'s model and exemplars."""
 
-    model: str  # "suite", "hf" or "module:function"
+    model: str  # "hf" or "module:function"
     checkpoint: str  # URI
     task: str
     exemplars: int
@@ -59,7 +58,7 @@ class TaskModel:
 def resolve_hook(model: str) -> Callable:
     """The user's `module:function`, or a one-line ConfigError saying what is wrong."""
     if not HOOK.match(model):
-        raise ConfigError(f"method.model: {model!r} is not suite, hf or a hook written module:function")
+        raise ConfigError(f"method.model: {model!r} is not hf or a hook written module:function")
     mod_name, fn_name = model.split(":")
     try:
         mod = importlib.import_module(mod_name)
@@ -76,13 +75,11 @@ def check_model(model: str) -> None:
     """Fail on the driver, before any Ray task, when the model source cannot work."""
     if model == "hf":
         _transformers()
-    elif model != "suite":
+    else:
         resolve_hook(model)
 
 
 def open_task_model(spec: TaskModelSpec) -> TaskModel:
-    if spec.model == "suite":
-        return _suite(spec)
     if spec.model == "hf":
         return _hf(spec)
     return _hook(spec)
@@ -112,36 +109,6 @@ def load_tensors(checkpoint: str, storage: StorageOptions) -> dict[str, torch.Te
         for r in readers.values():
             r.close()
     return out
-
-
-# ----------------------------------------------------------------------------- suite
-
-
-def _suite(spec: TaskModelSpec) -> TaskModel:
-    from mergeflow.dev.suite.models import TRANSFORMS, backbone_module, lot_exemplars
-
-    meta_uri = join(parent(spec.checkpoint), "suite.json")
-    try:
-        meta = json.loads(storage_for(meta_uri, spec.storage).read_bytes(meta_uri))
-        data_seed = int(meta["seed"])
-    except (StorageError, ValueError, KeyError, TypeError):
-        raise ConfigError(f"task {spec.task!r}: method.model suite needs the suite's suite.json at {meta_uri} "
-                          "(build the suite with `mergeflow suite build`)") from None
-    transform = spec.task if spec.task in TRANSFORMS else basename(spec.checkpoint)
-    if transform not in TRANSFORMS:
-        raise ConfigError(f"task {spec.task!r}: not a digits-suite task (name the task or its checkpoint folder "
-                          f"after one of {sorted(TRANSFORMS)[:4]}...)")
-    batches = [lot_exemplars(transform, data_seed, spec.exemplars, spec.seed)]
-
-    def build() -> nn.Module:
-        state = load_tensors(spec.checkpoint, spec.storage)
-        try:
-            return backbone_module(state)
-        except (KeyError, RuntimeError) as e:
-            raise CheckpointError(f"task {spec.task!r}: {spec.checkpoint} is not a digits-suite backbone "
-                                  f"({str(e).splitlines()[0]})") from None
-
-    return TaskModel(batches, build)
 
 
 def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], spec: TaskModelSpec) -> None:

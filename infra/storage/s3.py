@@ -1,302 +1,18 @@
-"""Local paths and s3:// URIs behind one small interface.
-
-Workers receive URIs and byte ranges; this module turns them into bytes. boto3 is
-imported only when an s3:// URI is used, so `workers/` runs where boto3 is absent
-(a GPU box with torch alone).
-"""
+"""S3 and S3-compatible object stores (MinIO, Ceph, SeaweedFS) as a storage backend, through boto3
+(imported on first use)."""
 
 from __future__ import annotations
 
-import errno
 import hashlib
-import mmap
 import os
-import re
-import shutil
 import threading
-import uuid
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Protocol
+from email.utils import parsedate_to_datetime
 
 from mergeflow.errors import StorageError
+from mergeflow.infra.storage import StorageOptions
+from mergeflow.infra.storage.base import Backend, RangeReader, Versioned, Writer
 
 PART_SIZE = 64 * 1024 * 1024  # multipart part size; S3 needs >= 5 MiB except the last part
-TMP_SUFFIX = ".tmp"  # local writers' temporary files: ".<name>.<8 hex digits>.tmp" next to the target
-_TMP_NAME = re.compile(r"^\..+\.[0-9a-f]{8}\.tmp$")
-
-
-@dataclass(frozen=True)
-class StorageOptions:
-    """Where S3 lives. Credentials are deliberately absent: they come from the
-    standard AWS chain (environment, profile, instance role) and never travel in
-    configs, manifests, logs or Ray task arguments."""
-
-    endpoint_url: str | None = None
-    region: str | None = None
-
-
-def is_s3(uri: str) -> bool:
-    return uri.startswith("s3://")
-
-
-def join(uri: str, *parts: str) -> str:
-    if is_s3(uri):
-        return "/".join([uri.rstrip("/"), *(p.strip("/") for p in parts)])
-    return str(Path(uri, *parts))
-
-
-def parent(uri: str) -> str:
-    if is_s3(uri):
-        return uri.rstrip("/").rsplit("/", 1)[0]
-    return str(Path(uri).parent)
-
-
-def basename(uri: str) -> str:
-    return uri.rstrip("/").rsplit("/", 1)[-1]
-
-
-def safe_relpath(rel: object, where: str) -> str:
-    """`rel` if it is a relative path that stays inside its folder ("model/x.safetensors"), else a
-    StorageError naming `where`: names read from manifests, indexes and journals decide which
-    files are read, written and deleted, and a crafted one must not reach outside the run."""
-    if not isinstance(rel, str) or not rel or rel.startswith("/") or "\\" in rel or "\0" in rel:
-        raise StorageError(f"{where}: {rel!r} is not a relative path inside the folder")
-    if any(part in ("", ".", "..") for part in rel.split("/")):
-        raise StorageError(f"{where}: {rel!r} is not a relative path inside the folder")
-    return rel
-
-
-def plain_name(name: object, where: str) -> str:
-    """`name` if it is a plain file name (no folder part), else a StorageError naming `where`."""
-    if safe_relpath(name, where) != name or "/" in name:
-        raise StorageError(f"{where}: {name!r} is not a plain file name")
-    return name
-
-
-def normalize(uri: str) -> str:
-    """Absolute local paths (workers may run elsewhere in the cwd); s3 URIs as given."""
-    return uri.rstrip("/") if is_s3(uri) else str(Path(uri).expanduser().resolve())
-
-
-class RangeReader(Protocol):
-    def read(self, start: int, end: int) -> bytearray: ...
-    def close(self) -> None: ...
-
-
-class Writer(Protocol):
-    """Sequential writer: nothing is visible at the URI until commit()."""
-
-    def write(self, data: bytes | memoryview) -> None: ...
-    def commit(self) -> None: ...
-    def abort(self) -> None: ...
-
-
-class Storage(Protocol):
-    def exists(self, uri: str) -> bool: ...
-    def size(self, uri: str) -> int: ...
-    def fingerprint(self, uri: str) -> str: ...
-    def read_bytes(self, uri: str) -> bytes: ...
-    def write_bytes(self, uri: str, data: bytes) -> None: ...
-    def open_reader(self, uri: str) -> RangeReader: ...
-    def open_writer(self, uri: str) -> Writer: ...
-    def list(self, prefix: str) -> list[str]: ...
-    def delete(self, uri: str) -> None: ...
-    def delete_prefix(self, prefix: str) -> None: ...
-    def drop_partial_writes(self, prefix: str) -> None: ...
-    def remove_empty_dirs(self, root: str, names: tuple[str, ...]) -> None: ...
-
-
-# --------------------------------------------------------------------- local files
-
-
-class _LocalReader:
-    def __init__(self, path: str):
-        try:
-            self._fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
-            raise StorageError(f"{path}: file not found") from None
-        except OSError as e:
-            raise StorageError(f"{path}: cannot open ({e.strerror})") from None
-        self._path = path
-
-    def read(self, start: int, end: int) -> bytearray:
-        buf = bytearray(end - start)
-        self.read_into(start, memoryview(buf))
-        return buf
-
-    def read_into(self, start: int, view: memoryview) -> None:
-        """Fill `view` with the bytes from `start` on (no allocation: for reused buffers)."""
-        got = 0
-        while got < len(view):
-            n = os.preadv(self._fd, [view[got:]], start + got)
-            if n == 0:
-                raise StorageError(
-                    f"{self._path}: file ends at byte {start + got}, expected data up to {start + len(view)} (truncated?)"
-                )
-            got += n
-
-    def close(self) -> None:
-        os.close(self._fd)
-
-
-def _storage_error(path: Path, err: OSError, doing: str) -> StorageError:
-    """One line for a failed local write; a full disk says how much room is left."""
-    if err.errno in (errno.ENOSPC, errno.EDQUOT):
-        try:
-            free = f"{shutil.disk_usage(path.parent).free / 1e6:.1f} MB free"
-        except OSError:
-            free = "free space unknown"
-        return StorageError(f"{path}: no space left on the device while {doing} ({free} on "
-                            f"{_mount_point(path.parent)}); free some space or choose another output")
-    return StorageError(f"{path}: cannot write ({err.strerror or err}) while {doing}")
-
-
-def _mount_point(path: Path) -> str:
-    p = path.resolve()
-    while not os.path.ismount(p) and p != p.parent:
-        p = p.parent
-    return str(p)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _make_dirs(path: Path) -> None:
-    """mkdir -p, syncing the parent of every folder it creates: a rename into a new folder is
-    durable only once the folder's own entry is."""
-    missing = []
-    p = path
-    while not p.exists():
-        missing.append(p)
-        p = p.parent
-    for d in reversed(missing):
-        try:
-            d.mkdir()
-        except FileExistsError:
-            continue
-        _fsync_dir(d.parent)
-
-
-class _LocalWriter:
-    """Writes to a hidden temporary file next to the target and renames on commit,
-    so a reader never sees a half-written file under the final name. The data and the
-    rename are synced before commit() returns: a manifest written after it can never point
-    at a file that a power loss left empty."""
-
-    def __init__(self, path: str):
-        self._path = Path(path)
-        try:
-            _make_dirs(self._path.parent)
-            self._tmp = self._path.with_name(f".{self._path.name}.{uuid.uuid4().hex[:8]}{TMP_SUFFIX}")
-            self._f = open(self._tmp, "wb")
-        except OSError as e:
-            raise _storage_error(self._path, e, "creating it") from None
-
-    def write(self, data: bytes | memoryview) -> None:
-        try:
-            self._f.write(data)
-        except OSError as e:
-            self.abort()
-            raise _storage_error(self._path, e, "writing it") from None
-
-    def commit(self) -> None:
-        try:
-            self._f.flush()
-            os.fsync(self._f.fileno())
-            self._f.close()
-            os.replace(self._tmp, self._path)
-            _fsync_dir(self._path.parent)
-        except OSError as e:
-            self.abort()
-            raise _storage_error(self._path, e, "finishing it") from None
-
-    def abort(self) -> None:
-        """Drop the temporary file; never raises (closing a file on a full disk can fail)."""
-        try:
-            self._f.close()
-        except OSError:
-            pass
-        try:
-            self._tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
-
-
-class LocalStorage:
-    def exists(self, uri: str) -> bool:
-        return Path(uri).exists()
-
-    def size(self, uri: str) -> int:
-        try:
-            return Path(uri).stat().st_size
-        except FileNotFoundError:
-            raise StorageError(f"{uri}: file not found") from None
-
-    def fingerprint(self, uri: str) -> str:
-        st = Path(uri).stat()
-        return f"{st.st_size}:{st.st_mtime_ns}"
-
-    def read_bytes(self, uri: str) -> bytes:
-        try:
-            return Path(uri).read_bytes()
-        except FileNotFoundError:
-            raise StorageError(f"{uri}: file not found") from None
-
-    def write_bytes(self, uri: str, data: bytes) -> None:
-        w = _LocalWriter(uri)
-        w.write(data)
-        w.commit()
-
-    def open_reader(self, uri: str) -> RangeReader:
-        return _LocalReader(uri)
-
-    def open_writer(self, uri: str) -> Writer:
-        return _LocalWriter(uri)
-
-    def list(self, prefix: str) -> list[str]:
-        root = Path(prefix)
-        if not root.is_dir():
-            return []
-        return sorted(str(p) for p in root.rglob("*") if p.is_file())
-
-    def delete(self, uri: str) -> None:
-        Path(uri).unlink(missing_ok=True)
-
-    def delete_prefix(self, prefix: str) -> None:
-        p = Path(prefix)
-        if p.is_dir():
-            shutil.rmtree(p)
-        else:
-            p.unlink(missing_ok=True)
-
-    def drop_partial_writes(self, prefix: str) -> None:
-        """Remove the temp files of writers that died before commit() or abort()."""
-        root = Path(prefix)
-        if root.is_dir():
-            for p in root.rglob(f".*{TMP_SUFFIX}"):
-                if _TMP_NAME.match(p.name):
-                    p.unlink(missing_ok=True)
-
-    def remove_empty_dirs(self, root: str, names: tuple[str, ...]) -> None:
-        """Remove the folders `names` under root (and their sub-folders) where they hold no files."""
-        for name in names:
-            top = Path(root, name)
-            if not top.is_dir():
-                continue
-            for d in sorted((p for p in top.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
-                if not any(d.iterdir()):
-                    d.rmdir()
-            if not any(top.iterdir()):
-                top.rmdir()
-
-
-# ------------------------------------------------------------------------------ S3
 
 # Fail fast when the endpoint is down or wrong (a refused connection costs well under
 # a second per attempt), but give a busy server a minute to answer a ranged GET.
@@ -321,10 +37,10 @@ _known_buckets: set[tuple[StorageOptions, str]] = set()  # buckets a HeadBucket 
 
 
 def _split(uri: str) -> tuple[str, str]:
-    rest = uri[len("s3://") :]
+    scheme, _, rest = uri.partition("://")
     bucket, _, key = rest.partition("/")
     if not bucket:
-        raise StorageError(f"{uri}: an s3 URI needs a bucket (s3://BUCKET/KEY)")
+        raise StorageError(f"{uri}: a {scheme} URI needs a bucket ({scheme}://BUCKET/KEY)")
     return bucket, key
 
 
@@ -448,6 +164,9 @@ class _S3Reader:
         self._client, self._uri = client, uri
         self._bucket, self._key = _split(uri)
 
+    def read_into(self, start: int, view: memoryview) -> None:
+        view[:] = self.read(start, start + len(view))
+
     def read(self, start: int, end: int) -> bytearray:
         if end <= start:
             return bytearray()
@@ -523,9 +242,20 @@ class _S3Writer:
                 pass
 
 
-class S3Storage:
-    def __init__(self, options: StorageOptions):
-        self._options = options
+class S3Storage(Backend):
+    """An S3 (or S3-compatible) object store: ranged GETs, multipart uploads that appear on
+    completion, and conditional PUT/DELETE (If-None-Match, If-Match) for the lock."""
+
+    scheme = "s3"
+
+    def __init__(self, options: StorageOptions | None = None):
+        super().__init__(options or StorageOptions())
+        self._options = self._client_options(self.options)
+
+    @classmethod
+    def _client_options(cls, options: StorageOptions) -> StorageOptions:
+        """What the client is built from (a subclass may fill in its store's endpoint)."""
+        return options
 
     @property
     def _client(self):
@@ -619,7 +349,7 @@ class S3Storage:
             if token:
                 kwargs["ContinuationToken"] = token
             resp = _s3_call(prefix, self._client.list_objects_v2, **kwargs)
-            out += [f"s3://{bucket}/{o['Key']}" for o in resp.get("Contents", []) if not o["Key"].endswith("/")]
+            out += [f"{self.scheme}://{bucket}/{o['Key']}" for o in resp.get("Contents", []) if not o["Key"].endswith("/")]
             token = resp.get("NextContinuationToken")
             if not resp.get("IsTruncated") or not token:
                 return sorted(out)
@@ -645,48 +375,49 @@ class S3Storage:
     def remove_empty_dirs(self, root: str, names: tuple[str, ...]) -> None:
         pass  # S3 has no folders
 
+    def missing_hint(self, uri: str) -> str:
+        return " (no objects under this prefix)"
 
-def storage_for(uri: str, options: StorageOptions | None = None) -> Storage:
-    if is_s3(uri):
-        return S3Storage(options or StorageOptions())
-    return LocalStorage()
+    # ------------------------------------------------------------------ conditional operations
 
+    def _conditional(self, uri: str, fn, **kwargs):
+        """A request whose 412 (precondition failed), 409 (a concurrent conditional write: as good as
+        losing the race) and 404 are answers, not errors."""
+        from botocore.exceptions import BotoCoreError, ClientError
 
-def sha256_of(uri: str, options: StorageOptions | None = None, block: int = 16 * 1024 * 1024) -> str:
-    """Streamed sha256 of a whole file or object.
+        bucket, key = _split(uri)
+        try:
+            return fn(Bucket=bucket, Key=key, **kwargs)
+        except ClientError as e:
+            status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            code = e.response.get("Error", {}).get("Code", "")
+            if status in (409, 412) or code in ("PreconditionFailed", "ConditionalRequestConflict"):
+                return None
+            if code in ("NoSuchKey", "404", "NotFound") or status == 404 and code != "NoSuchBucket":
+                return None
+            raise _s3_error(uri, e, _endpoint_of(self._client)) from None
+        except BotoCoreError as e:
+            raise _s3_error(uri, e, _endpoint_of(self._client)) from None
 
-    Local files are hashed through a read-only memory map: the hash reads the page cache
-    directly instead of copying every block into a buffer first (~20% less CPU, measured)."""
-    if not is_s3(uri):
-        return _sha256_local(uri, block)
-    store = storage_for(uri, options)
-    size = store.size(uri)
-    reader = store.open_reader(uri)
-    h = hashlib.sha256()
-    try:
-        for start in range(0, size, block):
-            h.update(reader.read(start, min(size, start + block)))
-    finally:
-        reader.close()
-    return h.hexdigest()
+    def create_if_absent(self, uri: str, data: bytes) -> str | None:
+        self._head(uri, missing_ok=True)  # SeaweedFS (and others) create a missing bucket on PUT: check first
+        resp = self._conditional(uri, self._client.put_object, Body=data, IfNoneMatch="*")
+        return resp and resp["ETag"]
 
+    def read_versioned(self, uri: str) -> Versioned | None:
+        resp = self._conditional(uri, self._client.get_object)
+        if resp is None:
+            return None
+        data = _read_body(uri, self._client, resp)
+        age = 0.0  # by the server's clock: its Date against the object's LastModified
+        date = resp.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
+        if date and resp.get("LastModified"):
+            age = max(0.0, (parsedate_to_datetime(date) - resp["LastModified"]).total_seconds())
+        return Versioned(data, resp["ETag"], age)
 
-def _sha256_local(path: str, block: int) -> str:
-    h = hashlib.sha256()
-    try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size == 0:
-                return h.hexdigest()
-            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-                view = memoryview(mm)
-                try:
-                    for start in range(0, size, block):
-                        h.update(view[start : start + block])
-                finally:
-                    view.release()
-    except FileNotFoundError:
-        raise StorageError(f"{path}: file not found") from None
-    except OSError as e:
-        raise StorageError(f"{path}: cannot read ({e.strerror})") from None
-    return h.hexdigest()
+    def replace_if_match(self, uri: str, data: bytes, version: str) -> str | None:
+        resp = self._conditional(uri, self._client.put_object, Body=data, IfMatch=version)
+        return resp and resp["ETag"]
+
+    def delete_if_match(self, uri: str, version: str) -> bool:
+        return self._conditional(uri, self._client.delete_object, IfMatch=version) is not None
