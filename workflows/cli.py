@@ -189,55 +189,44 @@ def _watch(args) -> int:
 
 
 def _merge(args) -> int:
-    from mergeflow.workflows.config import load_config
-    from mergeflow.workflows.merge import run_merge
-    from mergeflow.workflows.plan import make_plan
-    from mergeflow.workflows.registry import resolve
+    from mergeflow import api
+    from mergeflow.infra.tracking import TrackingError, redact
 
-    cfg = resolve(load_config(args.config, output=args.output))
-    ex = cfg.execution.model_copy(update={k: v for k, v in
-                                          {"ray_address": args.ray_address, "device": args.device}.items() if v})
-    cfg = cfg.model_copy(update={"execution": ex})
+    where = dict(output=args.output, ray_address=args.ray_address, device=args.device)
     if args.dry_run:
-        plan = make_plan(cfg)
+        plan = api.plan(args.config, **where)
         print(plan.describe())
         for s in plan.shards:
             print(f"  shard {s.part}: {len(s.tensors)} tensors, {s.nbytes / 1e6:.1f} MB of input")
         return 0
-    report = run_merge(cfg, overwrite=args.overwrite, quiet=args.quiet, lock_ttl=args.lock_ttl)
-    if report.state.value == "complete":
-        from mergeflow.workflows.merge import is_tracked
-
-        if args.no_tracking or is_tracked(report):
-            print(f"{cfg.output}: already complete (same inputs and settings); nothing to do")
-            return 0
-        # committed by an earlier run whose tracking failed (exit 3): log it now, as remerge does
-        print(f"{cfg.output}: already complete (same inputs and settings); not logged to MLflow yet, logging it")
-        return _track(report, args)
-    t = report.timings
-    print(f"merged {len(report.plan.tasks)} tasks with {report.plan.method.name} into {cfg.output} "
-          f"in {t['total']:.1f}s ({report.shards_run} shards computed, {report.shards_reused} reused; "
-          f"{report.bytes_read / 1e9:.3f} GB read)")
-    from mergeflow.workflows.inspect_run import describe
-
-    print(describe(cfg.output, cfg.storage.options()))
-    return _track(report, args)
-
-
-def _track(report, args) -> int:
-    from mergeflow.infra.tracking import TrackingError, TrackingOptions, redact
-    from mergeflow.workflows.merge import track
-
-    options = TrackingOptions(enabled=not args.no_tracking, uri=args.tracking_uri, experiment=args.experiment)
+    code = 0
     try:
-        run_id = track(report, Path(args.config).read_text(), options)
+        result = api.merge(args.config, **where, overwrite=args.overwrite, quiet=args.quiet, lock_ttl=args.lock_ttl,
+                           tracking=not args.no_tracking, tracking_uri=args.tracking_uri, experiment=args.experiment)
     except TrackingError as e:
         # The merge is committed; exit non-zero so a pipeline notices the missing run record.
-        print(f"mergeflow: error: {e}", file=sys.stderr)
-        return 3
-    if run_id:
-        print(f"mlflow      run {run_id} at {redact(options.tracking_uri())}")
-    return 0
+        result, code = e.result, 3
+        error = f"mergeflow: error: {e}"
+    if result.already_complete:
+        late = "; not logged to MLflow yet, logging it" if result.mlflow_run_id else ""
+        print(f"{result.output}: already complete (same inputs and settings){late or '; nothing to do'}")
+    else:
+        report = result.report
+        t = report.timings
+        print(f"merged {len(report.plan.tasks)} tasks with {report.plan.method.name} into {result.output} "
+              f"in {t['total']:.1f}s ({report.shards_run} shards computed, {report.shards_reused} reused; "
+              f"{report.bytes_read / 1e9:.3f} GB read)")
+        from mergeflow.workflows.inspect_run import describe
+
+        print(describe(result.output, report.plan.config.storage.options()))
+    if result.mlflow_run_id:
+        from mergeflow.infra.tracking import TrackingOptions
+
+        uri = TrackingOptions(uri=args.tracking_uri).tracking_uri()
+        print(f"mlflow      run {result.mlflow_run_id} at {redact(uri)}")
+    if code:
+        print(error, file=sys.stderr)
+    return code
 
 
 def _options(args):
