@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
 DEMO   := demo-out
 
-.PHONY: demo test venv clean
+.PHONY: demo test lint format venv clean
 
 venv: $(STAMP)
 
@@ -24,7 +24,13 @@ demo: $(STAMP)
 	@echo "plot of task overlap per layer: $(DEMO)/run/stats/task_overlap.png"
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest -q
+
+format: $(STAMP)  # what `make test` checks, applied
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
 
 clean:
 	rm -rf $(DEMO) .pytest_cache

@@ -69,7 +69,10 @@ PRESETS: dict[str, Preset] = {
 
 def tensor_shapes(p: Preset) -> dict[str, tuple[int, ...]]:
     kv = p.kv_heads * p.head_dim
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (p.vocab, p.hidden), "model.norm.weight": (p.hidden,)}
+    shapes: dict[str, tuple[int, ...]] = {
+        "model.embed_tokens.weight": (p.vocab, p.hidden),
+        "model.norm.weight": (p.hidden,),
+    }
     for i in range(p.layers):
         q = f"model.layers.{i}"
         shapes |= {
@@ -179,8 +182,16 @@ def shared_block(name: str, n: int, lo: int, seed: int) -> SharedBlock:
     return SharedBlock(positions, _laplace(positions.numel(), _gen(seed, "shared-val", name, lo)))
 
 
-def task_block(base: torch.Tensor, name: str, shape: tuple[int, ...], lo: int, seed: int, t: int, how: TaskShape,
-               shared: SharedBlock | None = None) -> torch.Tensor:
+def task_block(
+    base: torch.Tensor,
+    name: str,
+    shape: tuple[int, ...],
+    lo: int,
+    seed: int,
+    t: int,
+    how: TaskShape,
+    shared: SharedBlock | None = None,
+) -> torch.Tensor:
     """Base block plus task t's sparse heavy-tailed update, rounded to bf16 (which drops the tiny ones)."""
     n = base.numel()
     shared = shared or shared_block(name, n, lo, seed)
@@ -221,9 +232,15 @@ def plan_files(shapes: dict[str, tuple[int, ...]], max_shard_bytes: int) -> list
     return files
 
 
-def generate(root: Path, preset: str | Preset = "0.5b", tasks: int = 8, seed: int = 0,
-             max_shard_bytes: int = 512 * 2**20, quiet: bool = True,
-             dense: bool = False) -> tuple[Path, list[tuple[str, Path]]]:
+def generate(
+    root: Path,
+    preset: str | Preset = "0.5b",
+    tasks: int = 8,
+    seed: int = 0,
+    max_shard_bytes: int = 512 * 2**20,
+    quiet: bool = True,
+    dense: bool = False,
+) -> tuple[Path, list[tuple[str, Path]]]:
     """Write root/base and root/task_XX (HF layout with index); returns (base, [(name, path)]).
 
     dense: every task moves every weight (as full fine-tunes kept in float32 do), not a minority;
@@ -254,8 +271,10 @@ def generate(root: Path, preset: str | Preset = "0.5b", tasks: int = 8, seed: in
         for old in d.glob("*.safetensors"):
             old.unlink()
         (d / "config.json").write_text(json.dumps(hf_config(p), indent=1))
-        index = {"metadata": {"total_size": parameters(p) * 2},
-                 "weight_map": {n: f for f, group in zip(fnames, files) for n in group}}
+        index = {
+            "metadata": {"total_size": parameters(p) * 2},
+            "weight_map": {n: f for f, group in zip(fnames, files) for n in group},
+        }
         (d / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
     written = 0
     for fname, group in zip(fnames, files):
@@ -297,10 +316,15 @@ def main() -> None:
     ap.add_argument("--dense", action="store_true", help="every task moves every weight (full fine-tunes)")
     args = ap.parse_args()
     p = PRESETS[args.preset]
-    print(f"{args.preset}: {parameters(p) / 1e9:.3f}B parameters, {args.tasks} tasks, "
-          f"{parameters(p) * 2 * (args.tasks + 1) / 1e9:.2f} GB to write", flush=True)
+    print(
+        f"{args.preset}: {parameters(p) / 1e9:.3f}B parameters, {args.tasks} tasks, "
+        f"{parameters(p) * 2 * (args.tasks + 1) / 1e9:.2f} GB to write",
+        flush=True,
+    )
     t0 = time.perf_counter()
-    generate(Path(args.dir), args.preset, args.tasks, args.seed, args.max_shard_mb * 2**20, quiet=False, dense=args.dense)
+    generate(
+        Path(args.dir), args.preset, args.tasks, args.seed, args.max_shard_mb * 2**20, quiet=False, dense=args.dense
+    )
     print(f"done in {time.perf_counter() - t0:.1f}s")
 
 

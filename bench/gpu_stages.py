@@ -88,8 +88,10 @@ def limits(device: str, files: list[Path], nbytes: int, repeats: int) -> dict[st
     sec, _ = timed(lambda: dst.copy_(src), device, repeats)
     out["copy"] = nbytes / sec / 1e9
     if device.startswith("cuda"):
-        for kind, host in (("pinned", torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)),
-                           ("pageable", torch.empty(nbytes, dtype=torch.uint8))):
+        for kind, host in (
+            ("pinned", torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)),
+            ("pageable", torch.empty(nbytes, dtype=torch.uint8)),
+        ):
             host.fill_(1)
             sec, _ = timed(lambda: dst.copy_(host), device, repeats)
             out[f"h2d {kind}"] = nbytes / sec / 1e9
@@ -114,18 +116,30 @@ def limits(device: str, files: list[Path], nbytes: int, repeats: int) -> dict[st
 # ----------------------------------------------------------------------------- the plan
 
 
-def make_specs(base_dir: Path, task_dirs: list[Path], output: str, method: str, device: str,
-               chunk_elems: int, shard_bytes: int) -> list[ShardSpec]:
+def make_specs(
+    base_dir: Path, task_dirs: list[Path], output: str, method: str, device: str, chunk_elems: int, shard_bytes: int
+) -> list[ShardSpec]:
     """Shards of whole layers as workflows/plan.py makes them (without its pydantic config)."""
     base = open_checkpoint(str(base_dir))
     tasks = [open_checkpoint(str(d)) for d in task_dirs]
     names = tuple(d.name for d in task_dirs)
     groups = group_layers(base, tasks, shard_bytes)
     m, params, globals_ = method_for(method)
-    return [ShardSpec(i, len(groups), tuple(TensorJob(n, base.tensors[n], tuple(t.tensors[n] for t in tasks))
-                                            for n in group),
-                      names, m, params, output, chunk_elems=chunk_elems, device=device, globals=globals_)
-            for i, group in enumerate(groups)]
+    return [
+        ShardSpec(
+            i,
+            len(groups),
+            tuple(TensorJob(n, base.tensors[n], tuple(t.tensors[n] for t in tasks)) for n in group),
+            names,
+            m,
+            params,
+            output,
+            chunk_elems=chunk_elems,
+            device=device,
+            globals=globals_,
+        )
+        for i, group in enumerate(groups)
+    ]
 
 
 def stage_bytes(specs: list[ShardSpec]) -> int:
@@ -211,34 +225,48 @@ def same_bytes_as_cpu(spec: ShardSpec, work: Path, globals_: dict) -> bool:
 def method_for(name: str):
     """(method, its parameters, the globals a run would give its shards) for a stage."""
     method = get_method(name)
-    params = {"consensus": lambda: method.Params(alpha=1.0, k=2), "ties": lambda: method.Params(alpha=1.0, density=0.2),
-              "task_arithmetic": lambda: method.Params(alpha=0.3)}[name]()
+    params = {
+        "consensus": lambda: method.Params(alpha=1.0, k=2),
+        "ties": lambda: method.Params(alpha=1.0, density=0.2),
+        "task_arithmetic": lambda: method.Params(alpha=0.3),
+    }[name]()
     return method, params, ({"majority": 1} if name == "ties" else {})
 
 
 def run(args) -> dict:
     device = args.device
     root = Path(args.family)
-    base_dir, named = families.generate(root, args.preset, args.tasks, max_shard_bytes=args.file_mb * 2**20,
-                                        dense=args.dense)
+    base_dir, named = families.generate(
+        root, args.preset, args.tasks, max_shard_bytes=args.file_mb * 2**20, dense=args.dense
+    )
     task_dirs = [p for _, p in named]
     files = sorted(f for d in (base_dir, *task_dirs) for f in d.glob("*.safetensors"))
     work = Path(tempfile.mkdtemp(prefix="mfgpu-", dir=args.work))
-    report: dict = {"device": device, "device_name": torch.cuda.get_device_name() if device.startswith("cuda") else
-                    "cpu", "torch": torch.__version__, "cpu_threads": torch.get_num_threads(),
-                    "preset": args.preset, "dense": args.dense, "tasks": args.tasks, "chunk_elems": args.chunk_elems,
-                    "staging": args.staging if args.device.startswith("cuda") else "n/a", "input_bytes": sum(f.stat().st_size for f in files), "stages": {}}
+    report: dict = {
+        "device": device,
+        "device_name": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
+        "torch": torch.__version__,
+        "cpu_threads": torch.get_num_threads(),
+        "preset": args.preset,
+        "dense": args.dense,
+        "tasks": args.tasks,
+        "chunk_elems": args.chunk_elems,
+        "staging": args.staging if args.device.startswith("cuda") else "n/a",
+        "input_bytes": sum(f.stat().st_size for f in files),
+        "stages": {},
+    }
     try:
         report["limits"] = limits(device, files, args.limit_mb * 2**20, args.repeats)
         reading.PIN_CUDA_READS = args.staging == "pinned"
         for method in args.methods:
-            specs = make_specs(base_dir, task_dirs, str(work / method), method, device, args.chunk_elems,
-                               args.shard_mb * 2**20)
+            specs = make_specs(
+                base_dir, task_dirs, str(work / method), method, device, args.chunk_elems, args.shard_mb * 2**20
+            )
             if method == "ties":  # any thresholds do the same work
                 specs = [s.with_globals(thresholds=(1e-3,) * args.tasks) for s in specs]
             biggest = max(specs, key=lambda s: s.nbytes)
             held = DeviceReader(biggest, device)
-            sec, _ = timed(lambda: kernel_pass(biggest, held), device, args.repeats)
+            sec, _ = timed(lambda held=held: kernel_pass(biggest, held), device, args.repeats)
             del held
             report["stages"][f"kernels/{method}"] = {"seconds": sec, "bytes": biggest.nbytes}
             steps: dict[str, float] = {}
@@ -248,8 +276,12 @@ def run(args) -> dict:
             else:
                 sec, results = timed(lambda: [merge_shard(s) for s in specs], device, args.repeats)
                 name = f"merge/{method}"
-            entry = {"seconds": sec, "bytes": stage_bytes(specs), "shards": len(specs),
-                     "bytes_read": sum(r.bytes_read for r in results)} | steps
+            entry = {
+                "seconds": sec,
+                "bytes": stage_bytes(specs),
+                "shards": len(specs),
+                "bytes_read": sum(r.bytes_read for r in results),
+            } | steps
             if device != "cpu":
                 entry["same_bytes_as_cpu"] = same_bytes_as_cpu(specs[0], work, results[0].globals_used)
             report["stages"][name] = entry
@@ -260,9 +292,11 @@ def run(args) -> dict:
 
 
 def print_report(r: dict) -> None:
-    print(f"{r['device_name']} ({r['device']}, {r['cpu_threads']} CPU threads), torch {r['torch']}, "
-          f"{r['preset']}{' dense' if r['dense'] else ''} x {r['tasks']} tasks, "
-          f"{r['input_bytes'] / 1e9:.2f} GB of inputs, chunk {r['chunk_elems']}, staging {r['staging']}")
+    print(
+        f"{r['device_name']} ({r['device']}, {r['cpu_threads']} CPU threads), torch {r['torch']}, "
+        f"{r['preset']}{' dense' if r['dense'] else ''} x {r['tasks']} tasks, "
+        f"{r['input_bytes'] / 1e9:.2f} GB of inputs, chunk {r['chunk_elems']}, staging {r['staging']}"
+    )
     print("limits, GB/s: " + ", ".join(f"{k} {v:.1f}" for k, v in r["limits"].items()))
     ref = [k for k in ("h2d pinned", "read warm") if k in r["limits"]]
     print(f"{'stage':<26}{'seconds':>9}{'GB':>8}{'GB/s':>9}  " + "  ".join(f"/{k}" for k in ("copy", *ref)))
@@ -271,8 +305,10 @@ def print_report(r: dict) -> None:
         ratios = "  ".join(f"{gbs / r['limits'][k]:>{len(k) + 1}.3f}" for k in ("copy", *ref))
         extra = ""
         if "apply" in s:
-            extra += f"  sample {s['sample']:.2f}s, thresholds {s['thresholds']:.2f}s ({s['passes']} passes" \
-                     f"{', zero guess' if s['zero_guess'] else ''}), apply {s['apply']:.2f}s"
+            extra += (
+                f"  sample {s['sample']:.2f}s, thresholds {s['thresholds']:.2f}s ({s['passes']} passes"
+                f"{', zero guess' if s['zero_guess'] else ''}), apply {s['apply']:.2f}s"
+            )
         if "same_bytes_as_cpu" in s:
             extra += "  same bytes as CPU" if s["same_bytes_as_cpu"] else "  DIFFERS FROM CPU"
         print(f"{name:<26}{s['seconds']:>9.3f}{s['bytes'] / 1e9:>8.2f}{gbs:>9.2f}  {ratios}{extra}")
@@ -286,10 +322,18 @@ def main() -> None:
     ap.add_argument("--dense", action="store_true", help="a family whose tasks move every weight (bench/families.py)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {', '.join(METHODS)}")
-    ap.add_argument("--chunk-elems", type=int, default=None,
-                    help="elements per task per compute step (default: the tool's, 4M on CUDA, 256K on a CPU)")
-    ap.add_argument("--staging", choices=["pinned", "pageable"], default="pinned",
-                    help="host memory CUDA shards read into before the copy to the device")
+    ap.add_argument(
+        "--chunk-elems",
+        type=int,
+        default=None,
+        help="elements per task per compute step (default: the tool's, 4M on CUDA, 256K on a CPU)",
+    )
+    ap.add_argument(
+        "--staging",
+        choices=["pinned", "pageable"],
+        default="pinned",
+        help="host memory CUDA shards read into before the copy to the device",
+    )
     ap.add_argument("--shard-mb", type=int, default=512, help="input MB per shard of whole layers")
     ap.add_argument("--file-mb", type=int, default=512, help="safetensors file size of a generated family")
     ap.add_argument("--limit-mb", type=int, default=1024, help="block size of the limit measurements")

@@ -27,7 +27,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dir", default="suite-out", help="suite folder (built when missing; default: suite-out)")
     p.add_argument("--tasks", type=int, choices=[8, 14, 20], default=8)
-    p.add_argument("--exemplars", type=int, default=256, help="per task (default 256, as the suite report: the MLP sees one row per exemplar)")
+    p.add_argument(
+        "--exemplars",
+        type=int,
+        default=256,
+        help="per task (default 256, as the suite report: the MLP sees one row per exemplar)",
+    )
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     args = p.parse_args()
@@ -41,8 +46,15 @@ def main() -> None:
     print(f"suite: {len(names)} tasks under {suite}; ray start {time.perf_counter() - t0:.1f}s (excluded)")
 
     def merge(method: dict, out: str) -> dict[str, float]:
-        cfg = config_from_dict({"base": str(suite / "base"), "tasks": [{"name": n, "checkpoint": str(suite / n)} for n in names],
-                                "output": str(work / out), "method": method, "execution": {"device": args.device, "hash_cache": False}})
+        cfg = config_from_dict(
+            {
+                "base": str(suite / "base"),
+                "tasks": [{"name": n, "checkpoint": str(suite / n)} for n in names],
+                "output": str(work / out),
+                "method": method,
+                "execution": {"device": args.device, "hash_cache": False},
+            }
+        )
         return run_merge(cfg, overwrite=True, quiet=True).timings
 
     times: dict[str, list[float]] = {}

@@ -78,9 +78,15 @@ def main() -> None:
         floor_task_arithmetic(base, tasks, root / "floor-out")
         times["floor"].append(time.perf_counter() - t0)
         for method in args.methods.split(","):
-            cfg = config_from_dict({"base": str(base), "tasks": [{"name": t.name, "checkpoint": str(t)} for t in tasks],
-                                    "output": str(root / f"run-{method}"), "method": {"name": method},
-                                    "execution": {"hash_cache": False}})  # every repeat hashes, as a first merge
+            cfg = config_from_dict(
+                {
+                    "base": str(base),
+                    "tasks": [{"name": t.name, "checkpoint": str(t)} for t in tasks],
+                    "output": str(root / f"run-{method}"),
+                    "method": {"name": method},
+                    "execution": {"hash_cache": False},
+                }
+            )  # every repeat hashes, as a first merge
             report = run_merge(cfg, overwrite=True, quiet=True)
             times.setdefault(method, []).append(report.timings["total"])
     floor = statistics.median(times["floor"])

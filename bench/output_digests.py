@@ -29,10 +29,38 @@ MERGEFLOW = str(Path(sys.executable).with_name("mergeflow"))
 
 FAMILIES = {  # name -> make-family arguments
     "bf16": ["--tasks", "6", "--layers", "3", "--hidden", "64", "--vocab", "256", "--shards", "2", "--seed", "1"],
-    "fp32": ["--tasks", "4", "--layers", "2", "--hidden", "48", "--vocab", "128", "--shards", "1", "--seed", "2",
-             "--dtype", "float32"],
-    "fp16": ["--tasks", "5", "--layers", "2", "--hidden", "32", "--vocab", "96", "--shards", "1", "--seed", "3",
-             "--dtype", "float16"],
+    "fp32": [
+        "--tasks",
+        "4",
+        "--layers",
+        "2",
+        "--hidden",
+        "48",
+        "--vocab",
+        "128",
+        "--shards",
+        "1",
+        "--seed",
+        "2",
+        "--dtype",
+        "float32",
+    ],
+    "fp16": [
+        "--tasks",
+        "5",
+        "--layers",
+        "2",
+        "--hidden",
+        "32",
+        "--vocab",
+        "96",
+        "--shards",
+        "1",
+        "--seed",
+        "3",
+        "--dtype",
+        "float16",
+    ],
 }
 
 SMALL = {"shard_size": 120_000, "chunk_elems": 2048}  # many shards and chunks per tensor
@@ -44,16 +72,34 @@ CASES = [  # (name, family, method, execution)
     ("ta-fp32", "fp32", {"name": "task_arithmetic", "alpha": 0.45}, SMALL),
     ("ties-global", "bf16", {"name": "ties", "density": 0.2}, SMALL),
     ("ties-global-one", "bf16", {"name": "ties", "density": 0.2}, ONE),
-    ("ties-tensor-sum", "fp32", {"name": "ties", "density": 0.3, "scope": "tensor", "merge": "sum", "alpha": 0.7},
-     SMALL),
+    (
+        "ties-tensor-sum",
+        "fp32",
+        {"name": "ties", "density": 0.3, "scope": "tensor", "merge": "sum", "alpha": 0.7},
+        SMALL,
+    ),
     ("ties-fp16", "fp16", {"name": "ties", "density": 0.5, "alpha": 0.9}, SMALL),
     ("tall", "bf16", {"name": "tall_masks", "alpha": 0.3, "lambda": 0.4}, SMALL),
-    ("tall-ties", "fp32", {"name": "tall_masks", "alpha": 0.5, "base_merge": "ties", "density": 0.4,
-                           "lambda": {"task_00": 0.2, "task_01": 0.6, "task_02": 0.3, "task_03": 0.5}}, SMALL),
+    (
+        "tall-ties",
+        "fp32",
+        {
+            "name": "tall_masks",
+            "alpha": 0.5,
+            "base_merge": "ties",
+            "density": 0.4,
+            "lambda": {"task_00": 0.2, "task_01": 0.6, "task_02": 0.3, "task_03": 0.5},
+        },
+        SMALL,
+    ),
     ("tall-f32store", "fp16", {"name": "tall_masks", "store_dtype": "float32"}, ONE),
     ("consensus", "bf16", {"name": "consensus", "alpha": 0.4, "k": 2}, SMALL),
-    ("consensus-ties", "fp32", {"name": "consensus", "alpha": 1.0, "k": 3, "base_merge": "ties", "density": 0.2,
-                                "lambda": 0.5}, ONE),
+    (
+        "consensus-ties",
+        "fp32",
+        {"name": "consensus", "alpha": 1.0, "k": 3, "base_merge": "ties", "density": 0.2, "lambda": 0.5},
+        ONE,
+    ),
 ]
 
 
@@ -100,8 +146,14 @@ def merge_case(work: Path, name: str, fam: str, method: dict, execution: dict) -
 SUITE_CASES = [  # on the 8-task digits suite: values chosen on validation data, and LOT
     ("suite-alpha-auto", {"name": "task_arithmetic", "alpha": "auto"}),
     ("suite-tall-auto", {"name": "tall_masks", "alpha": 0.3, "lambda": "auto"}),
-    ("suite-lot", {"name": "lot", "lambda": 1.0, "model": "mergeflow.dev.suite.models:lot_task_model", "exemplars": 32}),
-    ("suite-lot-auto", {"name": "lot", "lambda": "auto", "model": "mergeflow.dev.suite.models:lot_task_model", "exemplars": 32}),
+    (
+        "suite-lot",
+        {"name": "lot", "lambda": 1.0, "model": "mergeflow.dev.suite.models:lot_task_model", "exemplars": 32},
+    ),
+    (
+        "suite-lot-auto",
+        {"name": "lot", "lambda": "auto", "model": "mergeflow.dev.suite.models:lot_task_model", "exemplars": 32},
+    ),
 ]
 
 
@@ -121,8 +173,10 @@ def suite_case(work: Path, name: str, method: dict) -> dict:
     run([MERGEFLOW, "merge", str(path), "--quiet", "--no-tracking"])
     doc = output_digests(out)
     m = json.loads((out / "manifest.json").read_text())
-    doc["inputs"] = {t["name"]: {f: e["sha256"] for f, e in t["files"].items()}  # sha256 only: stamps hold mtimes
-                     for t in [m["inputs"]["base"] | {"name": "base"}, *m["inputs"]["tasks"]]}
+    doc["inputs"] = {
+        t["name"]: {f: e["sha256"] for f, e in t["files"].items()}  # sha256 only: stamps hold mtimes
+        for t in [m["inputs"]["base"] | {"name": "base"}, *m["inputs"]["tasks"]]
+    }
     if "selection" in m:
         doc["chosen"] = {k: m["selection"][k]["chosen"] for k in ("alpha", "lambda") if k in m["selection"]}
     return doc
@@ -174,8 +228,9 @@ def main() -> int:
     for name, job in jobs:
         if wanted is None or name in wanted:
             doc[name] = job()
-            print(f"{name:<18} {len(doc[name].get('outputs', doc[name])):>4} files  ({time.time() - t0:.0f}s)",
-                  flush=True)
+            print(
+                f"{name:<18} {len(doc[name].get('outputs', doc[name])):>4} files  ({time.time() - t0:.0f}s)", flush=True
+            )
     Path(args.json).write_text(json.dumps(doc, indent=1, sort_keys=True))
     files = sum(len(v.get("outputs", v)) for v in doc.values())
     print(f"{len(doc)} cases, {files} output files in {time.time() - t0:.0f}s -> {args.json}")

@@ -104,8 +104,15 @@ def _rchar(pid: int) -> int | None:
     return None
 
 
-def run(cmd: list[str], *, env: dict | None = None, cwd: str | None = None, interval: float = 1.0,
-        rescan: float = 2.0, timeout: float | None = None) -> Measured:
+def run(
+    cmd: list[str],
+    *,
+    env: dict | None = None,
+    cwd: str | None = None,
+    interval: float = 1.0,
+    rescan: float = 2.0,
+    timeout: float | None = None,
+) -> Measured:
     """Run cmd to completion, sampling its process tree every `interval` s from a thread (the
     tree itself is re-discovered every `rescan` s: a full /proc scan costs ~25 ms here, reading a Ray
     worker's smaps_rollup a few ms; at 0.2 s sampling the sampler took ~19% of a core). The
@@ -152,5 +159,13 @@ def run(cmd: list[str], *, env: dict | None = None, cwd: str | None = None, inte
     stop.set()
     sampler.join()
     cpu = max((after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime), sum(cpus.values()))
-    return Measured(wall, peaks["rss"], peaks["pss"], peaks["anon"], sum(reads.values()), cpu, proc.returncode,
-                    out.decode(errors="replace"))
+    return Measured(
+        wall,
+        peaks["rss"],
+        peaks["pss"],
+        peaks["anon"],
+        sum(reads.values()),
+        cpu,
+        proc.returncode,
+        out.decode(errors="replace"),
+    )

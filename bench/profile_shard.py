@@ -12,13 +12,11 @@ from __future__ import annotations
 import argparse
 import cProfile
 import pstats
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-
 
 
 def main() -> None:
@@ -33,9 +31,14 @@ def main() -> None:
     ap.add_argument("--method", default="task_arithmetic")
     ap.add_argument("--scope", default="global")
     ap.add_argument("--shard", type=int, default=1)
-    ap.add_argument("--pass", dest="which", choices=["apply", "sample", "zeros", "window", "high"], default="apply",
-                    help="apply: merge_shard; sample: the TIES threshold sample; zeros / window / high: a TIES "
-                         "threshold counting pass of that kind (window: --window-bins high-half bins wide)")
+    ap.add_argument(
+        "--pass",
+        dest="which",
+        choices=["apply", "sample", "zeros", "window", "high"],
+        default="apply",
+        help="apply: merge_shard; sample: the TIES threshold sample; zeros / window / high: a TIES "
+        "threshold counting pass of that kind (window: --window-bins high-half bins wide)",
+    )
     ap.add_argument("--window-bins", type=int, default=4, help="width of the --pass window window")
     ap.add_argument("--chunk-elems", type=int, default=1 << 22)
     ap.add_argument("--repeats", type=int, default=2)
@@ -49,22 +52,36 @@ def main() -> None:
     method = {"name": args.method}
     if args.method == "ties":
         method |= {"scope": args.scope}
-    cfg = config_from_dict({"base": str(root / "base"), "tasks": [{"name": t.name, "checkpoint": str(t)} for t in tasks],
-                            "output": out, "method": method, "execution": {"chunk_elems": args.chunk_elems}})
+    cfg = config_from_dict(
+        {
+            "base": str(root / "base"),
+            "tasks": [{"name": t.name, "checkpoint": str(t)} for t in tasks],
+            "output": out,
+            "method": method,
+            "execution": {"chunk_elems": args.chunk_elems},
+        }
+    )
     spec = make_plan(cfg).shards[args.shard]
     if args.method == "ties" and args.scope == "global":
         spec = spec.with_globals(thresholds=(1e-3,) * len(tasks), majority=1)  # any value: same work
-    count = {"zeros": kth_value.Count("window", 0, 1), "window": kth_value.Count("window", 0x3A000000, args.window_bins << 16),
-             "high": kth_value.Count("high")}.get(args.which)
+    count = {
+        "zeros": kth_value.Count("window", 0, 1),
+        "window": kth_value.Count("window", 0x3A000000, args.window_bins << 16),
+        "high": kth_value.Count("high"),
+    }.get(args.which)
     fn = {"apply": lambda: merge_shard(spec), "sample": lambda: shard_sample(spec)}.get(
-        args.which, lambda: shard_counts(spec, (count,) * len(tasks)))
+        args.which, lambda: shard_counts(spec, (count,) * len(tasks))
+    )
     times = []
     for _ in range(args.repeats):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    print(f"shard {args.shard}: {spec.nbytes / 1e9:.3f} GB, {len(spec.tensors)} tensors; seconds {['%.2f' % t for t in times]}, "
-          f"{spec.nbytes / min(times) / 1e9:.2f} GB/s")
+    print(
+        f"shard {args.shard}: {spec.nbytes / 1e9:.3f} GB, {len(spec.tensors)} tensors; "
+        f"seconds {[f'{t:.2f}' for t in times]}, "
+        f"{spec.nbytes / min(times) / 1e9:.2f} GB/s"
+    )
     if args.profile:
         prof = cProfile.Profile()
         prof.runcall(fn)

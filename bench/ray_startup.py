@@ -90,9 +90,23 @@ def start_head(temp: str) -> tuple[str, float]:
     port = free_port()
     env = os.environ | {"RAY_AUTH_MODE": "disabled"}
     t0 = time.perf_counter()
-    subprocess.run([str(VENV_BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
-                    f"--temp-dir={temp}", "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats"],
-                   check=True, capture_output=True, env=env, timeout=120)
+    subprocess.run(
+        [
+            str(VENV_BIN / "ray"),
+            "start",
+            "--head",
+            "--node-ip-address=127.0.0.1",
+            f"--port={port}",
+            f"--temp-dir={temp}",
+            "--num-cpus=2",
+            "--include-dashboard=false",
+            "--disable-usage-stats",
+        ],
+        check=True,
+        capture_output=True,
+        env=env,
+        timeout=120,
+    )
     return f"127.0.0.1:{port}", time.perf_counter() - t0
 
 

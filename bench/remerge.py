@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from merge_vs_floor import family_and_ray
+
 from mergeflow.workflows.config import config_from_dict
 from mergeflow.workflows.remerge import LATEST, remerge
 
@@ -30,10 +31,16 @@ def config(base: Path, tasks: list[Path], root: Path, method: str):
     m = {"name": method}
     if method in ("tall_masks", "consensus"):
         m["lambda"] = 0.4
-    return config_from_dict({"base": str(base), "tasks": [{"name": t.name, "checkpoint": str(t)} for t in tasks],
-                             "output": str(root), "method": m,
-                             # only what a re-merge reuses from its parent, not the machine's hash cache
-                             "execution": {"hash_cache": False}})
+    return config_from_dict(
+        {
+            "base": str(base),
+            "tasks": [{"name": t.name, "checkpoint": str(t)} for t in tasks],
+            "output": str(root),
+            "method": m,
+            # only what a re-merge reuses from its parent, not the machine's hash cache
+            "execution": {"hash_cache": False},
+        }
+    )
 
 
 def measure(base: Path, tasks: list[Path], root: Path, method: str):
@@ -76,13 +83,17 @@ def main() -> None:
         rows.append((method, scratch, again, result.reused))
 
     print(f"\n{'':16} {'from scratch':>31} {'add-one re-merge':>31} {'re-merge / scratch':>26}")
-    print(f"{'method':16} {'wall s':>9} {'GB read':>10} {'GB hashed':>10} {'wall s':>9} {'GB read':>10} "
-          f"{'GB hashed':>10} {'wall':>8} {'read':>8} {'hashed':>8}")
+    print(
+        f"{'method':16} {'wall s':>9} {'GB read':>10} {'GB hashed':>10} {'wall s':>9} {'GB read':>10} "
+        f"{'GB hashed':>10} {'wall':>8} {'read':>8} {'hashed':>8}"
+    )
     for method, scratch, again, reused in rows:
         s = [statistics.median(x[i] for x in scratch) for i in range(3)]
         a = [statistics.median(x[i] for x in again) for i in range(3)]
-        print(f"{method:16} {s[0]:9.2f} {s[1] / 1e9:10.3f} {s[2] / 1e9:10.3f} {a[0]:9.2f} {a[1] / 1e9:10.3f} "
-              f"{a[2] / 1e9:10.3f} {a[0] / s[0]:8.2f} {a[1] / s[1]:8.2f} {a[2] / max(s[2], 1):8.2f}")
+        print(
+            f"{method:16} {s[0]:9.2f} {s[1] / 1e9:10.3f} {s[2] / 1e9:10.3f} {a[0]:9.2f} {a[1] / 1e9:10.3f} "
+            f"{a[2] / 1e9:10.3f} {a[0] / s[0]:8.2f} {a[1] / s[1]:8.2f} {a[2] / max(s[2], 1):8.2f}"
+        )
         print(f"{'':16} reused: sum of {len(reused['sum_of_tasks'])} task(s), {reused['input_hashes']} input hash(es)")
 
 

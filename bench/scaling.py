@@ -48,8 +48,10 @@ def driver(config_path: str) -> None:
         t0 = time.perf_counter()
         report = run_merge(config, overwrite=True, quiet=True)
         wall = time.perf_counter() - t0
-        print(json.dumps({"wall": wall, "bytes": report.plan.input_bytes, "nodes": len(report.manifest["nodes"])}),
-              flush=True)
+        print(
+            json.dumps({"wall": wall, "bytes": report.plan.input_bytes, "nodes": len(report.manifest["nodes"])}),
+            flush=True,
+        )
     runtime.disconnect()
 
 
@@ -67,8 +69,13 @@ class Driver:
 
     def connect(self) -> None:
         env = os.environ | self.cluster.driver_env()
-        self.proc = subprocess.Popen([sys.executable, __file__, "--driver", str(self.config_path)], env=env,
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, "--driver", str(self.config_path)],
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
 
     def merge(self) -> float:
         assert self.proc is not None and self.proc.stdin is not None and self.proc.stdout is not None
@@ -125,11 +132,19 @@ def run(args, root: Path) -> None:
     if not (root / "base").exists():
         make_family(root, tasks=args.tasks, layers=args.layers, hidden=args.hidden, vocab=args.vocab, shards=2)
     tasks = sorted(d for d in root.glob("task_*") if d.is_dir())[: args.tasks]
-    config = {"base": str(root / "base"), "tasks": [{"name": t.name, "checkpoint": str(t)} for t in tasks],
-              "output": str(root / "run"), "method": {"name": args.method}, "execution": {"shard_size": args.shard_size, "hash_cache": False}}  # every run hashes its inputs
+    config = {
+        "base": str(root / "base"),
+        "tasks": [{"name": t.name, "checkpoint": str(t)} for t in tasks],
+        "output": str(root / "run"),
+        "method": {"name": args.method},
+        "execution": {"shard_size": args.shard_size, "hash_cache": False},
+    }  # every run hashes its inputs
     shards = len(make_plan(config_from_dict(config)).shards)
-    print(f"{args.method} merge of {len(tasks)} tasks in {shards} shards under {root}; mode {args.mode}; "
-          f"{os.cpu_count()} CPUs", flush=True)
+    print(
+        f"{args.method} merge of {len(tasks)} tasks in {shards} shards under {root}; mode {args.mode}; "
+        f"{os.cpu_count()} CPUs",
+        flush=True,
+    )
 
     drivers = [Driver(int(x), args.mode, config, root) for x in args.workers.split(",")]
     try:
@@ -154,8 +169,10 @@ def run(args, root: Path) -> None:
     print(f"{'workers':>7} {'nodes':>5} {'median s':>9} {'min s':>7} {'max s':>7} {'GB/s':>7} {'speed-up':>8}")
     for d in drivers:
         med = statistics.median(d.walls)
-        print(f"{d.n:>7} {d.nodes:>5} {med:9.2f} {min(d.walls):7.2f} {max(d.walls):7.2f} "
-              f"{d.bytes / med / 1e9:7.3f} {base / med:8.2f}")
+        print(
+            f"{d.n:>7} {d.nodes:>5} {med:9.2f} {min(d.walls):7.2f} {max(d.walls):7.2f} "
+            f"{d.bytes / med / 1e9:7.3f} {base / med:8.2f}"
+        )
     print(f"load average after: {load()}")
 
 

@@ -61,20 +61,34 @@ def ray_idle() -> None:
     tick = os.sysconf("SC_CLK_TCK")
     busy0, idle0 = _cpu()
     t0 = time.perf_counter()
-    out = subprocess.run([sys.executable, "-c", RAY_CHILD], capture_output=True, text=True, cwd=ROOT,
-                         env=dict(os.environ, RAY_AUTH_MODE="disabled"), check=True).stdout.strip()
+    out = subprocess.run(
+        [sys.executable, "-c", RAY_CHILD],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=dict(os.environ, RAY_AUTH_MODE="disabled"),
+        check=True,
+    ).stdout.strip()
     wall = time.perf_counter() - t0
     busy1, idle1 = _cpu()
-    print(f"{out}; process {wall:.2f}s: busy {(busy1 - busy0) / tick:.1f} core-s, "
-          f"idle {(idle1 - idle0) / tick:.1f} core-s of {os.cpu_count()} cores")
+    print(
+        f"{out}; process {wall:.2f}s: busy {(busy1 - busy0) / tick:.1f} core-s, "
+        f"idle {(idle1 - idle0) / tick:.1f} core-s of {os.cpu_count()} cores"
+    )
 
 
 def exit_cost(config: str, repeats: int) -> None:
     env = dict(os.environ, RAY_AUTH_MODE="disabled")
     for i in range(repeats):
         for how in ("normal", "quick"):
-            proc = subprocess.Popen([sys.executable, "-c", EXIT_CHILD, config, how], stdout=subprocess.PIPE,
-                                    stderr=subprocess.DEVNULL, text=True, cwd=ROOT, env=env)
+            proc = subprocess.Popen(
+                [sys.executable, "-c", EXIT_CHILD, config, how],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                text=True,
+                cwd=ROOT,
+                env=env,
+            )
             done_at = None
             for line in proc.stdout:
                 if line.startswith("MAIN_DONE"):

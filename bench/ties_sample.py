@@ -37,8 +37,14 @@ def main() -> None:
 
     root = Path(args.family)
     tasks = sorted(p for p in root.glob("task_*") if p.is_dir())
-    cfg = config_from_dict({"base": str(root / "base"), "tasks": [{"name": t.name, "checkpoint": str(t)} for t in tasks],
-                            "output": "/tmp/mf-ties-sample", "method": {"name": "ties"}})
+    cfg = config_from_dict(
+        {
+            "base": str(root / "base"),
+            "tasks": [{"name": t.name, "checkpoint": str(t)} for t in tasks],
+            "output": "/tmp/mf-ties-sample",
+            "method": {"name": "ties"},
+        }
+    )
     plan = make_plan(cfg)
     t = len(tasks)
     t0 = time.perf_counter()
@@ -46,8 +52,10 @@ def main() -> None:
     high = np.stack(kth_value.summed(full, (shard_counts(s, full) for s in plan.shards)))
     cum = np.cumsum(high, axis=1)
     total = int(cum[0, -1])
-    print(f"{t} tasks, {total} values per task; exact histogram {time.perf_counter() - t0:.1f}s; "
-          f"exact zeros per task {np.round(high[:, 0] / total, 3).tolist()} (bin 0)")
+    print(
+        f"{t} tasks, {total} values per task; exact histogram {time.perf_counter() - t0:.1f}s; "
+        f"exact zeros per task {np.round(high[:, 0] / total, 3).tolist()} (bin 0)"
+    )
 
     for block in (int(b) for b in args.blocks.split(",")):
         kth_value.SAMPLE_BLOCK = block

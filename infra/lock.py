@@ -33,8 +33,8 @@ import time
 import uuid
 from dataclasses import asdict, dataclass
 
-from mergeflow.infra.storage import StorageOptions, join, storage_for
 from mergeflow.errors import MergeflowError, StorageError
+from mergeflow.infra.storage import StorageOptions, join, storage_for
 
 log = logging.getLogger(__name__)
 
@@ -96,12 +96,19 @@ class Holder:
         return json.dumps(asdict(self), sort_keys=True).encode()
 
     @staticmethod
-    def parse(data: bytes) -> "Holder | None":
+    def parse(data: bytes) -> Holder | None:
         try:
             d = json.loads(data)
-            return Holder(str(d["host"]), int(d["pid"]), float(d["started"]), float(d["heartbeat"]),
-                          str(d["token"]), str(d.get("command", "")), str(d.get("pid_namespace", "")),
-                          str(d.get("process_start", "")))
+            return Holder(
+                str(d["host"]),
+                int(d["pid"]),
+                float(d["started"]),
+                float(d["heartbeat"]),
+                str(d["token"]),
+                str(d.get("command", "")),
+                str(d.get("pid_namespace", "")),
+                str(d.get("process_start", "")),
+            )
         except (ValueError, KeyError, TypeError, AttributeError):
             return None  # unreadable: treated as stale once old enough
 
@@ -136,8 +143,15 @@ class Seen:
 class RunLock:
     """`with RunLock(root): ...` holds ROOT/.mergeflow.lock for the block, or raises LockHeld."""
 
-    def __init__(self, root: str, options: StorageOptions | None = None, *, ttl: float = DEFAULT_TTL,
-                 heartbeat: float = DEFAULT_HEARTBEAT, command: str = ""):
+    def __init__(
+        self,
+        root: str,
+        options: StorageOptions | None = None,
+        *,
+        ttl: float = DEFAULT_TTL,
+        heartbeat: float = DEFAULT_HEARTBEAT,
+        command: str = "",
+    ):
         if heartbeat >= ttl:
             raise ValueError("the heartbeat interval must be shorter than the TTL")
         self.uri = join(root, LOCK_NAME)
@@ -165,10 +179,18 @@ class RunLock:
 
     # -- acquire / refresh / release
 
-    def acquire(self) -> "RunLock":
+    def acquire(self) -> RunLock:
         now = time.time()
-        me = Holder(socket.gethostname(), os.getpid(), now, now, uuid.uuid4().hex, self.command, pid_namespace(),
-                    process_start(os.getpid()))
+        me = Holder(
+            socket.gethostname(),
+            os.getpid(),
+            now,
+            now,
+            uuid.uuid4().hex,
+            self.command,
+            pid_namespace(),
+            process_start(os.getpid()),
+        )
         body = me.body()
         _HELD_HERE.add(me.token)  # from the first write on: other threads here must not take it for a dead lock
         try:
@@ -202,9 +224,11 @@ class RunLock:
 
     def _held_message(self, seen: Seen) -> str:
         who = seen.holder.describe() if seen.holder else "an unreadable lock object"
-        return (f"{self.root}: locked by {who}, heartbeat {seen.age:.0f}s ago; another merge into this output "
-                f"is running, retry later (the lock is stale after {self.ttl:.0f}s without a heartbeat, "
-                f"or once its process is gone from this PID namespace; {self.uri})")
+        return (
+            f"{self.root}: locked by {who}, heartbeat {seen.age:.0f}s ago; another merge into this output "
+            f"is running, retry later (the lock is stale after {self.ttl:.0f}s without a heartbeat, "
+            f"or once its process is gone from this PID namespace; {self.uri})"
+        )
 
     def refresh(self) -> bool:
         """Write a new heartbeat if the lock is still ours; False (and `lost`) if it is not."""
@@ -223,10 +247,18 @@ class RunLock:
     def check(self) -> None:
         """Raise LockLost unless the lock is still ours: call before publishing a result."""
         seen = self._read()
-        if self.lost or seen is None or seen.holder is None or self._holder is None or seen.holder.token != self._holder.token:
+        if (
+            self.lost
+            or seen is None
+            or seen.holder is None
+            or self._holder is None
+            or seen.holder.token != self._holder.token
+        ):
             self.lost = True
-            raise LockLost(f"{self.root}: the lock was taken over while this merge ran (heartbeat stalled for more "
-                           f"than {self.ttl:.0f}s); its result is not published, run again")
+            raise LockLost(
+                f"{self.root}: the lock was taken over while this merge ran (heartbeat stalled for more "
+                f"than {self.ttl:.0f}s); its result is not published, run again"
+            )
 
     def _start_heartbeat(self) -> None:
         self._stop.clear()
@@ -257,7 +289,7 @@ class RunLock:
                     log.warning("%s: could not release the lock (%s); it is stale after %.0fs", self.root, e, self.ttl)
             self._holder = self._version = None
 
-    def __enter__(self) -> "RunLock":
+    def __enter__(self) -> RunLock:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:

@@ -53,8 +53,16 @@ _FAST_HTTP_ENV = {
 }
 
 _SUMMARY_METRICS = (
-    "bytes_read", "bytes_hashed", "input_bytes", "model_bytes", "compressed_bytes", "checkpoints_bytes",
-    "compression_ratio", "parameters", "selfish_share", "catastrophic_share",
+    "bytes_read",
+    "bytes_hashed",
+    "input_bytes",
+    "model_bytes",
+    "compressed_bytes",
+    "checkpoints_bytes",
+    "compression_ratio",
+    "parameters",
+    "selfish_share",
+    "catastrophic_share",
 )
 
 
@@ -78,8 +86,15 @@ class TrackingOptions:
         return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
-def log_merge(manifest: dict, *, output: str, config_text: str | None, files: dict[str, bytes],
-              options: TrackingOptions, parent_run_id: str | None = None) -> str | None:
+def log_merge(
+    manifest: dict,
+    *,
+    output: str,
+    config_text: str | None,
+    files: dict[str, bytes],
+    options: TrackingOptions,
+    parent_run_id: str | None = None,
+) -> str | None:
     """Log one finished merge as one MLflow run and return its run id (None when tracking is off).
 
     `files` maps artifact paths relative to the run (e.g. "stats/task_overlap.png") to their bytes.
@@ -115,8 +130,9 @@ def log_merge(manifest: dict, *, output: str, config_text: str | None, files: di
             _upload(client, run_id, artifacts)
             step = "logging selection trials"
             for name, t_params, t_metrics in selection_trials(manifest):
-                child = client.create_run(experiment_id, run_name=name,
-                                          tags={"mlflow.parentRunId": run_id, "mergeflow.trial": name}).info.run_id
+                child = client.create_run(
+                    experiment_id, run_name=name, tags={"mlflow.parentRunId": run_id, "mergeflow.trial": name}
+                ).info.run_id
                 client.log_batch(child, metrics=t_metrics, params=t_params, synchronous=True)
                 client.set_terminated(child, RunStatus.to_string(RunStatus.FINISHED))
             step = "finishing the run"
@@ -147,8 +163,11 @@ def run_params(manifest: dict) -> list[Param]:
     values.update(_flatten(method))
     values.update({f"lambda.{task}": v for task, v in lambdas.items()})
     if sel := manifest.get("selection"):
-        values |= {"selection.evaluator": sel["evaluator"], "selection.split": sel["split"],
-                   "selection.selected": ",".join(k for k in ("alpha", "lambda") if k in sel)}
+        values |= {
+            "selection.evaluator": sel["evaluator"],
+            "selection.split": sel["split"],
+            "selection.selected": ",".join(k for k in ("alpha", "lambda") if k in sel),
+        }
     values |= {"num_tasks": len(tasks), "tasks": _join_within(tasks, MAX_PARAM_LENGTH), "shards": manifest["shards"]}
     values["input.base.sha256"] = checkpoint_digest(manifest["inputs"]["base"])
     values.update({f"input.task.{t['name']}.sha256": checkpoint_digest(t) for t in manifest["inputs"]["tasks"]})
@@ -170,8 +189,13 @@ def selection_trials(manifest: dict) -> list[tuple[str, list[Param], list[Metric
         metrics |= {f"score.{t}": v for t, v in tr["scores"].items()}
         metrics |= {f"normalized.{t}": v for t, v in tr["normalized"].items()}
         params = [Param("trial", "alpha"), Param("alpha", str(tr["alpha"]))]
-        out.append((f"alpha-{tr['alpha']:g}", params,
-                    [Metric(_key(k), float(v), now, 0) for k, v in metrics.items() if _is_finite_number(v)]))
+        out.append(
+            (
+                f"alpha-{tr['alpha']:g}",
+                params,
+                [Metric(_key(k), float(v), now, 0) for k, v in metrics.items() if _is_finite_number(v)],
+            )
+        )
     return out
 
 

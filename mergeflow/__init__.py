@@ -27,12 +27,24 @@ if not os.path.isdir(os.path.join(_here, "workers")):
     __path__.append(os.path.dirname(_here))  # type: ignore[name-defined]  # noqa: F821
 
 _API = {
-    "merge": "mergeflow.api", "plan": "mergeflow.api", "load": "mergeflow.api", "reconstruct": "mergeflow.api",
-    "inspect": "mergeflow.api", "remerge": "mergeflow.api", "MergeResult": "mergeflow.api", "RunInfo": "mergeflow.api",
-    "MergeflowError": "mergeflow.errors", "ConfigError": "mergeflow.errors", "CheckpointError": "mergeflow.errors",
-    "StorageError": "mergeflow.errors", "OutputError": "mergeflow.errors", "LockHeld": "mergeflow.infra.lock",
-    "TrackingError": "mergeflow.infra.tracking", "Method": "mergeflow.workers.methods",
-    "MethodOutput": "mergeflow.workers.methods", "methods": "mergeflow.workers.methods",
+    "merge": "mergeflow.api",
+    "plan": "mergeflow.api",
+    "load": "mergeflow.api",
+    "reconstruct": "mergeflow.api",
+    "inspect": "mergeflow.api",
+    "remerge": "mergeflow.api",
+    "MergeResult": "mergeflow.api",
+    "RunInfo": "mergeflow.api",
+    "MergeflowError": "mergeflow.errors",
+    "ConfigError": "mergeflow.errors",
+    "CheckpointError": "mergeflow.errors",
+    "StorageError": "mergeflow.errors",
+    "OutputError": "mergeflow.errors",
+    "LockHeld": "mergeflow.infra.lock",
+    "TrackingError": "mergeflow.infra.tracking",
+    "Method": "mergeflow.workers.methods",
+    "MethodOutput": "mergeflow.workers.methods",
+    "methods": "mergeflow.workers.methods",
     "register_backend": "mergeflow.infra.storage",
 }
 _RENAMED = {"register_method": ("mergeflow.workers.methods", "register")}

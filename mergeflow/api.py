@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+
 @dataclass
 class MergeResult:
     """What a merge left: the committed run, and its MLflow run when tracked."""
@@ -28,8 +29,14 @@ class MergeResult:
     already_complete: bool = False  # the output held this very merge: nothing was computed
 
 
-def load(config, *, output: str | None = None, ray_address: str | None = None, device: str | None = None,
-         resolve_tasks: bool = True):
+def load(
+    config,
+    *,
+    output: str | None = None,
+    ray_address: str | None = None,
+    device: str | None = None,
+    resolve_tasks: bool = True,
+):
     """A validated MergeConfig from a dict, a YAML/JSON file or a MergeConfig, with `tasks_from`
     expanded (unless resolve_tasks is false: a re-merge orders them after its parent) and the
     command-line style overrides applied."""
@@ -54,9 +61,19 @@ def plan(config, **options):
     return make_plan(load(config, **options))
 
 
-def merge(config, *, output: str | None = None, overwrite: bool = False, ray_address: str | None = None,
-          device: str | None = None, quiet: bool = True, lock_ttl: float = 120.0, tracking: bool = True,
-          tracking_uri: str | None = None, experiment: str = "mergeflow") -> MergeResult:
+def merge(
+    config,
+    *,
+    output: str | None = None,
+    overwrite: bool = False,
+    ray_address: str | None = None,
+    device: str | None = None,
+    quiet: bool = True,
+    lock_ttl: float = 120.0,
+    tracking: bool = True,
+    tracking_uri: str | None = None,
+    experiment: str = "mergeflow",
+) -> MergeResult:
     """Merge as `config` says (a dict, a YAML/JSON path or a MergeConfig) and log it to MLflow.
 
     A finished run of the same inputs and settings at the output is returned as it is (and logged,
@@ -79,15 +96,30 @@ def merge(config, *, output: str | None = None, overwrite: bool = False, ray_add
     return result
 
 
-def reconstruct(run: str, task: str, output: str, *, overwrite: bool = False, endpoint_url: str | None = None,
-                ray_address: str | None = None, quiet: bool = True) -> dict:
+def reconstruct(
+    run: str,
+    task: str,
+    output: str,
+    *,
+    overwrite: bool = False,
+    endpoint_url: str | None = None,
+    ray_address: str | None = None,
+    quiet: bool = True,
+) -> dict:
     """Rebuild task `task`'s model from a run's compressed bundle into `output` (an HF checkpoint),
     checking the sha256 of everything it reads. Returns {"task", "files", "run"}."""
     from mergeflow.infra.storage import normalize
     from mergeflow.workflows.reconstruct import reconstruct as rebuild
 
-    return rebuild(normalize(run), task, normalize(output), _storage(endpoint_url), ray_address=ray_address,
-                   overwrite=overwrite, quiet=quiet)
+    return rebuild(
+        normalize(run),
+        task,
+        normalize(output),
+        _storage(endpoint_url),
+        ray_address=ray_address,
+        overwrite=overwrite,
+        quiet=quiet,
+    )
 
 
 @dataclass
@@ -107,10 +139,21 @@ def inspect(run: str, *, endpoint_url: str | None = None) -> RunInfo:
     return RunInfo(load_run(run, options), describe(run, options), layers_table(run, options))
 
 
-def remerge(config, *, output: str | None = None, parent: str | None = None, if_changed: bool = False,
-            keep: int = 0, lock_ttl: float = 120.0, ray_address: str | None = None, device: str | None = None,
-            quiet: bool = True, tracking: bool = True, tracking_uri: str | None = None,
-            experiment: str = "mergeflow"):
+def remerge(
+    config,
+    *,
+    output: str | None = None,
+    parent: str | None = None,
+    if_changed: bool = False,
+    keep: int = 0,
+    lock_ttl: float = 120.0,
+    ray_address: str | None = None,
+    device: str | None = None,
+    quiet: bool = True,
+    tracking: bool = True,
+    tracking_uri: str | None = None,
+    experiment: str = "mergeflow",
+):
     """Re-merge under the config's output root, reusing what did not change, under the root's lock
     (what cron runs): returns workflows.remerge.RemergeResult (`.up_to_date`, `.run`, `.changes`)."""
     from mergeflow.infra.lock import RunLock
@@ -120,12 +163,21 @@ def remerge(config, *, output: str | None = None, parent: str | None = None, if_
 
     cfg = load(config, output=output, ray_address=ray_address, device=device, resolve_tasks=False)
     options = cfg.storage.options()
-    with RunLock(cfg.output, options, ttl=lock_ttl, heartbeat=min(15.0, lock_ttl / 4),
-                 command=f"mergeflow.remerge -> {cfg.output}") as lock:
+    with RunLock(
+        cfg.output,
+        options,
+        ttl=lock_ttl,
+        heartbeat=min(15.0, lock_ttl / 4),
+        command=f"mergeflow.remerge -> {cfg.output}",
+    ) as lock:
         result = refresh(cfg, parent=parent, if_changed=if_changed, quiet=quiet, keep=keep, lock=lock)
         if not result.up_to_date and tracking and not is_tracked(result.report):
-            track(result.report, _config_text(config), TrackingOptions(uri=tracking_uri, experiment=experiment),
-                  parent_run_id=result.parent.mlflow_run_id if result.parent else None)
+            track(
+                result.report,
+                _config_text(config),
+                TrackingOptions(uri=tracking_uri, experiment=experiment),
+                parent_run_id=result.parent.mlflow_run_id if result.parent else None,
+            )
     return result
 
 

@@ -29,8 +29,14 @@ def ray_session():
     import ray
 
     temp = tempfile.mkdtemp(prefix="mfray", dir="/tmp")
-    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp, configure_logging=False, log_to_driver=False,
-             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        _temp_dir=temp,
+        configure_logging=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}},
+    )
     yield ray
     ray.shutdown()
 
@@ -41,17 +47,29 @@ def family(tmp_path):
     from mergeflow.dev.synthetic import make_family
 
     def make(tasks=3, layers=2, hidden=16, vocab=32, dtype=torch.bfloat16, shards=1, seed=0, root=None):
-        return make_family(root or tmp_path / "family", tasks=tasks, layers=layers, hidden=hidden, vocab=vocab,
-                           dtype=dtype, shards=shards, seed=seed)
+        return make_family(
+            root or tmp_path / "family",
+            tasks=tasks,
+            layers=layers,
+            hidden=hidden,
+            vocab=vocab,
+            dtype=dtype,
+            shards=shards,
+            seed=seed,
+        )
 
     return make
 
 
-def config_for(base, tasks, output, method: dict, **execution) -> "MergeConfig":  # noqa: F821
+def config_for(base, tasks, output, method: dict, **execution) -> MergeConfig:  # noqa: F821
     from mergeflow.workflows.config import config_from_dict
 
-    raw = {"base": str(base), "tasks": [{"name": n, "checkpoint": str(p)} for n, p in tasks],
-           "output": str(output), "method": method}
+    raw = {
+        "base": str(base),
+        "tasks": [{"name": n, "checkpoint": str(p)} for n, p in tasks],
+        "output": str(output),
+        "method": method,
+    }
     if execution:
         raw["execution"] = execution
     return config_from_dict(raw)
@@ -73,12 +91,14 @@ def s3_server(request, tmp_path_factory):
     environment (and so every Ray worker) carries: modules that use it set AWS_* at import."""
     from mergeflow.dev.local_services import SeaweedS3Server
 
-    server = SeaweedS3Server(tmp_path_factory.mktemp("seaweed"), access_key=os.environ["AWS_ACCESS_KEY_ID"],
-                             secret_key=os.environ["AWS_SECRET_ACCESS_KEY"])
+    server = SeaweedS3Server(
+        tmp_path_factory.mktemp("seaweed"),
+        access_key=os.environ["AWS_ACCESS_KEY_ID"],
+        secret_key=os.environ["AWS_SECRET_ACCESS_KEY"],
+    )
     request.addfinalizer(server.stop)
     server.start()
     return server
-
 
 
 def reference_args(cfg) -> dict:
@@ -86,6 +106,12 @@ def reference_args(cfg) -> dict:
     the method has no such parameter)."""
     p, names = cfg.method.params, cfg.task_names
     lam = getattr(p, "lambda_", 0.4)
-    return {"alpha": p.alpha, "density": getattr(p, "density", 0.2), "scope": getattr(p, "scope", "global"),
-            "merge": getattr(p, "merge", "mean"), "base_merge": getattr(p, "base_merge", "task_arithmetic"),
-            "k": getattr(p, "k", 2), "lambdas": [lam[n] for n in names] if isinstance(lam, dict) else [lam] * len(names)}
+    return {
+        "alpha": p.alpha,
+        "density": getattr(p, "density", 0.2),
+        "scope": getattr(p, "scope", "global"),
+        "merge": getattr(p, "merge", "mean"),
+        "base_merge": getattr(p, "base_merge", "task_arithmetic"),
+        "k": getattr(p, "k", 2),
+        "lambdas": [lam[n] for n in names] if isinstance(lam, dict) else [lam] * len(names),
+    }

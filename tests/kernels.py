@@ -20,8 +20,15 @@ class Out:
     ambiguous: int
 
 
-def kernel(name: str, taus: torch.Tensor, *, thresholds: torch.Tensor | None = None, majority: int = 1,
-           lambdas: tuple[float, ...] | None = None, **params):
+def kernel(
+    name: str,
+    taus: torch.Tensor,
+    *,
+    thresholds: torch.Tensor | None = None,
+    majority: int = 1,
+    lambdas: tuple[float, ...] | None = None,
+    **params,
+):
     """(params, Out) of method `name` on one chunk of task vectors, tasks named t0, t1, ..."""
     method = get_method(name)
     names = tuple(f"t{i}" for i in range(taus.shape[0]))

@@ -12,7 +12,6 @@ import torch
 StateDict = dict[str, torch.Tensor]
 
 
-
 def ordered_sum(rows) -> torch.Tensor:
     """Sum over tasks strictly in order t = 1..T. torch's dim-0 sum reorders additions
     depending on tensor width, so "the" sum needs a fixed order to be reproducible
@@ -22,6 +21,7 @@ def ordered_sum(rows) -> torch.Tensor:
     for r in rows[1:]:
         acc = acc + r
     return acc
+
 
 def float_names(sd: StateDict) -> list[str]:
     return sorted(n for n, t in sd.items() if t.is_floating_point())
@@ -40,7 +40,7 @@ def unflatten(vec: torch.Tensor, like: StateDict, names: list[str]) -> StateDict
     out, offset = {}, 0
     for n in sorted(names):
         numel = like[n].numel()
-        out[n] = vec[offset:offset + numel].reshape(like[n].shape)
+        out[n] = vec[offset : offset + numel].reshape(like[n].shape)
         offset += numel
     assert offset == vec.numel(), "vector length does not match the named tensors"
     return out
@@ -57,8 +57,13 @@ def _trim(tau: torch.Tensor, density: float) -> torch.Tensor:
     return torch.where(tau.abs() >= thr, tau, torch.zeros_like(tau))
 
 
-def ties_merge(taus: list[torch.Tensor], density: float = 0.2, scope: str = "global",
-               merge: str = "mean", sizes: list[int] | None = None) -> torch.Tensor:
+def ties_merge(
+    taus: list[torch.Tensor],
+    density: float = 0.2,
+    scope: str = "global",
+    merge: str = "mean",
+    sizes: list[int] | None = None,
+) -> torch.Tensor:
     if scope == "global":
         trimmed = [_trim(t, density) for t in taus]
     elif scope == "tensor":
@@ -82,11 +87,9 @@ def ties_merge(taus: list[torch.Tensor], density: float = 0.2, scope: str = "glo
     raise ValueError(f"unknown merge {merge!r}")
 
 
-def tall_masks(taus: list[torch.Tensor], tau_mtl: torch.Tensor,
-               lambdas: list[float]) -> list[torch.Tensor]:
+def tall_masks(taus: list[torch.Tensor], tau_mtl: torch.Tensor, lambdas: list[float]) -> list[torch.Tensor]:
     assert len(taus) == len(lambdas)
-    return [tau.float().abs() > lam * (tau_mtl.float() - tau.float()).abs()
-            for tau, lam in zip(taus, lambdas)]
+    return [tau.float().abs() > lam * (tau_mtl.float() - tau.float()).abs() for tau, lam in zip(taus, lambdas)]
 
 
 def consensus(masks: list[torch.Tensor], tau_mtl: torch.Tensor, k: int) -> torch.Tensor:
@@ -102,8 +105,7 @@ def unpackbits(packed: np.ndarray, count: int) -> torch.Tensor:
     return torch.from_numpy(np.unpackbits(packed, count=count).astype(bool))
 
 
-def merged_state_dict(base: StateDict, delta_vec: torch.Tensor, names: list[str],
-                      alpha: float) -> StateDict:
+def merged_state_dict(base: StateDict, delta_vec: torch.Tensor, names: list[str], alpha: float) -> StateDict:
     delta = unflatten(delta_vec, base, names)
     out = {n: t.clone() for n, t in base.items()}
     for n in delta:
@@ -112,8 +114,7 @@ def merged_state_dict(base: StateDict, delta_vec: torch.Tensor, names: list[str]
     return out
 
 
-def rebuild(base: StateDict, tau_mtl_vec: torch.Tensor, mask_vec: torch.Tensor,
-            names: list[str]) -> StateDict:
+def rebuild(base: StateDict, tau_mtl_vec: torch.Tensor, mask_vec: torch.Tensor, names: list[str]) -> StateDict:
     masked = torch.where(mask_vec, tau_mtl_vec, torch.zeros_like(tau_mtl_vec))
     delta = unflatten(masked, base, names)
     out = {n: t.clone() for n, t in base.items()}
@@ -122,10 +123,19 @@ def rebuild(base: StateDict, tau_mtl_vec: torch.Tensor, mask_vec: torch.Tensor,
     return out
 
 
-def merge(base: StateDict, tasks: list[StateDict], method: str, *, alpha: float,
-          density: float = 0.2, scope: str = "global", merge: str | None = None,
-          lambdas: float | list[float] | dict[int, float] | None = None,
-          base_merge: str = "task_arithmetic", k: int = 2) -> dict:
+def merge(
+    base: StateDict,
+    tasks: list[StateDict],
+    method: str,
+    *,
+    alpha: float,
+    density: float = 0.2,
+    scope: str = "global",
+    merge: str | None = None,
+    lambdas: float | list[float] | dict[int, float] | None = None,
+    base_merge: str = "task_arithmetic",
+    k: int = 2,
+) -> dict:
     names = float_names(base)
     taus = [flatten(tv, names) for tv in task_vectors(base, tasks)]
     sizes = [base[n].numel() for n in names]

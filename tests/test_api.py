@@ -15,14 +15,26 @@ def test_import_is_light_and_names_the_api():
     probe = "import sys, mergeflow; print(sorted(m for m in ('torch', 'ray', 'mlflow') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "[]", out.stderr
-    assert {"merge", "plan", "inspect", "reconstruct", "remerge", "MergeflowError", "register_method",
-            "register_backend"} <= set(mergeflow.__all__)
+    assert {
+        "merge",
+        "plan",
+        "inspect",
+        "reconstruct",
+        "remerge",
+        "MergeflowError",
+        "register_method",
+        "register_backend",
+    } <= set(mergeflow.__all__)
 
 
 def test_merge_inspect_reconstruct_from_a_dict(ray_session, family, tmp_path):
     base, tasks = family(tasks=3)
-    config = {"base": str(base), "tasks": [{"name": n, "checkpoint": str(p)} for n, p in tasks],
-              "output": str(tmp_path / "run"), "method": {"name": "consensus", "k": 2}}
+    config = {
+        "base": str(base),
+        "tasks": [{"name": n, "checkpoint": str(p)} for n, p in tasks],
+        "output": str(tmp_path / "run"),
+        "method": {"name": "consensus", "k": 2},
+    }
     plan = mergeflow.plan(config)
     assert plan.method.name == "consensus" and len(plan.tasks) == 3
     result = mergeflow.merge(config, tracking=False)
@@ -37,7 +49,13 @@ def test_merge_inspect_reconstruct_from_a_dict(ray_session, family, tmp_path):
 
 def test_errors_are_mergeflow_errors(tmp_path):
     with pytest.raises(mergeflow.ConfigError, match="method.name: unknown merge method 'nope'"):
-        mergeflow.plan({"base": "/b", "tasks": [{"name": "a", "checkpoint": "/a"}], "output": str(tmp_path),
-                        "method": {"name": "nope"}})
+        mergeflow.plan(
+            {
+                "base": "/b",
+                "tasks": [{"name": "a", "checkpoint": "/a"}],
+                "output": str(tmp_path),
+                "method": {"name": "nope"},
+            }
+        )
     with pytest.raises(mergeflow.MergeflowError, match="no manifest.json"):
         mergeflow.inspect(str(tmp_path))

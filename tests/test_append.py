@@ -9,8 +9,8 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-
 from conftest import config_for
+
 from mergeflow.workers.append import PreviousSum, append_shard
 from mergeflow.workers.safetensors_io import read_header
 from mergeflow.workers.shard import merge_shard
@@ -31,16 +31,26 @@ def test_append_equals_merge_from_scratch(family, tmp_path, dtype, device):
     # The parent: 2 tasks, large shards, delta kept. The child: 4 tasks, small shards, small chunks.
     parent = make_plan(config_for(base, tasks[:2], tmp_path / "parent", method, shard_size=10**9, keep_delta=True))
     results = [merge_shard(s) for s in parent.shards]
-    tensors = {n: i for r in results for rel in r.outputs if rel.startswith("delta/")
-               for n, i in read_header(str(tmp_path / "parent" / rel)).tensors.items()}
+    tensors = {
+        n: i
+        for r in results
+        for rel in r.outputs
+        if rel.startswith("delta/")
+        for n, i in read_header(str(tmp_path / "parent" / rel)).tensors.items()
+    }
     tau_sq = {layer: tuple(s.tau_sq) for r in results for layer, s in r.layers.items()}
 
-    child = make_plan(config_for(base, tasks, tmp_path / "scratch", method, shard_size=3000, chunk_elems=40,
-                                 keep_delta=True))
+    child = make_plan(
+        config_for(base, tasks, tmp_path / "scratch", method, shard_size=3000, chunk_elems=40, keep_delta=True)
+    )
     assert len(child.shards) > 3
     want = [merge_shard(dataclasses.replace(s, device=device)) for s in child.shards]
-    got = [append_shard(dataclasses.replace(s, device=device, output=str(tmp_path / "appended")),
-                        PreviousSum(tensors, tau_sq, 2)) for s in child.shards]
+    got = [
+        append_shard(
+            dataclasses.replace(s, device=device, output=str(tmp_path / "appended")), PreviousSum(tensors, tau_sq, 2)
+        )
+        for s in child.shards
+    ]
     assert files(tmp_path / "appended") == files(tmp_path / "scratch")
     assert [g.outputs for g in got] == [w.outputs for w in want]
     for g, w in zip(got, want):

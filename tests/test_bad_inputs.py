@@ -15,8 +15,13 @@ from mergeflow.workflows.cli import main
 
 
 def write_config(tmp_path: Path, base, tasks, method=None, **extra) -> Path:
-    raw = {"base": str(base), "tasks": [{"name": n, "checkpoint": str(p)} for n, p in tasks],
-           "output": str(tmp_path / "out"), "method": method or {"name": "tall_masks"}, **extra}
+    raw = {
+        "base": str(base),
+        "tasks": [{"name": n, "checkpoint": str(p)} for n, p in tasks],
+        "output": str(tmp_path / "out"),
+        "method": method or {"name": "tall_masks"},
+        **extra,
+    }
     path = tmp_path / "merge.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
@@ -123,7 +128,14 @@ def test_inf_in_base_names_tensor(ray_session, capsys, tmp_path, family):
 def test_integer_buffer_differs(ray_session, capsys, tmp_path, family):
     base, tasks = family()
     edit_task(tasks[0][1], lambda sd: sd.__setitem__("model.rotary_emb.position_ids", torch.arange(64) + 1))
-    fails(capsys, tmp_path, write_config(tmp_path, base, tasks), "task 'task_00'", "model.rotary_emb.position_ids", "identical")
+    fails(
+        capsys,
+        tmp_path,
+        write_config(tmp_path, base, tasks),
+        "task 'task_00'",
+        "model.rotary_emb.position_ids",
+        "identical",
+    )
 
 
 def test_duplicate_task_names(capsys, tmp_path, family):
@@ -161,8 +173,16 @@ def test_unknown_top_level_key_and_bad_yaml(capsys, tmp_path, family):
 def test_json_config_is_accepted_by_dry_run(capsys, tmp_path, family):
     base, tasks = family(tasks=2)
     cfg = tmp_path / "merge.json"
-    cfg.write_text(json.dumps({"base": str(base), "tasks": [{"name": n, "checkpoint": str(p)} for n, p in tasks],
-                               "output": str(tmp_path / "out"), "method": {"name": "ties"}}))
+    cfg.write_text(
+        json.dumps(
+            {
+                "base": str(base),
+                "tasks": [{"name": n, "checkpoint": str(p)} for n, p in tasks],
+                "output": str(tmp_path / "out"),
+                "method": {"name": "ties"},
+            }
+        )
+    )
     assert main(["merge", str(cfg), "--dry-run"]) == 0
     assert "shards" in capsys.readouterr().out
 

@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 import families  # noqa: E402
-
 from conftest import config_for  # noqa: E402
+
 from mergeflow.workflows.plan import make_plan  # noqa: E402
 
 

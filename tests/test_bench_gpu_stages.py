@@ -16,8 +16,24 @@ import families  # noqa: E402
 
 def test_stages_without_ray_mlflow_boto3_pydantic(tmp_path):
     out = tmp_path / "report.json"
-    argv = [str(BENCH), str(tmp_path / "fam"), "--preset", "tiny", "--tasks", "3", "--device", "cpu",
-            "--limit-mb", "4", "--repeats", "1", "--shard-mb", "0", "--json", str(out)]
+    argv = [
+        str(BENCH),
+        str(tmp_path / "fam"),
+        "--preset",
+        "tiny",
+        "--tasks",
+        "3",
+        "--device",
+        "cpu",
+        "--limit-mb",
+        "4",
+        "--repeats",
+        "1",
+        "--shard-mb",
+        "0",
+        "--json",
+        str(out),
+    ]
     script = textwrap.dedent(f"""
         import runpy, sys
         for name in ("ray", "mlflow", "boto3", "botocore", "pydantic"):
@@ -29,8 +45,14 @@ def test_stages_without_ray_mlflow_boto3_pydantic(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads(out.read_text())
     stages = report["stages"]
-    assert set(stages) == {"kernels/task_arithmetic", "merge/task_arithmetic", "kernels/consensus",
-                           "merge/consensus", "kernels/ties", "ties-global"}
+    assert set(stages) == {
+        "kernels/task_arithmetic",
+        "merge/task_arithmetic",
+        "kernels/consensus",
+        "merge/consensus",
+        "kernels/ties",
+        "ties-global",
+    }
     tensor_bytes = families.parameters(families.PRESETS["tiny"]) * 2 * 4  # bf16, base + 3 tasks
     assert tensor_bytes < report["input_bytes"]  # the files also hold headers
     for name in ("merge/task_arithmetic", "merge/consensus", "ties-global"):

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mergeflow.workers.checkpoint import INDEX_NAME, SINGLE_NAME, open_checkpoint
 from mergeflow.errors import CheckpointError
+from mergeflow.workers.checkpoint import INDEX_NAME, SINGLE_NAME, open_checkpoint
 from mergeflow.workflows.cli import main
 from mergeflow.workflows.config import config_from_dict
 from mergeflow.workflows.registry import resolve
@@ -32,8 +32,17 @@ def index_to(folder: Path, entry: str, keep_single: bool = False) -> Path:
     return index
 
 
-BAD = ["../task_01/model.safetensors", "ABSOLUTE", "/etc/passwd", "sub/x.safetensors", "..\\task_01\\model.safetensors",
-       "..", "", "model.bin", "./model-00001.safetensors"]
+BAD = [
+    "../task_01/model.safetensors",
+    "ABSOLUTE",
+    "/etc/passwd",
+    "sub/x.safetensors",
+    "..\\task_01\\model.safetensors",
+    "..",
+    "",
+    "model.bin",
+    "./model-00001.safetensors",
+]
 
 
 def bad_entry(tmp_path: Path, tasks, which: str) -> str:
@@ -95,8 +104,14 @@ def registry_of(tmp_path: Path, tasks) -> Path:
 
 
 def discovered(tmp_path: Path, base: Path, registry: Path) -> list[str]:
-    cfg = config_from_dict({"base": str(base), "tasks_from": str(registry), "output": str(tmp_path / "out"),
-                            "method": {"name": "task_arithmetic"}})
+    cfg = config_from_dict(
+        {
+            "base": str(base),
+            "tasks_from": str(registry),
+            "output": str(tmp_path / "out"),
+            "method": {"name": "task_arithmetic"},
+        }
+    )
     return [t.name for t in resolve(cfg).tasks]
 
 
@@ -132,8 +147,17 @@ def test_plain_shard_names_still_work(capsys, tmp_path, family):
     assert len(open_checkpoint(str(tasks[0][1])).files) == 2
 
 
-@pytest.mark.parametrize("index", ['{"weight_map": []}', '{"weight_map": {}}', '{"weight_map": {"a": 1}}',
-                                   '{"weight_map": {"a": ["x.safetensors"]}}', '[]', '{"weight_map": {"a": "x.sa'])
+@pytest.mark.parametrize(
+    "index",
+    [
+        '{"weight_map": []}',
+        '{"weight_map": {}}',
+        '{"weight_map": {"a": 1}}',
+        '{"weight_map": {"a": ["x.safetensors"]}}',
+        "[]",
+        '{"weight_map": {"a": "x.sa',
+    ],
+)
 def test_malformed_index_is_one_line(tmp_path, family, index):
     base, tasks = family(tasks=1)
     (tasks[0][1] / INDEX_NAME).write_text(index)

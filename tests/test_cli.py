@@ -14,8 +14,16 @@ from mergeflow.workflows.cli import main
 def make_config(tmp_path, family, method) -> str:
     base, tasks = family(tasks=3)
     path = tmp_path / "merge.yaml"
-    path.write_text(yaml.safe_dump({"base": str(base), "tasks": [{"name": n, "checkpoint": str(p)} for n, p in tasks],
-                                    "output": "out", "method": method}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "base": str(base),
+                "tasks": [{"name": n, "checkpoint": str(p)} for n, p in tasks],
+                "output": "out",
+                "method": method,
+            }
+        )
+    )
     return str(path)
 
 
@@ -79,13 +87,23 @@ def test_the_command_exits_quickly_with_its_output_and_tracking_complete(tmp_pat
     cfg = make_config(tmp_path, family, {"name": "task_arithmetic"})
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_ADDRESS="")
-    done = subprocess.run([sys.executable, "-m", "mergeflow.workflows.cli", "merge", cfg, "--quiet", "--tracking-uri", uri],
-                          env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "mergeflow.workflows.cli", "merge", cfg, "--quiet", "--tracking-uri", uri],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "merged 3 tasks with task_arithmetic" in done.stdout and "timings" in done.stdout
     tracked = json.loads((tmp_path / "out" / "tracking.json").read_text())
     assert mlflow.MlflowClient(tracking_uri=uri).get_run(tracked["run_id"]).info.status == "FINISHED"
 
-    bad = subprocess.run([sys.executable, "-m", "mergeflow.workflows.cli", "inspect", str(tmp_path / "nothing")],
-                         env=env, capture_output=True, text=True, timeout=120)
+    bad = subprocess.run(
+        [sys.executable, "-m", "mergeflow.workflows.cli", "inspect", str(tmp_path / "nothing")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode == 2 and bad.stderr.startswith("mergeflow: error:")

@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-
 from conftest import config_for
+
 from mergeflow.dev.local_cluster import LocalRayCluster
 from mergeflow.dev.local_services import SeaweedS3Server, s3_client
 from mergeflow.workers.shard import LayerStats, ShardResult
@@ -78,9 +78,22 @@ def test_merge_spreads_over_nodes_and_equals_single_node(ray_session, family, tm
         env = os.environ | endpoint.env() | cluster.driver_env()
         env.pop("RAY_ADDRESS")  # the address travels on the command line, as a user would give it
         done = subprocess.run(
-            [sys.executable, "-m", "mergeflow.workflows.cli", "merge", str(config), "--ray-address", info.address,
-             "--quiet", "--no-tracking"],
-            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240,
+            [
+                sys.executable,
+                "-m",
+                "mergeflow.workflows.cli",
+                "merge",
+                str(config),
+                "--ray-address",
+                info.address,
+                "--quiet",
+                "--no-tracking",
+            ],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=240,
         )
         assert done.returncode == 0, done.stderr[-3000:]
 
@@ -113,8 +126,13 @@ def test_merge_spreads_over_nodes_and_equals_single_node(ray_session, family, tm
 def test_journal_keeps_where_a_shard_ran():
     """A resumed run reports reused shards on the node that computed them; records
     written before nodes were recorded still load."""
-    r = ShardResult(4, {"model/x.safetensors": ("ab" * 32, 10)}, {"layer": LayerStats(3, np.ones(2))},
-                    node="f" * 56, node_ip="10.0.0.7")
+    r = ShardResult(
+        4,
+        {"model/x.safetensors": ("ab" * 32, 10)},
+        {"layer": LayerStats(3, np.ones(2))},
+        node="f" * 56,
+        node_ip="10.0.0.7",
+    )
     back = result_from_json(json.loads(json.dumps(result_to_json(r))))
     assert (back.node, back.node_ip, back.index) == ("f" * 56, "10.0.0.7", 4)
     old = result_to_json(r)

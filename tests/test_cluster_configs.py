@@ -35,8 +35,11 @@ COMMAND = re.compile(rf"(?<![\w/.-])mergeflow (?:{'|'.join(SUBCOMMANDS)})\b[^'`\
 
 
 def ray_pin() -> str:
-    return next(line.split("==")[1].strip() for line in (REPO / "constraints.txt").read_text().splitlines()
-                if line.startswith("ray=="))
+    return next(
+        line.split("==")[1].strip()
+        for line in (REPO / "constraints.txt").read_text().splitlines()
+        if line.startswith("ray==")
+    )
 
 
 def ray_schema() -> dict:
@@ -101,31 +104,65 @@ _QUANTITY = {"anyOf": [{"type": "integer"}, {"type": "string"}]}
 _ENV = {
     "type": "array",
     "items": {
-        "type": "object", "required": ["name"],
+        "type": "object",
+        "required": ["name"],
         "properties": {
-            "name": {"type": "string"}, "value": {"type": "string"},
-            "valueFrom": {"type": "object", "properties": {
-                "secretKeyRef": {"type": "object", "required": ["key", "name"],
-                                 "properties": {"key": {"type": "string"}, "name": {"type": "string"},
-                                                "optional": {"type": "boolean"}}}}},
+            "name": {"type": "string"},
+            "value": {"type": "string"},
+            "valueFrom": {
+                "type": "object",
+                "properties": {
+                    "secretKeyRef": {
+                        "type": "object",
+                        "required": ["key", "name"],
+                        "properties": {
+                            "key": {"type": "string"},
+                            "name": {"type": "string"},
+                            "optional": {"type": "boolean"},
+                        },
+                    }
+                },
+            },
         },
     },
 }
 _POD_TEMPLATE = {
-    "type": "object", "required": ["spec"],
-    "properties": {"spec": {"type": "object", "required": ["containers"], "properties": {
-        "containers": {"type": "array", "minItems": 1, "items": {
-            "type": "object", "required": ["name", "image"],
+    "type": "object",
+    "required": ["spec"],
+    "properties": {
+        "spec": {
+            "type": "object",
+            "required": ["containers"],
             "properties": {
-                "name": {"type": "string"}, "image": {"type": "string"}, "env": _ENV,
-                "resources": {"type": "object", "properties": {
-                    "limits": {"type": "object", "additionalProperties": _QUANTITY},
-                    "requests": {"type": "object", "additionalProperties": _QUANTITY}}},
-                "ports": {"type": "array", "items": {"type": "object", "required": ["containerPort"]}},
-                "volumeMounts": {"type": "array", "items": {"type": "object", "required": ["mountPath", "name"]}},
-            }}},
-        "volumes": {"type": "array", "items": {"type": "object", "required": ["name"]}},
-    }}},
+                "containers": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": {
+                        "type": "object",
+                        "required": ["name", "image"],
+                        "properties": {
+                            "name": {"type": "string"},
+                            "image": {"type": "string"},
+                            "env": _ENV,
+                            "resources": {
+                                "type": "object",
+                                "properties": {
+                                    "limits": {"type": "object", "additionalProperties": _QUANTITY},
+                                    "requests": {"type": "object", "additionalProperties": _QUANTITY},
+                                },
+                            },
+                            "ports": {"type": "array", "items": {"type": "object", "required": ["containerPort"]}},
+                            "volumeMounts": {
+                                "type": "array",
+                                "items": {"type": "object", "required": ["mountPath", "name"]},
+                            },
+                        },
+                    },
+                },
+                "volumes": {"type": "array", "items": {"type": "object", "required": ["name"]}},
+            },
+        }
+    },
 }
 # What the ray.io/v1 CRDs require (the union over KubeRay 1.x: older releases also require
 # rayStartParams, minReplicas and maxReplicas) and the types they enforce, e.g.
@@ -149,17 +186,26 @@ RAYJOB_REQUIRED = {
                     "required": ["headGroupSpec"],
                     "properties": {
                         "rayVersion": {"type": "string"},
-                        "headGroupSpec": {"type": "object", "required": ["rayStartParams", "template"],
-                                          "properties": {"rayStartParams": _STR_MAP, "template": _POD_TEMPLATE}},
-                        "workerGroupSpecs": {"type": "array", "items": {
+                        "headGroupSpec": {
                             "type": "object",
-                            "required": ["groupName", "rayStartParams", "template", "minReplicas", "maxReplicas"],
-                            "properties": {
-                                "groupName": {"type": "string"}, "rayStartParams": _STR_MAP, "template": _POD_TEMPLATE,
-                                "replicas": {"type": "integer", "minimum": 0},
-                                "minReplicas": {"type": "integer", "minimum": 0},
-                                "maxReplicas": {"type": "integer", "minimum": 0},
-                            }}},
+                            "required": ["rayStartParams", "template"],
+                            "properties": {"rayStartParams": _STR_MAP, "template": _POD_TEMPLATE},
+                        },
+                        "workerGroupSpecs": {
+                            "type": "array",
+                            "items": {
+                                "type": "object",
+                                "required": ["groupName", "rayStartParams", "template", "minReplicas", "maxReplicas"],
+                                "properties": {
+                                    "groupName": {"type": "string"},
+                                    "rayStartParams": _STR_MAP,
+                                    "template": _POD_TEMPLATE,
+                                    "replicas": {"type": "integer", "minimum": 0},
+                                    "minReplicas": {"type": "integer", "minimum": 0},
+                                    "maxReplicas": {"type": "integer", "minimum": 0},
+                                },
+                            },
+                        },
                     },
                 },
             },
@@ -200,8 +246,10 @@ def test_rayjob_cluster_as_rays_kuberay_autoscaler_reads_it():
     from ray.autoscaler._private.kuberay.autoscaling_config import _derive_autoscaling_config_from_ray_cr
 
     job, _ = rayjob_documents()
-    ray_cr = {"metadata": {"name": job["metadata"]["name"], "namespace": "default"},
-              "spec": job["spec"]["rayClusterSpec"]}
+    ray_cr = {
+        "metadata": {"name": job["metadata"]["name"], "namespace": "default"},
+        "spec": job["spec"]["rayClusterSpec"],
+    }
     config = _derive_autoscaling_config_from_ray_cr(copy.deepcopy(ray_cr))  # validates against ray-schema.json too
     types = config["available_node_types"]
     assert types["headgroup"]["resources"]["CPU"] == 0  # the driver's pod runs no shard

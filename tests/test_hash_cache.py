@@ -7,6 +7,7 @@ import json
 import os
 
 from conftest import config_for
+
 from mergeflow.infra import hash_cache
 from mergeflow.workflows.merge import run_merge
 
@@ -21,7 +22,11 @@ def _files(base, tasks):
 
 def _manifest_hashes(report) -> dict[str, str]:
     inputs = report.manifest["inputs"]
-    return {f"{cp['uri']}/{name}": e["sha256"] for cp in [inputs["base"], *inputs["tasks"]] for name, e in cp["files"].items()}
+    return {
+        f"{cp['uri']}/{name}": e["sha256"]
+        for cp in [inputs["base"], *inputs["tasks"]]
+        for name, e in cp["files"].items()
+    }
 
 
 def test_second_merge_of_the_same_inputs_hashes_nothing(ray_session, family, tmp_path):
@@ -56,7 +61,9 @@ def test_cache_off_hashes_everything_and_writes_no_cache(ray_session, family, tm
     files = _files(base, tasks)
     cfg = config_for(base, tasks, tmp_path / "a", {"name": "task_arithmetic"}, hash_cache=False)
     first = run_merge(cfg, quiet=True)
-    second = run_merge(config_for(base, tasks, tmp_path / "b", {"name": "task_arithmetic"}, hash_cache=False), quiet=True)
+    second = run_merge(
+        config_for(base, tasks, tmp_path / "b", {"name": "task_arithmetic"}, hash_cache=False), quiet=True
+    )
     assert first.bytes_hashed == second.bytes_hashed == sum(f.stat().st_size for f in files)
     assert not hash_cache.cache_file().exists()
 

@@ -13,9 +13,9 @@ import pytest
 import yaml
 from safetensors import safe_open
 
+from mergeflow.dev.synthetic import make_family
 from mergeflow.errors import CheckpointError
 from mergeflow.workers.safetensors_io import read_header
-from mergeflow.dev.synthetic import make_family
 from mergeflow.workflows.cli import main
 
 
@@ -23,8 +23,12 @@ from mergeflow.workflows.cli import main
 def tiny(tmp_path):
     """A 2-task family, the config merging it, and the task checkpoint file the tests rewrite."""
     base, tasks = make_family(tmp_path / "fam", tasks=2, layers=1, hidden=8, vocab=16)
-    raw = {"base": str(base), "tasks": [{"name": n, "checkpoint": str(p)} for n, p in tasks],
-           "output": str(tmp_path / "out"), "method": {"name": "task_arithmetic"}}
+    raw = {
+        "base": str(base),
+        "tasks": [{"name": n, "checkpoint": str(p)} for n, p in tasks],
+        "output": str(tmp_path / "out"),
+        "method": {"name": "task_arithmetic"},
+    }
     cfg = tmp_path / "merge.yaml"
     cfg.write_text(yaml.safe_dump(raw))
     return cfg, tasks[1][1] / "model.safetensors", tmp_path / "out"
@@ -74,6 +78,7 @@ def set_field(field, value, which=first_tensor):
     def edit(h, body):
         h[which(h)][field] = value
         return h, body
+
     return edit
 
 
@@ -207,8 +212,11 @@ def test_files_the_project_writes_still_pass(tmp_path):
     from mergeflow.workers.safetensors_io import StreamingWriter
 
     f = tmp_path / "a.safetensors"
-    save_file({"a": torch.zeros(3), "empty": torch.zeros(0, 5), "b": torch.ones(2, dtype=torch.bfloat16)}, f,
-              metadata={"format": "pt"})
+    save_file(
+        {"a": torch.zeros(3), "empty": torch.zeros(0, 5), "b": torch.ones(2, dtype=torch.bfloat16)},
+        f,
+        metadata={"format": "pt"},
+    )
     h = read_header(str(f))
     assert h.metadata == {"format": "pt"} and h.tensors["empty"].nbytes == 0 and h.tensors["b"].shape == (2,)
     w = StreamingWriter(str(tmp_path / "b.safetensors"), [("x", "F32", (2,)), ("z", "I64", (0,)), ("y", "U8", (3,))])
@@ -220,8 +228,31 @@ def test_files_the_project_writes_still_pass(tmp_path):
 
 # --- fuzzing -----------------------------------------------------------------------------------
 
-WEIRD = [None, True, False, 0, -1, 1, 2**63, 2**64, 2**64 - 1, -(2**63), 1.5, 4.0, float("1e30"), "", "F32",
-         "44", [], [0], [1, 2], [-1], {}, {"a": "b"}, ["F32"]]
+WEIRD = [
+    None,
+    True,
+    False,
+    0,
+    -1,
+    1,
+    2**63,
+    2**64,
+    2**64 - 1,
+    -(2**63),
+    1.5,
+    4.0,
+    float("1e30"),
+    "",
+    "F32",
+    "44",
+    [],
+    [0],
+    [1, 2],
+    [-1],
+    {},
+    {"a": "b"},
+    ["F32"],
+]
 
 
 def mutate(rng: random.Random, header: dict, body: bytes) -> tuple[bytes, str]:
@@ -261,12 +292,14 @@ def mutate(rng: random.Random, header: dict, body: bytes) -> tuple[bytes, str]:
         what = f"swap offsets of {name} and {other}"
     elif kind == 8:  # duplicate a key in the text
         text = json.dumps(h)
-        dup = rng.choice([f'{json.dumps(name)}: {json.dumps(h[name])}', '"__metadata__": {}'])
+        dup = rng.choice([f"{json.dumps(name)}: {json.dumps(h[name])}", '"__metadata__": {}'])
         return assemble(text[:-1] + ", " + dup + "}", body), f"duplicate {dup[:30]}"
     elif kind == 9:  # truncate or pad the JSON text
         blob = json.dumps(h).encode()
         cut = rng.randrange(1, len(blob))
-        blob = rng.choice([blob[:cut], blob + rng.choice([b"x", b"}", b",", b"\0", b"]"]), blob[:cut] + blob[cut + 1:]])
+        blob = rng.choice(
+            [blob[:cut], blob + rng.choice([b"x", b"}", b",", b"\0", b"]"]), blob[:cut] + blob[cut + 1 :]]
+        )
         return assemble(blob, body), "truncated/padded JSON"
     elif kind == 10:  # break UTF-8 or JSON escapes
         blob = bytearray(json.dumps(h).encode())

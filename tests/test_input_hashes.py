@@ -5,8 +5,8 @@ import hashlib
 
 import pytest
 
-from mergeflow.infra.storage import StorageOptions
 from mergeflow.errors import StorageError
+from mergeflow.infra.storage import StorageOptions
 from mergeflow.workflows.input_hashes import InputHashes, hash_in_driver
 
 

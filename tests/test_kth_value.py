@@ -91,7 +91,7 @@ def blocks_sample(x: torch.Tensor, block: int) -> kth_value.Sample:
     """A 1/32 sample of x in blocks of `block` values."""
     sample = kth_value.Sample.empty(x.shape[0])
     for lo in range(0, x.shape[1], block * kth_value.SAMPLE_EVERY):
-        sample.add(x[:, lo:lo + block])
+        sample.add(x[:, lo : lo + block])
     return sample
 
 
@@ -117,10 +117,16 @@ def test_cpu_window_counts_equal_the_bincount_ones(width_bins):
     gen = torch.Generator().manual_seed(width_bins)
     bits = torch.randint(0, 1 << 31, (50_000,), generator=gen, dtype=torch.int64).to(torch.int32)
     lo = 0x3A000000
-    edges = torch.tensor([lo - 1, lo, lo + (width_bins << 16) - 1, lo + (width_bins << 16), 2**31 - 1, 0],
-                         dtype=torch.int32)
-    bits = torch.cat([bits, edges, torch.randint(lo, lo + (width_bins << 16), (5000,), generator=gen,
-                                                 dtype=torch.int64).to(torch.int32)])
+    edges = torch.tensor(
+        [lo - 1, lo, lo + (width_bins << 16) - 1, lo + (width_bins << 16), 2**31 - 1, 0], dtype=torch.int32
+    )
+    bits = torch.cat(
+        [
+            bits,
+            edges,
+            torch.randint(lo, lo + (width_bins << 16), (5000,), generator=gen, dtype=torch.int64).to(torch.int32),
+        ]
+    )
     for c in (Count("window", lo, width_bins << 16), Count("window", (1 << 31) - (width_bins << 16), width_bins << 16)):
         cpu = torch.zeros(c.columns, dtype=torch.int64)
         kth_value._add_window_cpu(cpu, bits, c)
@@ -141,7 +147,9 @@ def test_a_misleading_sample_costs_passes_not_exactness():
     assert np.array_equal(got, reference(x, 0.2))
     assert [c.kind for c in plans[0]] == ["window"] * 2  # it believed the sample ...
     assert [c.kind for c in plans[1]] == ["high"] * 2  # ... the window missed, a histogram ...
-    assert [c.kind for c in plans[2]] == ["window"] * 2 and all(c.width == 1 << 16 for c in plans[2])  # ... then its bin
+    assert [c.kind for c in plans[2]] == ["window"] * 2 and all(
+        c.width == 1 << 16 for c in plans[2]
+    )  # ... then its bin
 
 
 def test_wide_windows_go_straight_to_the_histogram():
@@ -157,8 +165,11 @@ def test_density_one_keeps_everything_without_a_pass():
     assert got.tolist() == [0.0, 0.0] and plans == []
 
 
-@pytest.mark.parametrize("count", [Count("high"), Count("window", 0, 1), Count("window", 0x3A000000, 1 << 16)],
-                         ids=["high", "zeros", "window"])
+@pytest.mark.parametrize(
+    "count",
+    [Count("high"), Count("window", 0, 1), Count("window", 0x3A000000, 1 << 16)],
+    ids=["high", "zeros", "window"],
+)
 def test_counting_passes_report_nonfinite_values(count):
     x = torch.randn(2, 5000)
     counts = kth_value.new_counts((count, count))

@@ -91,11 +91,13 @@ def test_multipart_upload(endpoint: S3Endpoint) -> None:
     upload_id = s3.create_multipart_upload(Bucket=endpoint.bucket, Key=key)["UploadId"]
     parts = []
     for number, chunk in enumerate(chunks, start=1):
-        etag = s3.upload_part(Bucket=endpoint.bucket, Key=key, UploadId=upload_id, PartNumber=number,
-                              Body=chunk)["ETag"]
+        etag = s3.upload_part(Bucket=endpoint.bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=chunk)[
+            "ETag"
+        ]
         parts.append({"ETag": etag, "PartNumber": number})
-    done = s3.complete_multipart_upload(Bucket=endpoint.bucket, Key=key, UploadId=upload_id,
-                                        MultipartUpload={"Parts": parts})
+    done = s3.complete_multipart_upload(
+        Bucket=endpoint.bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts}
+    )
     assert done["ETag"].strip('"').endswith("-3")  # a multipart ETag, not an MD5 of the content
     body = s3.get_object(Bucket=endpoint.bucket, Key=key)["Body"].read()
     assert len(body) == 12 * MIB
@@ -138,8 +140,9 @@ def test_start_failure_reports_log_tail(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_mlflow_artifacts_go_through_server_to_s3(endpoint: S3Endpoint, tmp_path: Path,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_mlflow_artifacts_go_through_server_to_s3(
+    endpoint: S3Endpoint, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import mlflow
 
     # The client gets no S3 credentials: artifacts can only reach S3 through the server's proxy.
@@ -162,17 +165,29 @@ def test_mlflow_artifacts_go_through_server_to_s3(endpoint: S3Endpoint, tmp_path
         local = client.download_artifacts(run_id, "reports/merge_report.txt", str(tmp_path / "dl"))
         assert Path(local).read_text() == "merged 8 checkpoints\n"
 
-    keys = [obj["Key"] for obj in s3_client(endpoint).list_objects_v2(
-        Bucket=endpoint.bucket, Prefix="mlflow/")["Contents"]]
+    keys = [
+        obj["Key"] for obj in s3_client(endpoint).list_objects_v2(Bucket=endpoint.bucket, Prefix="mlflow/")["Contents"]
+    ]
     assert any(k.endswith(f"{run_id}/artifacts/reports/merge_report.txt") for k in keys), keys
 
 
 @pytest.mark.slow
 def test_cli_s3_prints_exports_and_stops_on_sigterm(tmp_path: Path) -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mergeflow.dev.local_services", "s3", "--dir", str(tmp_path / "cli"),
-         "--secret-key", "cli-secret"],
-        cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "mergeflow.dev.local_services",
+            "s3",
+            "--dir",
+            str(tmp_path / "cli"),
+            "--secret-key",
+            "cli-secret",
+        ],
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         lines: list[str] = []
@@ -185,8 +200,9 @@ def test_cli_s3_prints_exports_and_stops_on_sigterm(tmp_path: Path) -> None:
             lines.append(line)
             if line.startswith("export MLFLOW_S3_ENDPOINT_URL="):
                 break
-        exports = dict(line.removeprefix("export ").strip().split("=", 1) for line in lines
-                       if line.startswith("export "))
+        exports = dict(
+            line.removeprefix("export ").strip().split("=", 1) for line in lines if line.startswith("export ")
+        )
         assert exports["AWS_SECRET_ACCESS_KEY"] == "cli-secret", lines
         # The secret appears only in its own export line.
         assert sum("cli-secret" in line for line in lines) == 1

@@ -27,9 +27,9 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 
 from mergeflow.dev.local_services import s3_client  # noqa: E402
+from mergeflow.errors import StorageError  # noqa: E402
 from mergeflow.infra.lock import LOCK_NAME, Holder, LockHeld, LockLost, RunLock, pid_namespace  # noqa: E402
 from mergeflow.infra.storage import StorageOptions  # noqa: E402
-from mergeflow.errors import StorageError  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -202,8 +202,9 @@ def _free_pid() -> int:
     return next(p for p in range(pid_max - 2, 1000, -1) if not Path(f"/proc/{p}").exists())
 
 
-@pytest.mark.skipif(not Path("/usr/bin/unshare").exists() or os.geteuid() != 0,
-                    reason="needs unshare and root for a PID namespace")
+@pytest.mark.skipif(
+    not Path("/usr/bin/unshare").exists() or os.geteuid() != 0, reason="needs unshare and root for a PID namespace"
+)
 def test_live_holder_in_another_pid_namespace_is_not_taken_over(tmp_path):
     """Containers share host names and number their own processes: a live holder in another PID
     namespace whose pid does not exist here (or is another process here) keeps its lock until the TTL."""
@@ -218,8 +219,9 @@ def test_live_holder_in_another_pid_namespace_is_not_taken_over(tmp_path):
     """)
     # ns_last_pid makes the holder's pid one that no process of this namespace has
     inner = f"echo {pid - 1} > /proc/sys/kernel/ns_last_pid; {sys.executable} -c {shlex.quote(holder)}"
-    proc = subprocess.Popen(["unshare", "--pid", "--fork", "--mount-proc", "sh", "-c", inner], cwd=REPO,
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        ["unshare", "--pid", "--fork", "--mount-proc", "sh", "-c", inner], cwd=REPO, stdout=subprocess.PIPE, text=True
+    )
     try:
         inside = int(proc.stdout.readline())
         assert inside == pid and not Path(f"/proc/{pid}").exists()  # its pid means nothing here

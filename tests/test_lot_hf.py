@@ -9,12 +9,12 @@ import json
 import pytest
 import torch
 import transformers
+from conftest import config_for
 from safetensors.torch import load_file, save_file
 
-from conftest import config_for
+from mergeflow.errors import ConfigError
 from mergeflow.infra.storage import sha256_of
 from mergeflow.workers.checkpoint import open_checkpoint
-from mergeflow.errors import ConfigError
 from mergeflow.workers.methods.lot import solve
 from mergeflow.workers.methods.lot.features import ENERGY, GRAM, ROWS, FeatureJob, load_stats, task_features
 from mergeflow.workers.methods.lot.models import TaskModelSpec
@@ -26,9 +26,18 @@ def lot_shard(spec, stats):
     """LOT's merge of one shard from these statistics files (what the map runs after the feature stage)."""
     return merge_shard(spec.with_globals(lot_stats=tuple(stats)))
 
-CONFIG = {"model_type": "bert", "architectures": ["BertModel"], "vocab_size": 50, "hidden_size": 16,
-          "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 24, "max_position_embeddings": 32,
-          "pad_token_id": 0}
+
+CONFIG = {
+    "model_type": "bert",
+    "architectures": ["BertModel"],
+    "vocab_size": 50,
+    "hidden_size": 16,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "intermediate_size": 24,
+    "max_position_embeddings": 32,
+    "pad_token_id": 0,
+}
 QUERY = "encoder.layer.0.attention.self.query.weight"
 LENGTHS = [5, 9, 3, 7, 6, 4]
 
@@ -46,7 +55,9 @@ def family(tmp_path_factory):
     gen = torch.Generator().manual_seed(1)
     tasks = []
     for i, name in enumerate(["a", "b"]):
-        sd = {k: v + 0.05 * torch.randn(v.shape, generator=gen) if v.is_floating_point() else v for k, v in base.items()}
+        sd = {
+            k: v + 0.05 * torch.randn(v.shape, generator=gen) if v.is_floating_point() else v for k, v in base.items()
+        }
         tasks.append((name, root / name, sd))
         ids = [[int(x) for x in torch.randint(1, 50, (n,), generator=gen)] for n in LENGTHS]
         doc = ids if i == 0 else {"input_ids": ids}  # both accepted file layouts
@@ -100,9 +111,14 @@ def test_lot_merge_of_bert_loads_and_beats_task_arithmetic_on_drift(family, tmp_
     root, tasks = family
     results = [features(root, n, p) for n, p in tasks]
     files = [str(root / f"{n}.json") for n, _ in tasks]
-    plan = make_plan(config_for(root / "base", tasks, tmp_path / "run",
-                                {"name": "lot", "model": "hf", "exemplars": 4,
-                                 "exemplar_files": dict(zip([n for n, _ in tasks], files))}))
+    plan = make_plan(
+        config_for(
+            root / "base",
+            tasks,
+            tmp_path / "run",
+            {"name": "lot", "model": "hf", "exemplars": 4, "exemplar_files": dict(zip([n for n, _ in tasks], files))},
+        )
+    )
     assert list(plan.params.exemplar_files.values()) == files
     out = lot_shard(plan.shards[0], tuple(r.uri for r in results))
     assert list(out.outputs) == ["model/model-00001-of-00001.safetensors"]
@@ -127,8 +143,11 @@ def test_bad_exemplar_files_fail_in_one_line(family, tmp_path):
     name, path = tasks[0]
     (tmp_path / "big.json").write_text(json.dumps([[1, 2, 500]]))
     (tmp_path / "flat.json").write_text(json.dumps([1, 2, 3]))
-    cases = {str(tmp_path / "missing.json"): "not found", str(tmp_path / "big.json"): "token id 500",
-             str(tmp_path / "flat.json"): "list of token-id lists"}
+    cases = {
+        str(tmp_path / "missing.json"): "not found",
+        str(tmp_path / "big.json"): "token id 500",
+        str(tmp_path / "flat.json"): "list of token-id lists",
+    }
     for file, words in cases.items():
         j, hashes = job(root, name, path, exemplar_file=file, cache=str(tmp_path / "c"))
         with pytest.raises(ConfigError) as err:
@@ -155,10 +174,18 @@ def test_cuda_features_and_solve_match_cpu(family, tmp_path):
         for k in sa:
             torch.testing.assert_close(sb[k], sa[k], rtol=1e-4, atol=1e-4)
     files = {n: str(root / f"{n}.json") for n, _ in tasks}
-    plan = make_plan(config_for(root / "base", tasks, tmp_path / "run-cpu",
-                                {"name": "lot", "model": "hf", "exemplars": 4, "exemplar_files": files}))
+    plan = make_plan(
+        config_for(
+            root / "base",
+            tasks,
+            tmp_path / "run-cpu",
+            {"name": "lot", "model": "hf", "exemplars": 4, "exemplar_files": files},
+        )
+    )
     lot_shard(plan.shards[0], tuple(r.uri for r in cpu))
-    lot_shard(dataclasses.replace(plan.shards[0], device="cuda", output=str(tmp_path / "run-gpu")), tuple(r.uri for r in cpu))
+    lot_shard(
+        dataclasses.replace(plan.shards[0], device="cuda", output=str(tmp_path / "run-gpu")), tuple(r.uri for r in cpu)
+    )
     part = "model/model-00001-of-00001.safetensors"
     a, b = load_file(str(tmp_path / "run-cpu" / part)), load_file(str(tmp_path / "run-gpu" / part))
     for k in a:

@@ -11,14 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import config_for
 from safetensors.torch import load_file
 
-from conftest import config_for
-from mergeflow.workers.methods.lot import solve
-from mergeflow.workers.methods.lot.features import ENERGY, GRAM, ROWS, load_stats
-from mergeflow.workers.methods.lot.features import collect
-from mergeflow.workers.methods.lot.rules import merge_state_dicts
 from mergeflow.dev.suite.models import LOT_MODEL, backbone_module, load_backbone, lot_exemplars
+from mergeflow.workers.methods.lot import solve
+from mergeflow.workers.methods.lot.features import ENERGY, GRAM, ROWS, collect, load_stats
+from mergeflow.workers.methods.lot.rules import merge_state_dicts
 from mergeflow.workflows.cli import main
 from mergeflow.workflows.merge import run_merge
 
@@ -31,8 +30,12 @@ def suite(tiny_suite):
 
 
 def write_config(path, suite_dir, names, output, method: dict) -> str:
-    doc = {"base": str(suite_dir / "base"), "tasks": [{"name": n, "checkpoint": str(suite_dir / n)} for n in names],
-           "output": str(output), "method": method}
+    doc = {
+        "base": str(suite_dir / "base"),
+        "tasks": [{"name": n, "checkpoint": str(suite_dir / n)} for n in names],
+        "output": str(output),
+        "method": method,
+    }
     path.write_text(yaml.safe_dump(doc))
     return str(path)
 
@@ -44,8 +47,13 @@ def merged(run) -> dict[str, torch.Tensor]:
 def test_cli_merge_lot_matches_the_solve_and_reuses_cached_statistics(ray_session, suite, tmp_path, capsys):
     suite_dir, names = suite
     cache = tmp_path / "cache"
-    cfg = write_config(tmp_path / "lot.yaml", suite_dir, names, tmp_path / "run1",
-                       {"name": "lot", "model": LOT_MODEL, "exemplars": 32, "stats_cache": str(cache)})
+    cfg = write_config(
+        tmp_path / "lot.yaml",
+        suite_dir,
+        names,
+        tmp_path / "run1",
+        {"name": "lot", "model": LOT_MODEL, "exemplars": 32, "stats_cache": str(cache)},
+    )
     assert main(["merge", cfg, "--quiet", "--no-tracking"]) == 0
     out = capsys.readouterr().out
     assert "merged 3 tasks with lot" in out and "3 computed, 0 reused" in out
@@ -72,8 +80,9 @@ def test_cli_merge_lot_matches_the_solve_and_reuses_cached_statistics(ray_sessio
         delta = solve.linear_delta([t[name] - base[name] for t in tasks], [s[GRAM + name] for s in stats])
         torch.testing.assert_close(got[name], base[name] + delta.float(), rtol=0, atol=2e-6)
     bias = "backbone.2.bias"
-    torch.testing.assert_close(got[bias], base[bias] + torch.stack([t[bias] - base[bias] for t in tasks]).mean(0),
-                               rtol=0, atol=2e-6)  # equal rows per task: the row-weighted mean is the mean
+    torch.testing.assert_close(
+        got[bias], base[bias] + torch.stack([t[bias] - base[bias] for t in tasks]).mean(0), rtol=0, atol=2e-6
+    )  # equal rows per task: the row-weighted mean is the mean
 
     # a new output, same checkpoints and exemplars: the statistics come from the cache, untouched
     assert main(["merge", cfg, "--output", str(tmp_path / "run2"), "--quiet", "--no-tracking"]) == 0
@@ -85,8 +94,13 @@ def test_cli_merge_lot_matches_the_solve_and_reuses_cached_statistics(ray_sessio
     assert a == (tmp_path / "run2" / "model" / "model-00001-of-00001.safetensors").read_bytes()
 
     # other exemplars: a different key, so computed again
-    cfg64 = write_config(tmp_path / "lot64.yaml", suite_dir, names, tmp_path / "run3",
-                         {"name": "lot", "model": LOT_MODEL, "exemplars": 64, "lambda": 0.5, "stats_cache": str(cache)})
+    cfg64 = write_config(
+        tmp_path / "lot64.yaml",
+        suite_dir,
+        names,
+        tmp_path / "run3",
+        {"name": "lot", "model": LOT_MODEL, "exemplars": 64, "lambda": 0.5, "stats_cache": str(cache)},
+    )
     assert main(["merge", cfg64, "--quiet", "--no-tracking"]) == 0
     m3 = json.loads((tmp_path / "run3" / "manifest.json").read_text())
     assert m3["lot"]["features_computed"] == 3 and len(list(cache.iterdir())) == 6
@@ -113,8 +127,11 @@ def test_lot_drift_is_at_most_task_arithmetic_and_ties(ray_session, suite, tmp_p
         assert drift["lot"] < drift["task_arithmetic"]  # and strictly better on real, interfering tasks
 
     # the single-process reference: statistics and the whole merge in memory (workers/lot/rules.py)
-    reference = merge_state_dicts(load_backbone(suite_dir / "base"), finetuned,
-                                  [collect(backbone_module(f), [lot_exemplars(n, 0)]) for f, n in zip(finetuned, names)])
+    reference = merge_state_dicts(
+        load_backbone(suite_dir / "base"),
+        finetuned,
+        [collect(backbone_module(f), [lot_exemplars(n, 0)]) for f, n in zip(finetuned, names)],
+    )
     for name, w in reference.items():
         torch.testing.assert_close(runs["lot"][name], w, rtol=0, atol=2e-6)
 
@@ -166,16 +183,19 @@ def hook_build(checkpoint: str, task: str, exemplars: int, seed: int):
 
 def test_user_hook_statistics_and_cache(suite, tmp_path):
     """The hook path in the worker itself (no Ray: a hook must be importable wherever workers run)."""
+    from mergeflow.dev.suite.models import task_data
     from mergeflow.infra.storage import sha256_of
     from mergeflow.workers.checkpoint import open_checkpoint
     from mergeflow.workers.methods.lot.features import FeatureJob, task_features
     from mergeflow.workers.methods.lot.models import TaskModelSpec
-    from mergeflow.dev.suite.models import task_data
 
     suite_dir, _ = suite
     cp = open_checkpoint(str(suite_dir / "rot90"))
-    job = FeatureJob(TaskModelSpec("test_lot_pipeline:hook_build", cp.uri, "rot90", 20, 0), tuple(cp.tensors),
-                     str(tmp_path / "cache"))
+    job = FeatureJob(
+        TaskModelSpec("test_lot_pipeline:hook_build", cp.uri, "rot90", 20, 0),
+        tuple(cp.tensors),
+        str(tmp_path / "cache"),
+    )
     hashes = [sha256_of(f) for f in cp.files]
     first = task_features(job, *hashes)
     assert not first.reused and first.task == "rot90"
@@ -194,9 +214,12 @@ def test_lambda_auto_selects_on_validation_and_equals_a_direct_merge(ray_session
     from mergeflow.workflows.config import config_from_dict
 
     suite_dir, names = suite
-    raw = {"base": str(suite_dir / "base"), "tasks": [{"name": n, "checkpoint": str(suite_dir / n)} for n in names],
-           "method": {"name": "lot", "model": LOT_MODEL, "lambda": "auto", "stats_cache": str(tmp_path / "cache")},
-           "selection": {"evaluator": "mergeflow.dev.suite.models:evaluate", "alphas": [0.5, 1.0, 1.5]}}
+    raw = {
+        "base": str(suite_dir / "base"),
+        "tasks": [{"name": n, "checkpoint": str(suite_dir / n)} for n in names],
+        "method": {"name": "lot", "model": LOT_MODEL, "lambda": "auto", "stats_cache": str(tmp_path / "cache")},
+        "selection": {"evaluator": "mergeflow.dev.suite.models:evaluate", "alphas": [0.5, 1.0, 1.5]},
+    }
     auto = run_merge(config_from_dict(raw | {"output": str(tmp_path / "auto")}), quiet=True)
     chosen = auto.manifest["selection"]["alpha"]["chosen"]
     assert chosen in (0.5, 1.0, 1.5) and auto.manifest["method"]["lambda"] == chosen

@@ -55,7 +55,9 @@ def test_bias_reference_row_weighted_mean():
     deltas = torch.tensor([[0.1, 0.2, -0.3], [0.3, 0.0, 0.1]])
     out = solve.additive_delta(deltas, [2, 2])  # X1 and X2 have two rows each
     torch.testing.assert_close(out, torch.tensor([0.2, 0.1, -0.1], dtype=torch.float64), rtol=0, atol=F32)
-    torch.testing.assert_close(solve.additive_delta(deltas, [3, 1]), torch.tensor([0.15, 0.15, -0.2], dtype=torch.float64))
+    torch.testing.assert_close(
+        solve.additive_delta(deltas, [3, 1]), torch.tensor([0.15, 0.15, -0.2], dtype=torch.float64)
+    )
     torch.testing.assert_close(solve.mean_delta(deltas), torch.tensor([0.2, 0.1, -0.1], dtype=torch.float64))
 
 
@@ -65,8 +67,10 @@ def test_linear_equals_brute_force_least_squares(seed):
     X_t Delta_t^T and solve the one least-squares problem with torch.linalg.lstsq."""
     gen = torch.Generator().manual_seed(seed)
     t, d_in, d_out = 2 + seed % 3, 5 + seed, 3 + seed % 2
-    xs = [torch.randn(int(torch.randint(2, 9, (1,), generator=gen)), d_in, generator=gen, dtype=torch.float64)
-          for _ in range(t)]
+    xs = [
+        torch.randn(int(torch.randint(2, 9, (1,), generator=gen)), d_in, generator=gen, dtype=torch.float64)
+        for _ in range(t)
+    ]
     deltas = [torch.randn(d_out, d_in, generator=gen, dtype=torch.float64) for _ in range(t)]
     ours = solve.linear_delta(deltas, [gram(x) for x in xs])
     stacked = torch.cat(xs)

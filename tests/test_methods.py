@@ -6,10 +6,10 @@ the histogram selection in workers/kth_value.py, not from torch.kthvalue."""
 import numpy as np
 import pytest
 import torch
+from kernels import kernel
 
 from mergeflow.workers import kth_value
 from mergeflow.workers.bits import pack_rows, pack_rows_torch, unpack
-from kernels import kernel
 
 THETA0 = torch.tensor([1.0, -1.0, 0.5, 0.0, 2.0, -0.5])
 TAUS = torch.tensor(
@@ -36,7 +36,9 @@ def run(name: str, **kw):
 def test_task_arithmetic_sum_and_scaled_model():
     params, out = run("task_arithmetic", alpha=0.3)
     torch.testing.assert_close(out.delta, torch.tensor([0.45, 0.55, 0.7, 0.6, 0.0, -0.45]))
-    torch.testing.assert_close(THETA0 + params.alpha * out.delta, torch.tensor([1.135, -0.835, 0.71, 0.18, 2.0, -0.635]))
+    torch.testing.assert_close(
+        THETA0 + params.alpha * out.delta, torch.tensor([1.135, -0.835, 0.71, 0.18, 2.0, -0.635])
+    )
 
 
 def test_ties_trim_keeps_four_of_six_per_task():
@@ -47,7 +49,9 @@ def test_ties_trim_keeps_four_of_six_per_task():
         assert thr[t] == TAUS[t].abs().kthvalue(6 - int(6 * 0.5)).values
 
 
-@pytest.mark.parametrize("merge,expected", [("mean", [0.475, 0.425, 0.5, 0.8, 0, -0.325]), ("sum", [0.95, 0.85, 0.5, 0.8, 0, -0.65])])
+@pytest.mark.parametrize(
+    "merge,expected", [("mean", [0.475, 0.425, 0.5, 0.8, 0, -0.325]), ("sum", [0.95, 0.85, 0.5, 0.8, 0, -0.65])]
+)
 def test_ties_reference(merge, expected):
     _, out = run("ties", density=0.5, merge=merge)
     torch.testing.assert_close(out.delta, torch.tensor(expected))

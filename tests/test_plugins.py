@@ -14,27 +14,32 @@ import json  # noqa: E402
 import uuid  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import plugins.memory_backend as memory  # noqa: E402  (registers mem://)
+import plugins.scaled_mean  # noqa: E402, F401  (registers the method scaled_mean)
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from safetensors.torch import load as load_bytes  # noqa: E402
 
-import plugins.memory_backend as memory  # noqa: E402  (registers mem://)
-import plugins.scaled_mean  # noqa: E402, F401  (registers the method scaled_mean)
 from mergeflow.dev.local_services import s3_client  # noqa: E402
 from mergeflow.errors import ConfigError  # noqa: E402
 from mergeflow.infra.lock import LockHeld, RunLock  # noqa: E402
+from mergeflow.workers.shard import merge_shard  # noqa: E402
 from mergeflow.workflows.commit import OutputState  # noqa: E402
 from mergeflow.workflows.config import config_from_dict  # noqa: E402
 from mergeflow.workflows.merge import run_merge  # noqa: E402
 from mergeflow.workflows.plan import make_plan  # noqa: E402
-from mergeflow.workers.shard import merge_shard  # noqa: E402
 
 EXECUTION = {"shard_size": 4000, "chunk_elems": 64}
 
 
 def raw_config(base, tasks, output, method, endpoint=None) -> dict:
-    raw = {"base": str(base), "tasks": [{"name": n, "checkpoint": str(p)} for n, p in tasks], "output": str(output),
-           "method": method, "execution": EXECUTION}
+    raw = {
+        "base": str(base),
+        "tasks": [{"name": n, "checkpoint": str(p)} for n, p in tasks],
+        "output": str(output),
+        "method": method,
+        "execution": EXECUTION,
+    }
     if endpoint is not None:
         raw["storage"] = {"endpoint_url": endpoint.url, "region": endpoint.region}
     return raw
@@ -49,12 +54,13 @@ def objects(client, bucket: str, prefix: str) -> dict[str, bytes]:
     out = {}
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/"):
         for o in page.get("Contents", []):
-            out[o["Key"][len(prefix) + 1:]] = client.get_object(Bucket=bucket, Key=o["Key"])["Body"].read()
+            out[o["Key"][len(prefix) + 1 :]] = client.get_object(Bucket=bucket, Key=o["Key"])["Body"].read()
     return out
 
 
 def scaled_mean_reference(base_dir: Path, task_dirs, gain: float, alpha: float) -> dict[str, torch.Tensor]:
     """theta_0 + alpha * gain * mean_t(theta_t - theta_0), whole tensors, in float32 as the engine does."""
+
     def load(d):
         out = {}
         for f in sorted(Path(d).glob("*.safetensors")):
@@ -81,8 +87,9 @@ def test_a_plugin_method_runs_through_ray_s3_and_resume(ray_session, s3_server, 
         upload(client, endpoint.bucket, f"{prefix}/{n}", d)
     s3 = f"s3://{endpoint.bucket}/{prefix}"
     method = {"name": "scaled_mean", "gain": 0.25, "alpha": 0.8}
-    cfg = config_from_dict(raw_config(f"{s3}/base", [(n, f"{s3}/{n}") for n, _ in task_dirs], f"{s3}/run", method,
-                                      endpoint))
+    cfg = config_from_dict(
+        raw_config(f"{s3}/base", [(n, f"{s3}/{n}") for n, _ in task_dirs], f"{s3}/run", method, endpoint)
+    )
     report = run_merge(cfg, quiet=True)
     assert report.manifest["method"] == {"name": "scaled_mean", "alpha": 0.8, "gain": 0.25}
     run = objects(client, endpoint.bucket, f"{prefix}/run")
@@ -100,8 +107,11 @@ def test_a_plugin_method_runs_through_ray_s3_and_resume(ray_session, s3_server, 
     assert again.state is OutputState.RESUME and again.shards_reused == len(again.plan.shards) - 1
     assert again.shards_run == 1 and again.manifest["outputs"] == report.manifest["outputs"]
 
-    with pytest.raises(ConfigError, match=r"method\.gian: unknown key for method scaled_mean \(its parameters: "
-                                          r"alpha, gain\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"method\.gian: unknown key for method scaled_mean \(its parameters: "
+        r"alpha, gain\)",
+    ):
         config_from_dict(raw_config(base_dir, task_dirs, tmp_path / "x", {"name": "scaled_mean", "gian": 2}))
     with pytest.raises(ConfigError, match=r"method\.gain: must be > 0"):
         config_from_dict(raw_config(base_dir, task_dirs, tmp_path / "x", {"name": "scaled_mean", "gain": -1}))
@@ -115,8 +125,11 @@ def test_a_plugin_backend_serves_plan_merge_and_lock(family, tmp_path):
         for f in d.iterdir():
             memory.OBJECTS[f"mem://fam/{d.name}/{f.name}"] = f.read_bytes()
     method = {"name": "tall_masks", "lambda": 0.4}
-    mem = make_plan(config_from_dict(raw_config("mem://fam/base", [(n, f"mem://fam/{p.name}") for n, p in task_dirs],
-                                                "mem://out", method)))
+    mem = make_plan(
+        config_from_dict(
+            raw_config("mem://fam/base", [(n, f"mem://fam/{p.name}") for n, p in task_dirs], "mem://out", method)
+        )
+    )
     local = make_plan(config_from_dict(raw_config(base_dir, task_dirs, tmp_path / "out", method)))
     assert len(mem.shards) == len(local.shards) > 1
     for a, b in zip(mem.shards, local.shards):
@@ -141,8 +154,12 @@ def test_gs_uris_merge_through_an_s3_compatible_endpoint(ray_session, s3_server,
         upload(client, endpoint.bucket, f"{prefix}/{n}", d)
     gs = f"gs://{endpoint.bucket}/{prefix}"
     method = {"name": "ties", "density": 0.5}
-    remote = run_merge(config_from_dict(raw_config(f"{gs}/base", [(n, f"{gs}/{n}") for n, _ in task_dirs],
-                                                   f"{gs}/run", method, endpoint)), quiet=True)
+    remote = run_merge(
+        config_from_dict(
+            raw_config(f"{gs}/base", [(n, f"{gs}/{n}") for n, _ in task_dirs], f"{gs}/run", method, endpoint)
+        ),
+        quiet=True,
+    )
     local = run_merge(config_from_dict(raw_config(base_dir, task_dirs, tmp_path / "run", method)), quiet=True)
     assert remote.manifest["outputs"] == local.manifest["outputs"]
     assert remote.manifest["inputs"]["base"]["uri"] == f"{gs}/base"

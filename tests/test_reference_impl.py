@@ -41,8 +41,7 @@ def base():
 
 @pytest.fixture
 def tasks(base):
-    return [{"w": base["w"] + f32(t), "step": torch.tensor([t_i], dtype=torch.int64)}
-            for t_i, t in enumerate(TAUS)]
+    return [{"w": base["w"] + f32(t), "step": torch.tensor([t_i], dtype=torch.int64)} for t_i, t in enumerate(TAUS)]
 
 
 def test_task_vectors_and_flatten_roundtrip(base, tasks):
@@ -66,10 +65,13 @@ def test_task_arithmetic(base, tasks, taus):
     assert torch.equal(out["model"]["step"], base["step"])
 
 
-@pytest.mark.parametrize("mode, expected", [
-    ("mean", [0.475, 0.425, 0.5, 0.8, 0.0, -0.325]),
-    ("sum", [0.95, 0.85, 0.5, 0.8, 0.0, -0.65]),
-])
+@pytest.mark.parametrize(
+    "mode, expected",
+    [
+        ("mean", [0.475, 0.425, 0.5, 0.8, 0.0, -0.325]),
+        ("sum", [0.95, 0.85, 0.5, 0.8, 0.0, -0.65]),
+    ],
+)
 def test_ties(base, tasks, taus, mode, expected):
     close(ref.ties_merge(taus, 0.5, "global", mode, None), expected)
     close(ref.ties_merge(taus, 0.5, "tensor", mode, [6]), expected)
@@ -89,8 +91,9 @@ def test_ties_tensor_scope_single_segment_equals_global():
     taus = [torch.randn(97, generator=gen) for _ in range(4)]
     for density in (0.1, 0.2, 0.5, 1.0):
         for mode in ("mean", "sum"):
-            assert torch.equal(ref.ties_merge(taus, density, "tensor", mode, [97]),
-                               ref.ties_merge(taus, density, "global", mode, None))
+            assert torch.equal(
+                ref.ties_merge(taus, density, "tensor", mode, [97]), ref.ties_merge(taus, density, "global", mode, None)
+            )
 
 
 def test_ties_tensor_scope_trims_per_segment():
@@ -142,8 +145,7 @@ def test_tall_masks_via_merge(base, tasks):
 
 
 def test_tall_masks_ties_base(base, tasks):
-    out = ref.merge(base, tasks, "tall_masks", alpha=1.0, lambdas=[0.5] * 3,
-                    base_merge="ties", density=0.5)
+    out = ref.merge(base, tasks, "tall_masks", alpha=1.0, lambdas=[0.5] * 3, base_merge="ties", density=0.5)
     close(out["tau_mtl"], [0.95, 0.85, 0.5, 0.8, 0.0, -0.65])
 
 

@@ -25,8 +25,13 @@ MERGEFLOW = str(Path(sys.executable).with_name("mergeflow"))
 
 
 def write_config(path: Path, base, tasks, output, method=None, **extra) -> Path:
-    raw = {"base": str(base), "tasks": [{"name": n, "checkpoint": str(p)} for n, p in tasks], "output": str(output),
-           "method": method or {"name": "task_arithmetic"}, **extra}
+    raw = {
+        "base": str(base),
+        "tasks": [{"name": n, "checkpoint": str(p)} for n, p in tasks],
+        "output": str(output),
+        "method": method or {"name": "task_arithmetic"},
+        **extra,
+    }
     path.write_text(yaml.safe_dump(raw))
     return path
 
@@ -97,8 +102,25 @@ def test_overwrite_removes_only_what_the_run_lists(ray_session, capsys, tmp_path
 
 def slow_family(root: Path) -> Path:
     """A family whose merge takes a few seconds with tiny chunks: long enough to race against."""
-    subprocess.run([MERGEFLOW, "make-family", str(root), "--tasks", "4", "--layers", "6", "--hidden", "256",
-                    "--vocab", "2048", "--shards", "1"], check=True, capture_output=True)
+    subprocess.run(
+        [
+            MERGEFLOW,
+            "make-family",
+            str(root),
+            "--tasks",
+            "4",
+            "--layers",
+            "6",
+            "--hidden",
+            "256",
+            "--vocab",
+            "2048",
+            "--shards",
+            "1",
+        ],
+        check=True,
+        capture_output=True,
+    )
     return root
 
 
@@ -106,15 +128,24 @@ def test_a_second_merge_into_the_same_output_exits_75_naming_the_holder(ray_sess
     fam = slow_family(tmp_path / "fam")
     out = tmp_path / "out"
     raw = yaml.safe_load((fam / "config.yaml").read_text())
-    raw |= {"base": str(fam / raw["base"]), "output": str(out), "execution": {"chunk_elems": 1024, "shard_size": 200_000},
-            "tasks": [t | {"checkpoint": str(fam / t["checkpoint"])} for t in raw["tasks"]]}
+    raw |= {
+        "base": str(fam / raw["base"]),
+        "output": str(out),
+        "execution": {"chunk_elems": 1024, "shard_size": 200_000},
+        "tasks": [t | {"checkpoint": str(fam / t["checkpoint"])} for t in raw["tasks"]],
+    }
     first = tmp_path / "a.yaml"
     first.write_text(yaml.safe_dump(raw | {"method": {"name": "task_arithmetic", "alpha": 0.3}}))
     second = tmp_path / "b.yaml"
     second.write_text(yaml.safe_dump(raw | {"method": {"name": "task_arithmetic", "alpha": 0.9}}))
     env = dict(os.environ, RAY_AUTH_MODE="disabled")
-    proc = subprocess.Popen([MERGEFLOW, "merge", str(first), "--quiet", "--no-tracking"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [MERGEFLOW, "merge", str(first), "--quiet", "--no-tracking"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 60
         while not (out / ".mergeflow.lock").exists():
@@ -148,8 +179,10 @@ def test_reconstruct_refuses_a_weight_map_that_escapes_the_output(ray_session, c
     data = json.dumps(index).encode()
     index_path.write_bytes(data)
     manifest = json.loads((run / "manifest.json").read_text())  # a consistent forgery: the hash matches
-    manifest["outputs"]["model/model.safetensors.index.json"] = {"sha256": hashlib.sha256(data).hexdigest(),
-                                                                 "size": len(data)}
+    manifest["outputs"]["model/model.safetensors.index.json"] = {
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "size": len(data),
+    }
     (run / "manifest.json").write_text(json.dumps(manifest))
     rebuilt = tmp_path / "deep" / "er" / "rebuilt"
     rc = main(["reconstruct", str(run), "--task", tasks[0][0], "--output", str(rebuilt), "--quiet"])
@@ -160,8 +193,11 @@ def test_reconstruct_refuses_a_weight_map_that_escapes_the_output(ray_session, c
 def test_manifest_paths_that_leave_the_run_are_refused(capsys, tmp_path):
     run = tmp_path / "run"
     run.mkdir()
-    doc = {"format": "mergeflow.run/1", "outputs": {"../../etc/owned": {"sha256": "0" * 64, "size": 1}},
-           "inputs": {"base": {"uri": "/b", "files": {}}, "tasks": []}}
+    doc = {
+        "format": "mergeflow.run/1",
+        "outputs": {"../../etc/owned": {"sha256": "0" * 64, "size": 1}},
+        "inputs": {"base": {"uri": "/b", "files": {}}, "tasks": []},
+    }
     (run / "manifest.json").write_text(json.dumps(doc))
     assert "not a relative path inside the folder" in one_line_error(capsys, main(["inspect", str(run)]))
 
@@ -170,8 +206,12 @@ def test_a_task_name_with_a_trailing_newline_is_refused(tmp_path):
     from mergeflow.errors import ConfigError
     from mergeflow.workflows.config import config_from_dict
 
-    raw = {"base": "/b", "tasks": [{"name": "task_00\n", "checkpoint": "/t"}], "output": str(tmp_path),
-           "method": {"name": "task_arithmetic"}}
+    raw = {
+        "base": "/b",
+        "tasks": [{"name": "task_00\n", "checkpoint": "/t"}],
+        "output": str(tmp_path),
+        "method": {"name": "task_arithmetic"},
+    }
     with pytest.raises(ConfigError, match="task name"):
         config_from_dict(raw)
 
@@ -182,13 +222,31 @@ def test_a_task_name_with_a_trailing_newline_is_refused(tmp_path):
 def test_debug_does_not_print_the_aws_session_token(tmp_path):
     port = free_port()  # nothing listens there: the request fails, after botocore would have logged it
     cfg = tmp_path / "merge.yaml"
-    cfg.write_text(yaml.safe_dump({"base": "s3://bucket/base", "tasks": [{"name": "a", "checkpoint": "s3://bucket/a"}],
-                                   "output": str(tmp_path / "out"), "method": {"name": "task_arithmetic"},
-                                   "storage": {"endpoint_url": f"http://127.0.0.1:{port}"}}))
-    env = dict(os.environ, AWS_ACCESS_KEY_ID="AKIAEXAMPLE", AWS_SECRET_ACCESS_KEY="SECRETKEYEXAMPLE",
-               AWS_SESSION_TOKEN="SESSIONTOKEN-0123456789", RAY_AUTH_MODE="disabled")
-    proc = subprocess.run([MERGEFLOW, "--debug", "merge", str(cfg), "--quiet", "--no-tracking"], env=env,
-                          capture_output=True, text=True, timeout=120)
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "base": "s3://bucket/base",
+                "tasks": [{"name": "a", "checkpoint": "s3://bucket/a"}],
+                "output": str(tmp_path / "out"),
+                "method": {"name": "task_arithmetic"},
+                "storage": {"endpoint_url": f"http://127.0.0.1:{port}"},
+            }
+        )
+    )
+    env = dict(
+        os.environ,
+        AWS_ACCESS_KEY_ID="AKIAEXAMPLE",
+        AWS_SECRET_ACCESS_KEY="SECRETKEYEXAMPLE",
+        AWS_SESSION_TOKEN="SESSIONTOKEN-0123456789",
+        RAY_AUTH_MODE="disabled",
+    )
+    proc = subprocess.run(
+        [MERGEFLOW, "--debug", "merge", str(cfg), "--quiet", "--no-tracking"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode != 0 and "Traceback" in proc.stderr  # --debug was on
     for secret in ("SESSIONTOKEN-0123456789", "SECRETKEYEXAMPLE"):
         assert secret not in proc.stdout + proc.stderr
@@ -236,6 +294,7 @@ def test_a_committed_run_whose_tracking_failed_is_tracked_when_run_again(ray_ses
 
 def test_a_modified_parent_sum_is_not_extended(ray_session, tmp_path, family):
     from conftest import config_for
+
     from mergeflow.workflows.merge import run_merge
     from mergeflow.workflows.remerge import remerge
 
@@ -319,8 +378,12 @@ def test_a_worker_killed_mid_merge_leaves_only_listed_files(tmp_path):
     assert killed is not None, "no worker was caught writing"
     assert proc.returncode == 0, stderr
     manifest = json.loads((out / "manifest.json").read_text())
-    ours = {str(p.relative_to(out)) for d in ("model", "compressed", "delta", "stats") for p in (out / d).rglob("*")
-            if p.is_file()}
+    ours = {
+        str(p.relative_to(out))
+        for d in ("model", "compressed", "delta", "stats")
+        for p in (out / d).rglob("*")
+        if p.is_file()
+    }
     assert ours == set(manifest["outputs"])  # no temp file of the killed writer, nothing unlisted
 
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import mlflow
 import pytest
 import yaml
-
 from conftest import config_for
+
 from mergeflow.infra.lock import EXIT_LOCKED, RunLock
 from mergeflow.workers.dtypes import is_float
 from mergeflow.workflows.cli import main
@@ -29,8 +29,11 @@ EXECUTION = {"shard_size": 3000, "chunk_elems": 64}  # several shards whose layo
 def result_files(run: Path) -> dict[str, bytes]:
     """Everything a merge computes: model, delta and compressed tensors, and the indexes."""
     keep = ("model/", "delta/", "compressed/")
-    return {p.relative_to(run).as_posix(): p.read_bytes() for p in sorted(run.rglob("*"))
-            if p.is_file() and p.relative_to(run).as_posix().startswith(keep)}
+    return {
+        p.relative_to(run).as_posix(): p.read_bytes()
+        for p in sorted(run.rglob("*"))
+        if p.is_file() and p.relative_to(run).as_posix().startswith(keep)
+    }
 
 
 def scratch(tmp_path: Path, base, tasks, method: dict, name: str, keep_delta: bool = False) -> Path:
@@ -68,16 +71,22 @@ def test_task_arithmetic_add_one_reuses_the_sum_bit_for_bit(ray_session, family,
     # Reads: the previous float32 sum, the base and the new task; nothing else (headers aside).
     plan = second.report.plan
     float_numel = sum(i.numel for i in plan.base.tensors.values() if is_float(i.dtype))
-    expected = 4 * float_numel + sum(i.nbytes for i in plan.base.tensors.values()) \
+    expected = (
+        4 * float_numel
+        + sum(i.nbytes for i in plan.base.tensors.values())
         + sum(i.nbytes for i in plan.tasks[2].tensors.values())
+    )
     assert second.report.bytes_read == expected
     assert second.report.bytes_hashed == 0  # every input hash known: the parent's, or hashed to compare
     assert second.reused["bytes_hashed_to_compare"] == sum(p.stat().st_size for p in tasks[2][1].glob("*.safetensors"))
 
     manifest = second.report.manifest
     parent_bytes = (Path(first.run) / "manifest.json").read_bytes()
-    assert manifest["parent"] == {"run": first.run, "manifest_sha256": hashlib.sha256(parent_bytes).hexdigest(),
-                                  "mlflow_run_id": None}
+    assert manifest["parent"] == {
+        "run": first.run,
+        "manifest_sha256": hashlib.sha256(parent_bytes).hexdigest(),
+        "mlflow_run_id": None,
+    }
     assert manifest["remerge"]["changes"]["added"] == ["task_02"]
     latest = json.loads((root / LATEST).read_text())
     assert root / latest["run"] == Path(second.run)
@@ -89,7 +98,8 @@ def test_task_arithmetic_add_one_reuses_the_sum_bit_for_bit(ray_session, family,
     assert third.reused["sum_of_tasks"] == ["task_00", "task_01", "task_02"]
     assert third.report.bytes_read == 4 * float_numel + sum(i.nbytes for i in plan.base.tensors.values())
     assert result_files(Path(third.run)) == result_files(
-        scratch(tmp_path, base, tasks, {"name": "task_arithmetic", "alpha": 0.7}, "ta3-a07", keep_delta=True))
+        scratch(tmp_path, base, tasks, {"name": "task_arithmetic", "alpha": 0.7}, "ta3-a07", keep_delta=True)
+    )
 
 
 def test_task_arithmetic_remove_and_replace_recompute_the_sum(ray_session, family, tmp_path):
@@ -101,15 +111,19 @@ def test_task_arithmetic_remove_and_replace_recompute_the_sum(ray_session, famil
     removed = again(base, [tasks[0], tasks[2]], root, method)
     assert removed.changes.removed == ("task_01",) and removed.reused["sum_of_tasks"] == []
     assert result_files(Path(removed.run)) == result_files(
-        scratch(tmp_path, base, [tasks[0], tasks[2]], method, "removed", keep_delta=True))
+        scratch(tmp_path, base, [tasks[0], tasks[2]], method, "removed", keep_delta=True)
+    )
 
     replace_task(family, tmp_path, tasks[2][1])
     replaced = again(base, [tasks[0], tasks[2]], root, method)
     assert replaced.changes.replaced == ("task_02",) and replaced.reused["sum_of_tasks"] == []
     # The unchanged task's and the base's hashes come from the parent; only the new file is read.
-    assert replaced.reused["bytes_hashed_to_compare"] == sum(p.stat().st_size for p in tasks[2][1].glob("*.safetensors"))
+    assert replaced.reused["bytes_hashed_to_compare"] == sum(
+        p.stat().st_size for p in tasks[2][1].glob("*.safetensors")
+    )
     assert result_files(Path(replaced.run)) == result_files(
-        scratch(tmp_path, base, [tasks[0], tasks[2]], method, "replaced", keep_delta=True))
+        scratch(tmp_path, base, [tasks[0], tasks[2]], method, "replaced", keep_delta=True)
+    )
 
 
 def test_ties_thresholds_are_reused_per_task_content(ray_session, family, tmp_path):
@@ -136,16 +150,21 @@ def test_ties_thresholds_are_reused_per_task_content(ray_session, family, tmp_pa
     removed = again(base, [tasks[0], tasks[2]], root, method)  # every threshold known: no histogram pass
     assert removed.changes.removed == ("task_01",) and removed.reused["thresholds_computed_for"] == []
     assert result_files(Path(removed.run)) == result_files(
-        scratch(tmp_path, base, [tasks[0], tasks[2]], method, "ties-removed"))
+        scratch(tmp_path, base, [tasks[0], tasks[2]], method, "ties-removed")
+    )
 
     denser = again(base, tasks, root, {"name": "ties", "density": 0.5})  # another density: nothing cached
     assert denser.reused["thresholds_of"] == [] and denser.changes.method_changed
 
 
-@pytest.mark.parametrize("method", [
-    {"name": "tall_masks", "base_merge": "ties", "density": 0.3, "lambda": 0.4},
-    {"name": "consensus", "k": 2, "lambda": 0.5},
-], ids=["tall_masks-ties", "consensus-ta"])
+@pytest.mark.parametrize(
+    "method",
+    [
+        {"name": "tall_masks", "base_merge": "ties", "density": 0.3, "lambda": 0.4},
+        {"name": "consensus", "k": 2, "lambda": 0.5},
+    ],
+    ids=["tall_masks-ties", "consensus-ta"],
+)
 def test_masks_are_recomputed_on_add_and_remove(ray_session, family, tmp_path, method):
     base, tasks = family(tasks=4)
     root = tmp_path / "root"
@@ -268,7 +287,8 @@ def test_watch_once_picks_up_a_new_checkpoint_folder(ray_session, family, tmp_pa
         shutil.copytree(path, registry / name)
     (registry / "task_09").mkdir()  # still uploading: an index without its shards
     (registry / "task_09" / "model.safetensors.index.json").write_text(
-        json.dumps({"weight_map": {"w": "model-00001-of-00002.safetensors"}}))
+        json.dumps({"weight_map": {"w": "model-00001-of-00002.safetensors"}})
+    )
     cfg = write_config(tmp_path / "watch.yaml", base, None, tasks_from="registry")
     args = ["watch", cfg, "--once", "--quiet", "--no-tracking"]
 
@@ -286,8 +306,15 @@ def test_watch_once_picks_up_a_new_checkpoint_folder(ray_session, family, tmp_pa
     assert [t["name"] for t in manifest["inputs"]["tasks"]] == ["task_00", "task_01", "task_02"]
     assert manifest["inputs"]["tasks"][2]["uri"] == str(registry / "task_02")
     assert result_files(run) == result_files(
-        scratch(tmp_path, base, [(n, registry / n) for n in ("task_00", "task_01", "task_02")],
-                {"name": "task_arithmetic"}, "watched", keep_delta=True))
+        scratch(
+            tmp_path,
+            base,
+            [(n, registry / n) for n in ("task_00", "task_01", "task_02")],
+            {"name": "task_arithmetic"},
+            "watched",
+            keep_delta=True,
+        )
+    )
 
 
 def test_alpha_auto_add_one_equals_scratch_and_is_then_up_to_date(ray_session, tiny_suite, tmp_path):
@@ -299,10 +326,16 @@ def test_alpha_auto_add_one_equals_scratch_and_is_then_up_to_date(ray_session, t
     selection = {"evaluator": "mergeflow.dev.suite.models:evaluate", "alphas": [0.2, 0.8]}
 
     def cfg(tasks, out, **execution):
-        return config_from_dict({"base": str(suite / "base"), "output": str(out),
-                                 "tasks": [{"name": n, "checkpoint": str(suite / n)} for n in tasks],
-                                 "method": {"name": "task_arithmetic", "alpha": "auto"}, "selection": selection,
-                                 **({"execution": execution} if execution else {})})
+        return config_from_dict(
+            {
+                "base": str(suite / "base"),
+                "output": str(out),
+                "tasks": [{"name": n, "checkpoint": str(suite / n)} for n in tasks],
+                "method": {"name": "task_arithmetic", "alpha": "auto"},
+                "selection": selection,
+                **({"execution": execution} if execution else {}),
+            }
+        )
 
     root = tmp_path / "root"
     remerge(cfg(names[:2], root), quiet=True)

@@ -19,8 +19,8 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import yaml  # noqa: E402
-
 from conftest import config_for  # noqa: E402
+
 from mergeflow.dev.local_services import s3_client  # noqa: E402
 from mergeflow.infra.lock import LOCK_NAME  # noqa: E402
 from mergeflow.workflows.cli import main  # noqa: E402
@@ -35,25 +35,37 @@ def test_watch_on_an_s3_registry(ray_session, s3_server, family, tmp_path, capsy
 
     def upload(local: Path, *parts: str) -> str:
         for f in sorted(p for p in local.rglob("*") if p.is_file()):
-            client.put_object(Bucket=bucket, Key="/".join([prefix, *parts, f.relative_to(local).as_posix()]),
-                              Body=f.read_bytes())
+            client.put_object(
+                Bucket=bucket, Key="/".join([prefix, *parts, f.relative_to(local).as_posix()]), Body=f.read_bytes()
+            )
         return "/".join([f"s3://{bucket}", prefix, *parts])
 
     def objects(*parts: str) -> dict[str, bytes]:
         root = "/".join([prefix, *parts]) + "/"
-        keys = [o["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=root)
-                for o in page.get("Contents", [])]
-        return {k[len(root):]: client.get_object(Bucket=bucket, Key=k)["Body"].read() for k in keys}
+        keys = [
+            o["Key"]
+            for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=root)
+            for o in page.get("Contents", [])
+        ]
+        return {k[len(root) :]: client.get_object(Bucket=bucket, Key=k)["Body"].read() for k in keys}
 
     base, tasks = family(tasks=3)
     base_uri = upload(base, "base")
     for name, path in tasks[:2]:
         upload(path, "registry", name)
     cfg = tmp_path / "watch.yaml"
-    cfg.write_text(yaml.safe_dump({
-        "base": base_uri, "tasks_from": f"s3://{bucket}/{prefix}/registry", "output": f"s3://{bucket}/{prefix}/root",
-        "method": {"name": "task_arithmetic"}, "execution": {"shard_size": 3000, "chunk_elems": 64},
-        "storage": {"endpoint_url": s3_server.endpoint.url, "region": s3_server.endpoint.region}}))
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "base": base_uri,
+                "tasks_from": f"s3://{bucket}/{prefix}/registry",
+                "output": f"s3://{bucket}/{prefix}/root",
+                "method": {"name": "task_arithmetic"},
+                "execution": {"shard_size": 3000, "chunk_elems": 64},
+                "storage": {"endpoint_url": s3_server.endpoint.url, "region": s3_server.endpoint.region},
+            }
+        )
+    )
     args = ["watch", str(cfg), "--once", "--quiet", "--no-tracking"]
 
     assert main(args) == 0
@@ -73,9 +85,14 @@ def test_watch_on_an_s3_registry(ray_session, s3_server, family, tmp_path, capsy
     assert all(":" in f["stamp"] for t in manifest["inputs"]["tasks"] for f in t["files"].values())  # size:ETag
 
     local = tmp_path / "scratch"
-    run_merge(config_for(base, tasks, local, {"name": "task_arithmetic"}, shard_size=3000, chunk_elems=64,
-                         keep_delta=True), quiet=True)
-    computed = {rel[len(run) + 1:]: data for rel, data in root.items()
-                if rel.startswith(f"{run}/") and rel.endswith(".safetensors")}
+    run_merge(
+        config_for(base, tasks, local, {"name": "task_arithmetic"}, shard_size=3000, chunk_elems=64, keep_delta=True),
+        quiet=True,
+    )
+    computed = {
+        rel[len(run) + 1 :]: data
+        for rel, data in root.items()
+        if rel.startswith(f"{run}/") and rel.endswith(".safetensors")
+    }
     want = {p.relative_to(local).as_posix(): p.read_bytes() for p in local.rglob("*.safetensors")}
     assert any(r.startswith("delta/") for r in want) and computed == want

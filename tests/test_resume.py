@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import config_for
+
 from mergeflow.workflows.merge import run_merge
 
 
@@ -30,14 +30,28 @@ def test_kill_and_resume(ray_session, family, tmp_path):
     execution = {"shard_size": 2000, "chunk_elems": 32}  # tiny chunks: slow enough to kill midway
     out = tmp_path / "run"
     cfg_path = tmp_path / "merge.yaml"
-    cfg_path.write_text(yaml.safe_dump({
-        "base": str(base), "tasks": [{"name": n, "checkpoint": str(p)} for n, p in tasks],
-        "output": str(out), "method": method, "execution": execution}))
+    cfg_path.write_text(
+        yaml.safe_dump(
+            {
+                "base": str(base),
+                "tasks": [{"name": n, "checkpoint": str(p)} for n, p in tasks],
+                "output": str(out),
+                "method": method,
+                "execution": execution,
+            }
+        )
+    )
 
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_ADDRESS="",
-               RAY_TMPDIR=tempfile.mkdtemp(prefix="mfkill", dir="/tmp"))
-    proc = subprocess.Popen([sys.executable, "-m", "mergeflow.workflows.cli", "merge", str(cfg_path), "--quiet"],
-                            env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    env = dict(
+        os.environ, RAY_AUTH_MODE="disabled", RAY_ADDRESS="", RAY_TMPDIR=tempfile.mkdtemp(prefix="mfkill", dir="/tmp")
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mergeflow.workflows.cli", "merge", str(cfg_path), "--quiet"],
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     journal = out / ".mergeflow" / "shards"
     deadline = time.monotonic() + 120
     try:

@@ -38,6 +38,7 @@ RAY_CORE = ("gcs_server", "raylet", "ray::DashboardAgent", "ray::RuntimeEnvAgent
 
 # --- /proc ------------------------------------------------------------------------------------
 
+
 def _stat(pid: int) -> list[str] | None:
     """Fields of /proc/PID/stat after the command name: [0] state, [1] ppid, [19] start time."""
     try:
@@ -83,7 +84,7 @@ def alive(procs: dict[int, str]) -> dict[int, str]:
 def _address(hex_addr: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     raw = bytes.fromhex(hex_addr)
     # /proc/net/tcp{,6} print the address as 32-bit words in host (little-endian) byte order.
-    raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+    raw = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
     return ipaddress.ip_address(raw)
 
 
@@ -133,6 +134,7 @@ def outward_address() -> str | None:
 
 # --- the merge ----------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def family_config(tmp_path_factory):
     """A family whose merge takes several seconds after Ray is up (~0.2 GB of checkpoints)."""
@@ -141,8 +143,11 @@ def family_config(tmp_path_factory):
     root = tmp_path_factory.mktemp("secfamily")
     _, tasks = make_family(root, tasks=6, layers=8, hidden=384, vocab=8192, shards=2, seed=0)
     cfg = root / "config.yaml"
-    cfg.write_text("base: base\ntasks:\n" + "".join(f"- {{name: {n}, checkpoint: {p.name}}}\n" for n, p in tasks)
-                   + "output: run\nmethod: {name: tall_masks}\n")
+    cfg.write_text(
+        "base: base\ntasks:\n"
+        + "".join(f"- {{name: {n}, checkpoint: {p.name}}}\n" for n, p in tasks)
+        + "output: run\nmethod: {name: tall_masks}\n"
+    )
     return cfg
 
 
@@ -152,14 +157,21 @@ class Merge:
     def __init__(self, config: Path, tmp: Path) -> None:
         home = tmp / "home"
         home.mkdir()
-        env = {k: v for k, v in os.environ.items()
-               if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS", "RAY_TMPDIR")}
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS", "RAY_TMPDIR")
+        }
         env["HOME"] = str(home)
         self.home, self.log, self.out = home, tmp / "merge.log", tmp / "out"
         with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen([str(MERGEFLOW), "merge", str(config), "--quiet", "--no-tracking",
-                                          "--output", str(self.out)],
-                                         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            self.proc = subprocess.Popen(
+                [str(MERGEFLOW), "merge", str(config), "--quiet", "--no-tracking", "--output", str(self.out)],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         self.seen: dict[int, str] = {}
 
     def output(self) -> str:
@@ -173,8 +185,9 @@ class Merge:
             procs = descendants(self.proc.pid)
             self.seen |= procs
             names = [_cmdline(p) for p in procs]
-            if all(any(n.startswith(k) or f"/{k} " in n for n in names) for k in RAY_CORE) \
-                    and any(n.startswith(("ray::IDLE", "ray::_in_worker")) for n in names):
+            if all(any(n.startswith(k) or f"/{k} " in n for n in names) for k in RAY_CORE) and any(
+                n.startswith(("ray::IDLE", "ray::_in_worker")) for n in names
+            ):
                 return procs
             time.sleep(0.1)
         pytest.fail(f"no Ray runtime under the driver after {timeout:.0f}s:\n{self.output()}")
@@ -199,8 +212,15 @@ class Merge:
 
     def runtime_dir(self) -> Path | None:
         """The temp dir of the driver's runtime, from Ray's command lines (--temp-dir=DIR)."""
-        return next((Path(a.split("=", 1)[1]) for p in self.seen for a in _cmdline(p).split()
-                     if a.startswith(("--temp-dir=", "--temp_dir="))), None)
+        return next(
+            (
+                Path(a.split("=", 1)[1])
+                for p in self.seen
+                for a in _cmdline(p).split()
+                if a.startswith(("--temp-dir=", "--temp_dir="))
+            ),
+            None,
+        )
 
 
 @pytest.fixture
@@ -280,8 +300,10 @@ def test_private_runtime_dies_with_a_killed_driver(merge):
 
 # --- the watchdog on its own (no Ray: stand-ins that look like a runtime's processes) ----------
 
-def _stand_in(*, title: str | None = None, names: Path | None = None, env_marker: Path | None = None,
-              holds: Path | None = None) -> subprocess.Popen:
+
+def _stand_in(
+    *, title: str | None = None, names: Path | None = None, env_marker: Path | None = None, holds: Path | None = None
+) -> subprocess.Popen:
     """A sleeping process that names a dir in its arguments, or else has a title (argv[0]) and
     maybe a file open under a dir; with the runtime's marker in its environment if asked."""
     env = dict(os.environ)
@@ -297,8 +319,10 @@ def _stand_in(*, title: str | None = None, names: Path | None = None, env_marker
         args, shown = ["bash", "-c", cmd], title or "sleep"
     proc = subprocess.Popen(args, env=env)
     deadline = time.monotonic() + 10
-    while not (_cmdline(proc.pid).startswith(shown) or (names is not None and shown in _cmdline(proc.pid))) \
-            and time.monotonic() < deadline:  # until bash has exec'd (or python has started)
+    while (
+        not (_cmdline(proc.pid).startswith(shown) or (names is not None and shown in _cmdline(proc.pid)))
+        and time.monotonic() < deadline
+    ):  # until bash has exec'd (or python has started)
         time.sleep(0.02)
     return proc
 
@@ -333,8 +357,12 @@ def test_watchdog_kills_its_runtime_and_nothing_else_when_the_driver_lets_go(tmp
     marked = stand_ins(env_marker=temp)  # a title over everything but the environment
     titled = stand_ins(title="ray::IDLE", holds=temp / "session" / "logs")  # a worker: title, log open
     other_dir = tmp_path / f"{ray_guard.PREFIX}abcdefgh2"
-    bystanders = [stand_ins(), stand_ins(title="ray::IDLE", holds=tmp_path / "elsewhere"),
-                  stand_ins(names=other_dir), stand_ins(holds=temp / "session")]  # untitled: e.g. `tail -f`
+    bystanders = [
+        stand_ins(),
+        stand_ins(title="ray::IDLE", holds=tmp_path / "elsewhere"),
+        stand_ins(names=other_dir),
+        stand_ins(holds=temp / "session"),
+    ]  # untitled: e.g. `tail -f`
     time.sleep(0.5)
     assert all(p.poll() is None for p in [named, marked, titled, *bystanders])
 

@@ -26,8 +26,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from mergeflow.dev.local_services import SeaweedS3Server, s3_client  # noqa: E402
-from mergeflow.infra.storage import StorageOptions  # noqa: E402
 from mergeflow.errors import MergeflowError  # noqa: E402
+from mergeflow.infra.storage import StorageOptions  # noqa: E402
 from mergeflow.workflows.commit import OutputState  # noqa: E402
 from mergeflow.workflows.config import config_from_dict  # noqa: E402
 from mergeflow.workflows.inspect_run import describe  # noqa: E402
@@ -72,7 +72,7 @@ class S3:
         out = {}
         for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=root):
             for o in page.get("Contents", []):
-                out[o["Key"][len(root):]] = o["Key"]
+                out[o["Key"][len(root) :]] = o["Key"]
         return out
 
     def get(self, key: str) -> bytes:
@@ -124,7 +124,9 @@ def assert_run_equals_local(s3: S3, run_parts: tuple[str, ...], local_run: Path)
     remote = {r: k for r, k in s3.keys(*run_parts).items() if not r.startswith(".mergeflow/")}
     assert sorted(remote) == sorted(local)
     checked = [r for r in local if compared(r)]
-    assert any(r.startswith("model/model-") for r in checked) and any(r.startswith("compressed/masks/") for r in checked)
+    assert any(r.startswith("model/model-") for r in checked) and any(
+        r.startswith("compressed/masks/") for r in checked
+    )
     for rel in checked:
         assert s3.get(remote[rel]) == local[rel], rel
 
@@ -333,7 +335,7 @@ def test_server_down_then_restart_resumes(ray_session, s3, family, tmp_path, mon
     restart_serving(s3, probe)
     wait_ray_idle(ray_session)
     assert_nothing_written(s3, "run")
-    assert ".mergeflow/shards/%05d.json" % (stopped[0] + 1) in s3.keys("run")
+    assert f".mergeflow/shards/{stopped[0] + 1:05d}.json" in s3.keys("run")
 
     # 3. Back up: the re-run resumes from the journal and finishes with the local bytes.
     report = run_merge(config, quiet=True)

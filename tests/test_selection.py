@@ -9,10 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
+from mergeflow.dev.suite.models import evaluate
+from mergeflow.errors import ConfigError
 from mergeflow.infra.storage import StorageOptions
 from mergeflow.infra.tracking import TrackingOptions
-from mergeflow.errors import ConfigError
-from mergeflow.dev.suite.models import evaluate
 from mergeflow.workflows.merge import run_merge, track
 from mergeflow.workflows.reconstruct import reconstruct
 from mergeflow.workflows.select import _argmax
@@ -29,8 +30,12 @@ def _config(suite, out: Path, method: dict, selection: dict | None = SELECTION):
     from mergeflow.workflows.config import config_from_dict
 
     root, names = suite
-    raw = {"base": str(root / "base"), "tasks": [{"name": n, "checkpoint": str(root / n)} for n in names],
-           "output": str(out), "method": method}
+    raw = {
+        "base": str(root / "base"),
+        "tasks": [{"name": n, "checkpoint": str(root / n)} for n in names],
+        "output": str(out),
+        "method": method,
+    }
     if selection is not None:
         raw["selection"] = selection
     return config_from_dict(raw)
@@ -68,8 +73,11 @@ def test_auto_selects_the_argmax_it_logged_and_writes_that_model(suite, tmp_path
     best_alpha = logged[_argmax([m for _, m in logged])][0]
     assert best_alpha == report.manifest["method"]["alpha"] == float(parent.data.params["alpha"])
     for task in names:
-        mine = sorted((float(c.data.params["lambda"]), c.data.metrics["score"]) for c in children
-                      if c.data.params["trial"] == "lambda" and c.data.params["task"] == task)
+        mine = sorted(
+            (float(c.data.params["lambda"]), c.data.metrics["score"])
+            for c in children
+            if c.data.params["trial"] == "lambda" and c.data.params["task"] == task
+        )
         assert mine[_argmax([s for _, s in mine])][0] == report.manifest["method"]["lambda"][task]
         assert float(parent.data.params[f"lambda.{task}"]) == report.manifest["method"]["lambda"][task]
 
@@ -86,8 +94,12 @@ def test_auto_selects_the_argmax_it_logged_and_writes_that_model(suite, tmp_path
     assert evaluate(out, task, root, "val") == trial["score"]
 
     # A merge given the chosen values writes the same bytes (model, bundle) without any trial.
-    fixed = _config(suite, tmp_path / "fixed", {"name": "tall_masks", "alpha": best_alpha,
-                                                "lambda": report.manifest["method"]["lambda"]}, selection=None)
+    fixed = _config(
+        suite,
+        tmp_path / "fixed",
+        {"name": "tall_masks", "alpha": best_alpha, "lambda": report.manifest["method"]["lambda"]},
+        selection=None,
+    )
     run_merge(fixed, quiet=True)
     for prefix in ("model", "compressed"):
         assert _files(tmp_path / "auto", prefix) == _files(tmp_path / "fixed", prefix)
@@ -118,8 +130,12 @@ def test_auto_needs_a_selection_section(suite, tmp_path):
 def test_bad_evaluator_fails_before_any_work(suite, tmp_path):
     from mergeflow.workflows.plan import make_plan
 
-    cfg = _config(suite, tmp_path / "x", {"name": "task_arithmetic", "alpha": "auto"},
-                  selection={"evaluator": "mergeflow.dev.suite.models:no_such_function"})
+    cfg = _config(
+        suite,
+        tmp_path / "x",
+        {"name": "task_arithmetic", "alpha": "auto"},
+        selection={"evaluator": "mergeflow.dev.suite.models:no_such_function"},
+    )
     with pytest.raises(ConfigError, match=r"selection.evaluator: module 'mergeflow.dev.suite.models' has no function"):
         make_plan(cfg)
     with pytest.raises(ConfigError, match=r"must look like 'package.module:function'"):

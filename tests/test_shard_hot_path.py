@@ -9,9 +9,9 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from conftest import config_for
 from safetensors.torch import load_file, save_file
 
-from conftest import config_for
 from mergeflow.errors import CheckpointError
 from mergeflow.workers import kth_value
 from mergeflow.workers.kth_value import nonzero_counts
@@ -38,11 +38,15 @@ def spec_for(base, tasks, tmp_path, method: dict, chunk: int = 64):
     return spec
 
 
-@pytest.mark.parametrize("method", [
-    {"name": "task_arithmetic"},
-    {"name": "tall_masks"},
-    {"name": "ties", "scope": "tensor"},
-], ids=["ta", "tall", "ties-tensor"])
+@pytest.mark.parametrize(
+    "method",
+    [
+        {"name": "task_arithmetic"},
+        {"name": "tall_masks"},
+        {"name": "ties", "scope": "tensor"},
+    ],
+    ids=["ta", "tall", "ties-tensor"],
+)
 @pytest.mark.parametrize("where", ["task", "base"])
 def test_apply_pass_names_the_nonfinite_input(family, tmp_path, method, where):
     base, tasks = family(tasks=3)
@@ -52,8 +56,9 @@ def test_apply_pass_names_the_nonfinite_input(family, tmp_path, method, where):
         merge_shard(spec_for(base, tasks, tmp_path, method))
 
 
-@pytest.mark.parametrize("count", [kth_value.Count("high"), kth_value.Count("window", 0x3A000000, 1 << 16)],
-                         ids=["high", "window"])
+@pytest.mark.parametrize(
+    "count", [kth_value.Count("high"), kth_value.Count("window", 0x3A000000, 1 << 16)], ids=["high", "window"]
+)
 def test_ties_threshold_pass_names_the_nonfinite_input(family, tmp_path, count):
     base, tasks = family(tasks=3)
     poison(tasks[2][1], 7, float("inf"))

@@ -7,14 +7,14 @@ import json
 
 import numpy as np
 import pytest
+import reference_impl as ref
 import torch
+from conftest import config_for, reference_args
 from safetensors.torch import load_file
 
-import reference_impl as ref
-from conftest import config_for, reference_args
+from mergeflow.infra.storage import StorageOptions
 from mergeflow.workflows.merge import run_merge
 from mergeflow.workflows.reconstruct import reconstruct
-from mergeflow.infra.storage import StorageOptions
 
 
 def load_dir(path) -> dict[str, torch.Tensor]:
@@ -53,7 +53,11 @@ CASES = [  # (method, params, number of tasks)
     ("ties", {"alpha": 1.0, "density": 0.3}, 5),
     ("ties", {"alpha": 0.7, "density": 0.2, "scope": "tensor", "merge": "sum"}, 4),
     ("tall_masks", {"alpha": 0.3, "lambda": 0.4}, 6),
-    ("tall_masks", {"alpha": 0.5, "base_merge": "ties", "density": 0.4, "lambda": {"t0": 0.2, "t1": 0.6, "t2": 0.3}}, 3),
+    (
+        "tall_masks",
+        {"alpha": 0.5, "base_merge": "ties", "density": 0.4, "lambda": {"t0": 0.2, "t1": 0.6, "t2": 0.3}},
+        3,
+    ),
     ("consensus", {"alpha": 0.4, "k": 2}, 8),
     ("consensus", {"alpha": 1.0, "k": 3, "base_merge": "ties", "density": 0.2, "lambda": 0.5}, 5),
 ]
@@ -62,15 +66,18 @@ CASES = [  # (method, params, number of tasks)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16], ids=["bf16", "fp32", "fp16"])
 @pytest.mark.parametrize("shard_size,chunk", [(4_000, 64), (10**9, 1 << 20)], ids=["many-shards", "one-shard"])
 @pytest.mark.parametrize("method,params,n_tasks", CASES, ids=[f"{m}-{i}" for i, (m, _, _) in enumerate(CASES)])
-def test_sharded_merge_equals_reference(ray_session, family, tmp_path, method, params, n_tasks, dtype, shard_size, chunk):
+def test_sharded_merge_equals_reference(
+    ray_session, family, tmp_path, method, params, n_tasks, dtype, shard_size, chunk
+):
     if dtype == torch.float16 and shard_size > 4_000:
         pytest.skip("fp16 is covered with many shards")
     seed = abs(hash((method, json.dumps(params, sort_keys=True), str(dtype)))) % 1000
     base_dir, task_dirs = family(tasks=n_tasks, dtype=dtype, seed=seed, shards=2 if dtype == torch.float32 else 1)
     if "t0" in json.dumps(params):
         task_dirs = [(f"t{i}", p) for i, (_, p) in enumerate(task_dirs)]
-    cfg = config_for(base_dir, task_dirs, tmp_path / "run", {"name": method, **params},
-                     shard_size=shard_size, chunk_elems=chunk)
+    cfg = config_for(
+        base_dir, task_dirs, tmp_path / "run", {"name": method, **params}, shard_size=shard_size, chunk_elems=chunk
+    )
     report = run_merge(cfg, quiet=True)
     assert len(report.plan.shards) > (3 if shard_size == 4_000 else 0)
 
@@ -111,8 +118,12 @@ def test_rerun_of_finished_run_is_a_no_op(ray_session, family, tmp_path):
 def test_single_safetensors_files_as_inputs(ray_session, family, tmp_path):
     """A checkpoint may be one .safetensors file instead of a directory."""
     base_dir, task_dirs = family(tasks=3)
-    cfg = config_for(base_dir / "model.safetensors", [(n, p / "model.safetensors") for n, p in task_dirs],
-                     tmp_path / "run", {"name": "task_arithmetic", "alpha": 0.5})
+    cfg = config_for(
+        base_dir / "model.safetensors",
+        [(n, p / "model.safetensors") for n, p in task_dirs],
+        tmp_path / "run",
+        {"name": "task_arithmetic", "alpha": 0.5},
+    )
     run_merge(cfg, quiet=True)
     base = load_checkpoint(base_dir)
     want = ref.merge(base, [load_checkpoint(p) for _, p in task_dirs], "task_arithmetic", alpha=0.5)["model"]

@@ -41,7 +41,9 @@ def test_deterministic_by_seed_and_cached(suite):
     root, meta = suite
     again = build_suite(root / "b", **TINY)
     for sub in ["base", *[t["name"] for t in meta["tasks"]]]:
-        assert (root / "a" / sub / "model.safetensors").read_bytes() == (root / "b" / sub / "model.safetensors").read_bytes()
+        assert (root / "a" / sub / "model.safetensors").read_bytes() == (
+            root / "b" / sub / "model.safetensors"
+        ).read_bytes()
     for t in meta["tasks"]:
         n = t["name"]
         assert (root / "a" / n / "head.safetensors").read_bytes() == (root / "b" / n / "head.safetensors").read_bytes()
@@ -93,8 +95,8 @@ def test_cli_suite_build(suite):
 
     root, meta = suite
     # the CLI builds the default (hidden 512) suite; here only its parser and table are exercised on the tiny one
-    from mergeflow.workflows.cli import _parser
     from mergeflow.dev.suite.cli import table
+    from mergeflow.workflows.cli import _parser
 
     args = _parser().parse_args(["suite", "build", "--dir", str(root / "x"), "--tasks", "14", "--seed", "3"])
     assert (args.command, args.suite_command, args.tasks, args.seed) == ("suite", "build", 14, 3)

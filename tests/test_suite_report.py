@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 
+from mergeflow.dev.suite import report as suite_report
+from mergeflow.dev.suite.models import evaluate
 from mergeflow.infra.storage import StorageOptions
 from mergeflow.infra.tracking import TrackingOptions
-from mergeflow.dev.suite.models import evaluate
-from mergeflow.dev.suite import report as suite_report
 from mergeflow.workflows.reconstruct import reconstruct
 from mergeflow.workflows.select import _argmax
 
@@ -38,7 +38,10 @@ def test_report_rows_scores_and_files(tiny_suite, tmp_path, ray_session):
     # the chosen alpha is the argmax of the logged validation trials
     trials = manifests["task_arithmetic"]["selection"]["alpha"]["trials"]
     best = trials[_argmax([t["avg_normalized"] for t in trials])]["alpha"]
-    assert rows["task_arithmetic"]["method"]["alpha"] == best and f"alpha {best:g}" in rows["task_arithmetic"]["hyperparameters"]
+    assert (
+        rows["task_arithmetic"]["method"]["alpha"] == best
+        and f"alpha {best:g}" in rows["task_arithmetic"]["hyperparameters"]
+    )
     # files: a Markdown row per model plus the claims, JSON with claims, a PNG
     md = paths["markdown"].read_text()
     assert all(f"| {r['label']} |" in md for r in results["rows"])

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import json
 
-import torch
-from safetensors.torch import load_file, save_file
-
 import reference_impl as ref
+import torch
 from conftest import config_for
+from safetensors.torch import load_file, save_file
 from test_sharded_equals_reference import load_checkpoint, load_dir
+
 from mergeflow.infra.storage import StorageOptions
 from mergeflow.workers import kth_value
 from mergeflow.workers.methods.ties.thresholds import _phase
@@ -41,8 +41,15 @@ def _sampled(name, flat):
 
 def _assert_reference(cfg, base_dir, task_dirs, out):
     p = cfg.method.params
-    want = ref.merge(load_checkpoint(base_dir), [load_checkpoint(d) for _, d in task_dirs], "ties", alpha=p.alpha,
-                     density=p.density, scope="global", merge=p.merge)
+    want = ref.merge(
+        load_checkpoint(base_dir),
+        [load_checkpoint(d) for _, d in task_dirs],
+        "ties",
+        alpha=p.alpha,
+        density=p.density,
+        scope="global",
+        merge=p.merge,
+    )
     got = load_dir(out / "model")
     assert got.keys() == want["model"].keys()
     for name, tensor in want["model"].items():
@@ -56,8 +63,11 @@ def _globals(out):
 def test_sparse_task_vectors_take_no_threshold_pass(ray_session, family, tmp_path):
     base_dir, task_dirs = family(tasks=3, layers=3, hidden=32, vocab=64)
     # most values keep the base's, as in bf16 fine-tunes: each task's k-th |tau| is 0 at density 0.5
-    _rewrite_tasks(base_dir, task_dirs,
-                   lambda i, name, flat: torch.rand(flat.numel(), generator=torch.Generator().manual_seed(i)) < 0.8)
+    _rewrite_tasks(
+        base_dir,
+        task_dirs,
+        lambda i, name, flat: torch.rand(flat.numel(), generator=torch.Generator().manual_seed(i)) < 0.8,
+    )
     out = tmp_path / "run"
     cfg = config_for(base_dir, task_dirs, out, {"name": "ties", "density": 0.5}, shard_size=5_000, chunk_elems=256)
     report = run_merge(cfg, quiet=True)
@@ -83,7 +93,9 @@ def test_a_misleading_sample_costs_a_second_merge_not_exactness(ray_session, fam
     # Resume: journaled shards merged with other thresholds than the run's are never reused
     exact = _globals(out)
     records = sorted((out / ".mergeflow" / "shards").glob("*.json"))
-    assert {tuple(json.loads(r.read_text())["globals_used"]["thresholds"]) for r in records} == {tuple(exact["thresholds"])}
+    assert {tuple(json.loads(r.read_text())["globals_used"]["thresholds"]) for r in records} == {
+        tuple(exact["thresholds"])
+    }
     numel = sum(t.numel() for t in load_checkpoint(base_dir).values() if t.is_floating_point())
     k = kth_value.kth_rank(numel, 0.5)
     (out / "manifest.json").unlink()  # as if killed after the guess, before its check

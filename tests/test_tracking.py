@@ -31,16 +31,19 @@ def _png(width: int = 4, height: int = 3) -> bytes:
     def chunk(kind: bytes, body: bytes) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
-    raw = b"".join(b"\x00" + bytes(c for x in range(width) for c in ((x * 60) % 256, (y * 80) % 256, 128))
-                   for y in range(height))
+    raw = b"".join(
+        b"\x00" + bytes(c for x in range(width) for c in ((x * 60) % 256, (y * 80) % 256, 128)) for y in range(height)
+    )
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
 
 
 def _files_of(prefix: str, parts: int) -> dict:
     blobs = [f"{prefix}-part{i}".encode() * 100 for i in range(parts)]
-    return {f"model-{i + 1:05d}-of-{parts:05d}.safetensors": {"sha256": _sha(b), "size": len(b)}
-            for i, b in enumerate(blobs)}
+    return {
+        f"model-{i + 1:05d}-of-{parts:05d}.safetensors": {"sha256": _sha(b), "size": len(b)}
+        for i, b in enumerate(blobs)
+    }
 
 
 def make_manifest() -> dict:
@@ -50,22 +53,41 @@ def make_manifest() -> dict:
         "mergeflow_version": "0.1.0",
         "created": "2026-11-23T12:00:00Z",
         "fingerprint": "f" * 64,
-        "method": {"name": "tall_masks", "alpha": 0.3, "density": 0.2, "scope": "global", "merge": "mean",
-                   "lambdas": {"math": 0.4, "code": 0.5, "chat": 0.6}, "base_merge": "task_arithmetic", "k": 2,
-                   "store_dtype": "base"},
+        "method": {
+            "name": "tall_masks",
+            "alpha": 0.3,
+            "density": 0.2,
+            "scope": "global",
+            "merge": "mean",
+            "lambdas": {"math": 0.4, "code": 0.5, "chat": 0.6},
+            "base_merge": "task_arithmetic",
+            "k": 2,
+            "store_dtype": "base",
+        },
         "inputs": {
             "base": {"uri": "/data/base", "files": _files_of("base", 2)},
             "tasks": [{"name": t, "uri": f"/data/{t}", "files": _files_of(t, 2)} for t in TASKS],
         },
         "shards": 4,
-        "outputs": {"model/model-00001-of-00002.safetensors": {"sha256": "a" * 64, "size": 1000},
-                    "model/model-00002-of-00002.safetensors": {"sha256": "b" * 64, "size": 500},
-                    "compressed/index.json": {"sha256": "c" * 64, "size": 120},
-                    "stats/summary.json": {"sha256": "d" * 64, "size": 30}},
-        "summary": {"parameters": 123456, "mask_density": {"math": 0.21, "code": 0.19, "chat": 0.25},
-                    "tasks_keeping": [10, 20, 30, 40], "selfish_share": 0.162, "catastrophic_share": 0.081,
-                    "input_bytes": 987654, "model_bytes": 1500, "compressed_bytes": 120,
-                    "checkpoints_bytes": 740000, "compression_ratio": 2.5, "bytes_read": 987000},
+        "outputs": {
+            "model/model-00001-of-00002.safetensors": {"sha256": "a" * 64, "size": 1000},
+            "model/model-00002-of-00002.safetensors": {"sha256": "b" * 64, "size": 500},
+            "compressed/index.json": {"sha256": "c" * 64, "size": 120},
+            "stats/summary.json": {"sha256": "d" * 64, "size": 30},
+        },
+        "summary": {
+            "parameters": 123456,
+            "mask_density": {"math": 0.21, "code": 0.19, "chat": 0.25},
+            "tasks_keeping": [10, 20, 30, 40],
+            "selfish_share": 0.162,
+            "catastrophic_share": 0.081,
+            "input_bytes": 987654,
+            "model_bytes": 1500,
+            "compressed_bytes": 120,
+            "checkpoints_bytes": 740000,
+            "compression_ratio": 2.5,
+            "bytes_read": 987000,
+        },
         "timings": {"plan": 0.12, "ray_start": 4.5, "ties_thresholds": 0.0, "merge": 12.25, "commit": 1.5},
     }
 
@@ -93,8 +115,14 @@ def check_run(uri: str, run_id: str, manifest: dict, tmp_path: Path) -> None:
     params = run.data.params
     assert params["method"] == "tall_masks"
     assert {k: params[k] for k in ("alpha", "density", "scope", "merge", "base_merge", "k", "store_dtype")} == {
-        "alpha": "0.3", "density": "0.2", "scope": "global", "merge": "mean", "base_merge": "task_arithmetic",
-        "k": "2", "store_dtype": "base"}
+        "alpha": "0.3",
+        "density": "0.2",
+        "scope": "global",
+        "merge": "mean",
+        "base_merge": "task_arithmetic",
+        "k": "2",
+        "store_dtype": "base",
+    }
     assert [params[f"lambda.{t}"] for t in TASKS] == ["0.4", "0.5", "0.6"]
     assert (params["num_tasks"], params["tasks"], params["shards"]) == ("3", "math,code,chat", "4")
     assert params["input.base.sha256"] == _digest(manifest["inputs"]["base"])
@@ -106,8 +134,12 @@ def check_run(uri: str, run_id: str, manifest: dict, tmp_path: Path) -> None:
     assert metrics["time.plan_s"] == 0.12 and metrics["time.merge_s"] == 12.25 and metrics["time.commit_s"] == 1.5
     assert metrics["bytes_written"] == 1000 + 500 + 120 + 30
     assert metrics["bytes_read"] == 987000
-    assert (metrics["compression_ratio"], metrics["input_bytes"], metrics["model_bytes"],
-            metrics["compressed_bytes"]) == (2.5, 987654, 1500, 120)
+    assert (
+        metrics["compression_ratio"],
+        metrics["input_bytes"],
+        metrics["model_bytes"],
+        metrics["compressed_bytes"],
+    ) == (2.5, 987654, 1500, 120)
     assert {t: metrics[f"mask_density.{t}"] for t in TASKS} == {"math": 0.21, "code": 0.19, "chat": 0.25}
     assert (metrics["selfish_share"], metrics["catastrophic_share"]) == (0.162, 0.081)
 
@@ -119,7 +151,10 @@ def check_run(uri: str, run_id: str, manifest: dict, tmp_path: Path) -> None:
 
     assert sorted(a.path for a in client.list_artifacts(run_id)) == ["config.yaml", "manifest.json", "stats"]
     assert sorted(a.path for a in client.list_artifacts(run_id, "stats")) == [
-        "stats/layers.json", "stats/summary.json", "stats/task_overlap.png"]
+        "stats/layers.json",
+        "stats/summary.json",
+        "stats/task_overlap.png",
+    ]
     dst = tmp_path / f"download-{run_id}"
     dst.mkdir()
     png = Path(client.download_artifacts(run_id, "stats/task_overlap.png", str(dst)))
@@ -137,8 +172,9 @@ def sqlite_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
 def test_sqlite_run_reads_back(sqlite_uri: str, tmp_path: Path) -> None:
     manifest = make_manifest()
     options = TrackingOptions(uri=sqlite_uri, experiment="mergeflow-test")
-    run_id = log_merge(manifest, output="s3://bucket/runs/merged", config_text=CONFIG_TEXT, files=FILES,
-                       options=options)
+    run_id = log_merge(
+        manifest, output="s3://bucket/runs/merged", config_text=CONFIG_TEXT, files=FILES, options=options
+    )
     assert run_id is not None
     check_run(sqlite_uri, run_id, manifest, tmp_path)
     # Artifacts of a local store sit next to the database, not in the working directory.
@@ -146,8 +182,9 @@ def test_sqlite_run_reads_back(sqlite_uri: str, tmp_path: Path) -> None:
     assert (db_dir / "mlruns").is_dir()
 
     # A child run of the first: nested in the UI, and found again through our own tag.
-    child = log_merge(manifest, output="s3://bucket/runs/merged", config_text=None, files={}, options=options,
-                      parent_run_id=run_id)
+    child = log_merge(
+        manifest, output="s3://bucket/runs/merged", config_text=None, files={}, options=options, parent_run_id=run_id
+    )
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=sqlite_uri)
@@ -194,8 +231,13 @@ def mlflow_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[t
 def test_mlflow_server_with_s3_artifacts(mlflow_server: tuple[str, S3Endpoint], tmp_path: Path) -> None:
     uri, endpoint = mlflow_server
     manifest = make_manifest()
-    run_id = log_merge(manifest, output="s3://bucket/runs/merged", config_text=CONFIG_TEXT, files=FILES,
-                       options=TrackingOptions(uri=uri, experiment="mergeflow-test"))
+    run_id = log_merge(
+        manifest,
+        output="s3://bucket/runs/merged",
+        config_text=CONFIG_TEXT,
+        files=FILES,
+        options=TrackingOptions(uri=uri, experiment="mergeflow-test"),
+    )
     assert run_id is not None
     check_run(uri, run_id, manifest, tmp_path)
     keys = [o["Key"] for o in s3_client(endpoint).list_objects_v2(Bucket=endpoint.bucket, Prefix="mlflow/")["Contents"]]
@@ -210,8 +252,9 @@ def test_dead_server_fails_fast_with_one_line(monkeypatch: pytest.MonkeyPatch) -
     uri = f"http://127.0.0.1:{free_port()}"  # free a moment ago: nothing listens there
     t0 = time.monotonic()
     with pytest.raises(TrackingError) as exc:
-        log_merge(make_manifest(), output="/runs/out", config_text=CONFIG_TEXT, files=FILES,
-                  options=TrackingOptions(uri=uri))
+        log_merge(
+            make_manifest(), output="/runs/out", config_text=CONFIG_TEXT, files=FILES, options=TrackingOptions(uri=uri)
+        )
     assert time.monotonic() - t0 < 20
     message = str(exc.value)
     assert message.startswith(f"MLflow tracking at {uri} failed while ")
@@ -231,8 +274,16 @@ def test_password_in_uri_is_not_repeated(monkeypatch: pytest.MonkeyPatch) -> Non
 def test_disabled_logs_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "")
-    assert log_merge(make_manifest(), output="/runs/out", config_text=CONFIG_TEXT, files=FILES,
-                     options=TrackingOptions(enabled=False)) is None
+    assert (
+        log_merge(
+            make_manifest(),
+            output="/runs/out",
+            config_text=CONFIG_TEXT,
+            files=FILES,
+            options=TrackingOptions(enabled=False),
+        )
+        is None
+    )
     assert list(tmp_path.iterdir()) == []
 
 

@@ -10,8 +10,8 @@ import textwrap
 
 import pytest
 import torch
-
 from conftest import config_for
+
 from mergeflow.workers.shard import merge_shard
 from mergeflow.workflows.plan import make_plan
 
@@ -31,7 +31,8 @@ def test_workers_import_and_merge_without_ray_mlflow_boto3(family, tmp_path):
         base = open_checkpoint({str(base)!r})
         tasks = [open_checkpoint(p) for p in {[str(p) for _, p in tasks]!r}]
         jobs = tuple(TensorJob(n, base.tensors[n], tuple(t.tensors[n] for t in tasks)) for n in sorted(base.tensors))
-        spec = ShardSpec(0, 1, jobs, ("a", "b", "c"), tall, tall.Params(alpha=0.3, lambda_=0.4), {str(tmp_path / "out")!r})
+        params = tall.Params(alpha=0.3, lambda_=0.4)
+        spec = ShardSpec(0, 1, jobs, ("a", "b", "c"), tall, params, {str(tmp_path / "out")!r})
         result = merge_shard(spec)
         print(sorted(result.outputs))
     """)
@@ -45,9 +46,12 @@ def test_workers_import_and_merge_without_ray_mlflow_boto3(family, tmp_path):
 @pytest.mark.parametrize("method", ["task_arithmetic", "ties", "tall_masks", "consensus"])
 def test_cuda_path_matches_cpu(family, tmp_path, method):
     base, tasks = family(tasks=4, hidden=64)
-    plan = make_plan(config_for(base, tasks, tmp_path / "cpu", {"name": method} | ({"scope": "tensor"} if method == "ties" else {})))
+    plan = make_plan(
+        config_for(base, tasks, tmp_path / "cpu", {"name": method} | ({"scope": "tensor"} if method == "ties" else {}))
+    )
     spec = plan.shards[0]
     cpu = merge_shard(spec)
     gpu = merge_shard(dataclasses.replace(spec, device="cuda", output=str(tmp_path / "gpu")))
+    assert gpu.outputs == cpu.outputs  # the same files with the same sha256
     for rel in cpu.outputs:
         assert (tmp_path / "cpu" / rel).read_bytes() == (tmp_path / "gpu" / rel).read_bytes(), rel

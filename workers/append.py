@@ -19,12 +19,20 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from mergeflow.workers.dtypes import TORCH_DTYPES
 from mergeflow.errors import CheckpointError
+from mergeflow.workers.dtypes import TORCH_DTYPES
 from mergeflow.workers.layers import layer_of
-from mergeflow.workers.safetensors_io import TensorInfo
 from mergeflow.workers.reading import ShardReader, chunk_ranges, copy_exact
-from mergeflow.workers.shard import LayerStats, ShardResult, ShardSpec, apply_scale, commit_writers, open_writers, to_bytes
+from mergeflow.workers.safetensors_io import TensorInfo
+from mergeflow.workers.shard import (
+    LayerStats,
+    ShardResult,
+    ShardSpec,
+    apply_scale,
+    commit_writers,
+    open_writers,
+    to_bytes,
+)
 
 
 @dataclass(frozen=True)
@@ -58,8 +66,10 @@ def append_shard(spec: ShardSpec, previous: PreviousSum) -> ShardResult:
                 continue
             held = previous.tensors.get(job.name)
             if held is None or held.dtype != "F32" or held.shape != job.shape:
-                raise CheckpointError(f"tensor {job.name!r}: the previous run's delta/ does not hold it as "
-                                      f"float32{list(job.shape)}; re-merge from scratch")
+                raise CheckpointError(
+                    f"tensor {job.name!r}: the previous run's delta/ does not hold it as "
+                    f"float32{list(job.shape)}; re-merge from scratch"
+                )
             sq = np.zeros(len(new.task_names))
             for lo, hi in chunk_ranges(job.numel, spec.chunk_elems):
                 acc = reader.elements(held, lo, hi).to(device)

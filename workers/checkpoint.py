@@ -13,8 +13,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from mergeflow.infra.storage import StorageOptions, basename, join, storage_for
 from mergeflow.errors import CheckpointError, StorageError
+from mergeflow.infra.storage import StorageOptions, basename, join, storage_for
 from mergeflow.workers.safetensors_io import FileHeader, TensorInfo, read_header
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -69,7 +69,9 @@ def _resolve_files(uri: str, options: StorageOptions | None) -> tuple[list[str],
         where = store.missing_hint(uri)
         raise CheckpointError(f"{uri}: checkpoint not found{where}")
     if store.exists(join(uri, "pytorch_model.bin")):
-        raise CheckpointError(f"{uri}: only pytorch_model.bin found; pickled checkpoints are refused, convert to safetensors")
+        raise CheckpointError(
+            f"{uri}: only pytorch_model.bin found; pickled checkpoints are refused, convert to safetensors"
+        )
     raise CheckpointError(f"{uri}: no {SINGLE_NAME} or {INDEX_NAME} found")
 
 
@@ -95,22 +97,29 @@ def index_shards(index_uri: str, data: bytes) -> list[str]:
     try:
         names = sorted(set(index["weight_map"].values()))
     except (KeyError, TypeError, AttributeError):
-        raise CheckpointError(f"{index_uri}: not a valid safetensors index (needs a 'weight_map' "
-                              "of tensor name to shard file name)") from None
+        raise CheckpointError(
+            f"{index_uri}: not a valid safetensors index (needs a 'weight_map' of tensor name to shard file name)"
+        ) from None
     if not names:
         raise CheckpointError(f"{index_uri}: its weight_map lists no shards")
     for name in names:
         if not _plain_shard_name(name):
             # A crafted index must not make a merge read (and publish the sums of) files elsewhere.
-            raise CheckpointError(f"{index_uri}: weight_map entry {name!r} is not a .safetensors file name in the "
-                                  "checkpoint folder; list shards by bare file name")
+            raise CheckpointError(
+                f"{index_uri}: weight_map entry {name!r} is not a .safetensors file name in the "
+                "checkpoint folder; list shards by bare file name"
+            )
     return names
 
 
 def _plain_shard_name(name: object) -> bool:
     # No separator means no "../", no absolute path and no sub-folder; NUL would break the path itself.
-    return (isinstance(name, str) and name.endswith(".safetensors") and name not in (".", "..")
-            and not any(c in name for c in "/\\\0"))
+    return (
+        isinstance(name, str)
+        and name.endswith(".safetensors")
+        and name not in (".", "..")
+        and not any(c in name for c in "/\\\0")
+    )
 
 
 def open_checkpoint(uri: str, options: StorageOptions | None = None) -> Checkpoint:
@@ -125,7 +134,9 @@ def open_checkpoint(uri: str, options: StorageOptions | None = None) -> Checkpoi
     for h in headers:
         for name, info in h.tensors.items():
             if name in tensors:
-                raise CheckpointError(f"{uri}: tensor {name!r} appears in both {basename(tensors[name].file)} and {basename(h.file)}")
+                raise CheckpointError(
+                    f"{uri}: tensor {name!r} appears in both {basename(tensors[name].file)} and {basename(h.file)}"
+                )
             tensors[name] = info
     if not tensors:
         raise CheckpointError(f"{uri}: checkpoint holds no tensors")

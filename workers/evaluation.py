@@ -18,15 +18,15 @@ formula, then a cast to the stored dtype), so a selected value scores the same o
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from safetensors.torch import load as load_safetensors
 
+from mergeflow.errors import ConfigError
 from mergeflow.infra.storage import StorageOptions, storage_for
 from mergeflow.workers.bits import unpack
-from mergeflow.errors import ConfigError
 
 Evaluator = Callable[..., float]
 
@@ -54,12 +54,16 @@ def load_tensors(files: list[str] | tuple[str, ...], storage: StorageOptions) ->
     return out
 
 
-def scaled_model(base: dict[str, torch.Tensor], delta: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
+def scaled_model(
+    base: dict[str, torch.Tensor], delta: dict[str, torch.Tensor], alpha: float
+) -> dict[str, torch.Tensor]:
     """theta_0 + alpha * delta, as merge_shard writes it (tensors without a delta are copied)."""
     return {n: (b.float() + alpha * delta[n]).to(b.dtype) if n in delta else b for n, b in base.items()}
 
 
-def masked_model(base: dict[str, torch.Tensor], tau: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def masked_model(
+    base: dict[str, torch.Tensor], tau: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
     """theta_0 + m_t * tau_MTL, as rebuild_part writes it; masks are packed bits (np.packbits order)."""
     out = {}
     for n, b in base.items():
@@ -86,8 +90,10 @@ class Scoring:
         try:
             return float(value)
         except (TypeError, ValueError):
-            raise ConfigError(f"selection.evaluator {self.evaluator!r} returned {value!r} for task {task!r}; "
-                              "it must return a number (higher is better)") from None
+            raise ConfigError(
+                f"selection.evaluator {self.evaluator!r} returned {value!r} for task {task!r}; "
+                "it must return a number (higher is better)"
+            ) from None
 
 
 def score_finetuned(scoring: Scoring, task: str, storage: StorageOptions) -> float:
@@ -95,18 +101,31 @@ def score_finetuned(scoring: Scoring, task: str, storage: StorageOptions) -> flo
     return score_checkpoint(scoring, scoring.checkpoints[task], task, storage)
 
 
-def score_scaled(scoring: Scoring, base_files: tuple[str, ...], delta_files: tuple[str, ...], alpha: float,
-                 tasks: tuple[str, ...], storage: StorageOptions) -> dict[str, float]:
+def score_scaled(
+    scoring: Scoring,
+    base_files: tuple[str, ...],
+    delta_files: tuple[str, ...],
+    alpha: float,
+    tasks: tuple[str, ...],
+    storage: StorageOptions,
+) -> dict[str, float]:
     """One alpha trial: build theta_0 + alpha * delta once, score it on every task."""
     model = scaled_model(load_tensors(base_files, storage), load_tensors(delta_files, storage), alpha)
     return {t: scoring.score(model, t) for t in tasks}
 
 
-def score_masked(scoring: Scoring, base_files: tuple[str, ...], tau_files: tuple[str, ...],
-                 mask_files: tuple[str, ...], task: str, storage: StorageOptions) -> float:
+def score_masked(
+    scoring: Scoring,
+    base_files: tuple[str, ...],
+    tau_files: tuple[str, ...],
+    mask_files: tuple[str, ...],
+    task: str,
+    storage: StorageOptions,
+) -> float:
     """One lambda trial: the rebuilt model theta_0 + m_t(lambda) * tau_MTL, scored on its own task."""
-    model = masked_model(load_tensors(base_files, storage), load_tensors(tau_files, storage),
-                         load_tensors(mask_files, storage))
+    model = masked_model(
+        load_tensors(base_files, storage), load_tensors(tau_files, storage), load_tensors(mask_files, storage)
+    )
     return scoring.score(model, task)
 
 

@@ -17,8 +17,9 @@ of passes does.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Literal
 
 import numpy as np
 import torch
@@ -73,7 +74,7 @@ class Sample:
     blocks: int = 0  # sampled blocks (add() takes one block at a time)
 
     @classmethod
-    def empty(cls, tasks: int) -> "Sample":
+    def empty(cls, tasks: int) -> Sample:
         return cls(np.zeros((tasks, HIGH_BINS), dtype=np.int64), np.zeros(tasks, dtype=np.int64))
 
     def add(self, taus: torch.Tensor) -> None:
@@ -81,10 +82,10 @@ class Sample:
         self.zeros += (taus.shape[1] - torch.count_nonzero(taus, dim=1)).cpu().numpy()
         self.blocks += 1
 
-    def __add__(self, other: "Sample") -> "Sample":
+    def __add__(self, other: Sample) -> Sample:
         return Sample(self.high + other.high, self.zeros + other.zeros, self.blocks + other.blocks)
 
-    def first_plan(self, total: int, k: np.ndarray) -> list["Count"]:
+    def first_plan(self, total: int, k: np.ndarray) -> list[Count]:
         """The first pass's Count for every task (see first_count)."""
         return [first_count(self.high[t], int(self.zeros[t]), total, int(k[t]), self.blocks) for t in range(len(k))]
 

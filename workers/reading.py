@@ -6,8 +6,9 @@ Memory is O(T x chunk): no tensor is held whole unless a method asks for it (Ten
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import ExitStack
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -38,7 +39,7 @@ class ShardReader:
         self.bytes_read = 0
 
     @classmethod
-    def for_spec(cls, spec: "ShardSpec", stack: ExitStack) -> "ShardReader":
+    def for_spec(cls, spec: ShardSpec, stack: ExitStack) -> ShardReader:
         return cls(spec.storage, stack, pinned=PIN_CUDA_READS and torch.device(spec.device).type == "cuda")
 
     def _reader(self, info: TensorInfo) -> RangeReader:
@@ -78,12 +79,12 @@ def chunk_ranges(numel: int, chunk: int):
         yield lo, min(numel, lo + chunk)
 
 
-def _finite(x: torch.Tensor, who: str, job: "TensorJob") -> None:
+def _finite(x: torch.Tensor, who: str, job: TensorJob) -> None:
     if not bool(torch.isfinite(x).all()):
         raise CheckpointError(f"{who}: tensor {job.name!r} contains NaN or Inf values")
 
 
-def check_finite(spec: "ShardSpec", job: "TensorJob", reader: ShardReader) -> None:
+def check_finite(spec: ShardSpec, job: TensorJob, reader: ShardReader) -> None:
     """Raise the one-line error naming the checkpoint and tensor that hold a NaN or Inf.
 
     The hot path does not test every row: a NaN or Inf anywhere in the base or a task makes
@@ -100,7 +101,7 @@ class ChunkBuffers:
     block of task-vector rows and one base row. Allocating them per chunk would cost a
     fresh mmap, zeroed pages and a torch.stack copy every time."""
 
-    def __init__(self, spec: "ShardSpec", chunk_elems: int | None = None):
+    def __init__(self, spec: ShardSpec, chunk_elems: int | None = None):
         self._spec = spec
         self._chunk = chunk_elems or spec.chunk_elems
         self._taus: torch.Tensor | None = None
@@ -117,8 +118,14 @@ class ChunkBuffers:
         return self._base[:n], self._taus[: t * n].view(t, n)
 
 
-def task_chunks(spec: "ShardSpec", job: "TensorJob", reader: ShardReader, buffers: ChunkBuffers | None = None,
-                ranges=None, chunk_elems: int | None = None):
+def task_chunks(
+    spec: ShardSpec,
+    job: TensorJob,
+    reader: ShardReader,
+    buffers: ChunkBuffers | None = None,
+    ranges=None,
+    chunk_elems: int | None = None,
+):
     """Yield (lo, hi, base_f32, taus) over a float tensor (or the element ranges given, each at
     most a chunk long), taus = (T, n) float32.
 
@@ -139,7 +146,7 @@ class TensorAccess:
     """One float tensor of a shard, as a method reads it: in chunks (the engine's loop), in chunks
     of whole rows, or whole. Task vectors are float32, one row per task, in task order."""
 
-    def __init__(self, spec: "ShardSpec", job: "TensorJob", reader: ShardReader, buffers: ChunkBuffers):
+    def __init__(self, spec: ShardSpec, job: TensorJob, reader: ShardReader, buffers: ChunkBuffers):
         self.spec, self.job, self.reader, self._buffers = spec, job, reader, buffers
 
     @property
@@ -173,7 +180,7 @@ class TensorAccess:
         check_finite(self.spec, self.job, self.reader)
 
 
-def copy_exact(spec: "ShardSpec", job: "TensorJob", reader: ShardReader, writer) -> None:
+def copy_exact(spec: ShardSpec, job: TensorJob, reader: ShardReader, writer) -> None:
     """Integer and bool tensors are copied from the base and must agree everywhere (checked even
     when this pass writes no model)."""
     for lo, hi in chunk_ranges(job.numel, spec.chunk_elems):

@@ -15,9 +15,9 @@ import re
 import struct
 from dataclasses import dataclass
 
+from mergeflow.errors import CheckpointError
 from mergeflow.infra.storage import StorageOptions, storage_for
 from mergeflow.workers.dtypes import TORCH_DTYPES, itemsize
-from mergeflow.errors import CheckpointError
 
 MAX_HEADER_BYTES = 100_000_000  # the reference implementation's MAX_HEADER_SIZE (safetensors/src/tensor.rs)
 USIZE_MAX = 2**64 - 1  # the reference reads every size into a 64-bit usize and refuses what overflows it
@@ -75,13 +75,18 @@ def parse_header(file: str, prefix: bytes, size: int) -> FileHeader:
     data_start = 8 + n
     # The last tensor must end exactly where the file does (MetadataIncompleteBuffer in the reference).
     if data_start + end > size:
-        raise CheckpointError(f"{file}: tensor {last!r} ends at byte {data_start + end} but the file has {size} bytes "
-                              "(truncated file?)")
+        raise CheckpointError(
+            f"{file}: tensor {last!r} ends at byte {data_start + end} but the file has {size} bytes (truncated file?)"
+        )
     if data_start + end < size:
-        raise CheckpointError(f"{file}: corrupt safetensors header: the {size - data_start - end} bytes after its "
-                              "last tensor belong to no tensor")
-    tensors = {name: TensorInfo(name, file, dtype, shape, data_start + lo, data_start + hi)
-               for name, dtype, shape, lo, hi in entries}
+        raise CheckpointError(
+            f"{file}: corrupt safetensors header: the {size - data_start - end} bytes after its "
+            "last tensor belong to no tensor"
+        )
+    tensors = {
+        name: TensorInfo(name, file, dtype, shape, data_start + lo, data_start + hi)
+        for name, dtype, shape, lo, hi in entries
+    }
     return FileHeader(file, size, tensors, metadata)
 
 
@@ -92,8 +97,10 @@ def _header_length(file: str, prefix: bytes, size: int) -> int:
         raise CheckpointError(f"{file}: too short to be a safetensors file ({size} bytes)")
     (n,) = struct.unpack("<Q", prefix[:8])
     if n > MAX_HEADER_BYTES or 8 + n > size:
-        raise CheckpointError(f"{file}: not a safetensors file, or a corrupt safetensors header "
-                              f"(its length prefix is impossible for a {size}-byte file)")
+        raise CheckpointError(
+            f"{file}: not a safetensors file, or a corrupt safetensors header "
+            f"(its length prefix is impossible for a {size}-byte file)"
+        )
     return n
 
 
@@ -104,8 +111,13 @@ def _header_json(blob: bytes) -> dict:
     except UnicodeDecodeError as e:
         raise _Corrupt(f"not valid UTF-8 (at header byte {e.start})") from None
     try:
-        raw = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant,
-                         parse_float=_finite_float, parse_int=_json_int)
+        raw = json.loads(
+            text,
+            object_pairs_hook=_no_duplicates,
+            parse_constant=_no_constant,
+            parse_float=_finite_float,
+            parse_int=_json_int,
+        )
     except _Corrupt:
         raise
     except ValueError as e:  # json.JSONDecodeError says where, never what the bytes are
@@ -253,8 +265,13 @@ class StreamingWriter:
     arrive in order, chunk by chunk. Hashes as it writes, so the sha256 recorded in
     the manifest costs no second read."""
 
-    def __init__(self, uri: str, entries: list[tuple[str, str, tuple[int, ...]]], options: StorageOptions | None = None,
-                 rel: str = ""):
+    def __init__(
+        self,
+        uri: str,
+        entries: list[tuple[str, str, tuple[int, ...]]],
+        options: StorageOptions | None = None,
+        rel: str = "",
+    ):
         self.uri = uri
         self.rel = rel  # the file's path in its run, for the manifest
         header, sizes = layout_header(entries)

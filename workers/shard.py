@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,9 +23,16 @@ from mergeflow.infra.storage import StorageOptions, join
 from mergeflow.workers.chunking import GPU_CHUNK
 from mergeflow.workers.dtypes import TORCH_DTYPES, is_float
 from mergeflow.workers.layers import layer_of
-from mergeflow.workers.methods.base import ChunkContext
-from mergeflow.workers.reading import (ChunkBuffers, ShardReader, TensorAccess, check_finite, chunk_ranges, copy_exact,
-                                       tau_sq_sums)
+from mergeflow.workers.methods.base import ChunkContext, Method
+from mergeflow.workers.reading import (
+    ChunkBuffers,
+    ShardReader,
+    TensorAccess,
+    check_finite,
+    chunk_ranges,
+    copy_exact,
+    tau_sq_sums,
+)
 from mergeflow.workers.safetensors_io import StreamingWriter, TensorInfo, read_header
 
 
@@ -77,7 +85,7 @@ class ShardSpec:
     def scale(self) -> float:
         return float(self.method.scale_of(self.params))
 
-    def with_globals(self, **values) -> "ShardSpec":
+    def with_globals(self, **values) -> ShardSpec:
         return dataclasses.replace(self, globals={**self.globals, **values})
 
     def model_file(self) -> str:
@@ -100,7 +108,7 @@ class LayerStats:
     tau_sq: np.ndarray  # (T,) sum of tau_t^2
     sums: dict[str, np.ndarray] = field(default_factory=dict)
 
-    def add(self, other: "LayerStats") -> None:
+    def add(self, other: LayerStats) -> None:
         self.numel += other.numel
         self.tau_sq = self.tau_sq + other.tau_sq
         for key, value in other.sums.items():
@@ -145,8 +153,9 @@ def open_writers(spec: ShardSpec, stack: ExitStack) -> dict[str, StreamingWriter
     return writers
 
 
-def commit_writers(writers: dict[str, StreamingWriter], cleanup: ExitStack, reader: ShardReader,
-                   result: ShardResult) -> None:
+def commit_writers(
+    writers: dict[str, StreamingWriter], cleanup: ExitStack, reader: ShardReader, result: ShardResult
+) -> None:
     """Publish every output file of a shard pass and record its hash; the temp-file cleanup is
     dropped only once all of them are committed."""
     for w in writers.values():
@@ -197,8 +206,9 @@ def merged_chunks(access: TensorAccess, shard_state=None):
     reported as such rather than as whatever the kernel makes of it."""
     spec, job = access.spec, access.job
     method, params = spec.method, spec.params
-    ctx = ChunkContext(job.name, job.shape, job.dtype, spec.task_names, spec.globals, shard=shard_state,
-                       device=spec.device)
+    ctx = ChunkContext(
+        job.name, job.shape, job.dtype, spec.task_names, spec.globals, shard=shard_state, device=spec.device
+    )
     extra = method.prepare_tensor(access, params, ctx)
     if extra:
         ctx = dataclasses.replace(ctx, globals={**spec.globals, **extra})
@@ -247,8 +257,9 @@ def apply_shard(spec: ShardSpec, scale: float) -> ShardResult:
     result = ShardResult(spec.index, {}, {}, globals_used=dict(spec.globals))
     with ExitStack() as cleanup, ExitStack() as files:
         reader = ShardReader.for_spec(spec, files)
-        writer = StreamingWriter(join(spec.output, spec.model_file()), [(j.name, j.dtype, j.shape) for j in spec.tensors],
-                                 spec.storage)
+        writer = StreamingWriter(
+            join(spec.output, spec.model_file()), [(j.name, j.dtype, j.shape) for j in spec.tensors], spec.storage
+        )
         cleanup.callback(writer.abort)
         for job in spec.tensors:
             for lo, hi in chunk_ranges(job.numel, spec.chunk_elems):
@@ -264,5 +275,15 @@ def apply_shard(spec: ShardSpec, scale: float) -> ShardResult:
     return result
 
 
-__all__ = ["LayerStats", "ShardResult", "ShardSpec", "TensorJob", "apply_shard", "apply_scale", "check_finite",
-           "merge_shard", "merged_chunks", "to_bytes"]
+__all__ = [
+    "LayerStats",
+    "ShardResult",
+    "ShardSpec",
+    "TensorJob",
+    "apply_shard",
+    "apply_scale",
+    "check_finite",
+    "merge_shard",
+    "merged_chunks",
+    "to_bytes",
+]

@@ -59,35 +59,58 @@ def methods_help() -> str:
 
 
 def _parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mergeflow", description="Merge many fine-tuned checkpoints into one model, "
-                                "or into a compressed bundle that rebuilds each of them, on a Ray cluster.")
+    p = argparse.ArgumentParser(
+        prog="mergeflow",
+        description="Merge many fine-tuned checkpoints into one model, "
+        "or into a compressed bundle that rebuilds each of them, on a Ray cluster.",
+    )
     p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
-    p.add_argument("--debug-wire", action="store_true",
-                   help="with --debug, also log S3 and HTTP requests with their headers (these include "
-                        "credentials and session tokens: never paste them anywhere)")
+    p.add_argument(
+        "--debug-wire",
+        action="store_true",
+        help="with --debug, also log S3 and HTTP requests with their headers (these include "
+        "credentials and session tokens: never paste them anywhere)",
+    )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     wants_help = argv is not None and "merge" in argv and ("-h" in argv or "--help" in argv)
-    m = sub.add_parser("merge", help="run a merge described by a YAML/JSON config",  # listing methods imports torch
-                       description=MERGE_HELP.format(methods=methods_help() if wants_help else "  (mergeflow merge -h)\n"),
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    m = sub.add_parser(
+        "merge",
+        help="run a merge described by a YAML/JSON config",  # listing methods imports torch
+        description=MERGE_HELP.format(methods=methods_help() if wants_help else "  (mergeflow merge -h)\n"),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     m.add_argument("config", help="YAML or JSON config file")
     m.add_argument("--output", help="output directory or s3:// prefix (overrides the config's output)")
     m.add_argument("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS, else a local runtime)")
-    m.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where workers compute (default: auto = CUDA when the cluster has GPUs)")
+    m.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        help="where workers compute (default: auto = CUDA when the cluster has GPUs)",
+    )
     m.add_argument("--overwrite", action="store_true", help="replace a finished run at the output location")
     m.add_argument("--dry-run", action="store_true", help="validate and print the plan; read no tensor data")
     m.add_argument("--quiet", action="store_true", help="no progress bars")
-    m.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db)")
+    m.add_argument(
+        "--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db)"
+    )
     m.add_argument("--experiment", default="mergeflow", help="MLflow experiment name (default: mergeflow)")
     m.add_argument("--no-tracking", action="store_true", help="do not log the run to MLflow")
-    m.add_argument("--lock-ttl", type=float, default=120.0, metavar="SECONDS",
-                   help="another merge into the same output waits for the lock (exit 75); a lock without "
-                        "heartbeat for this long is stale and taken over (default: 120)")
+    m.add_argument(
+        "--lock-ttl",
+        type=float,
+        default=120.0,
+        metavar="SECONDS",
+        help="another merge into the same output waits for the lock (exit 75); a lock without "
+        "heartbeat for this long is stale and taken over (default: 120)",
+    )
 
-    r = sub.add_parser("reconstruct", help="rebuild one task's model from a tall_masks/consensus run",
-                       description="Rebuild theta_0 + m_t * tau_MTL for task t as an HF checkpoint, "
-                                   "verifying the sha256 of every file it reads.")
+    r = sub.add_parser(
+        "reconstruct",
+        help="rebuild one task's model from a tall_masks/consensus run",
+        description="Rebuild theta_0 + m_t * tau_MTL for task t as an HF checkpoint, "
+        "verifying the sha256 of every file it reads.",
+    )
     r.add_argument("run", help="finished run directory or s3:// prefix")
     r.add_argument("--task", required=True, help="task name as in the merge config")
     r.add_argument("--output", required=True, help="directory or s3:// prefix for the rebuilt checkpoint")
@@ -142,25 +165,42 @@ def _add_remerge_parsers(sub) -> None:
         p.add_argument("config", help="YAML or JSON config file (re-read at every run)")
         p.add_argument("--output", help="output root (overrides the config's output)")
         p.add_argument("--keep", type=int, default=0, metavar="N", help="keep only the newest N runs (default: all)")
-        p.add_argument("--lock-ttl", type=float, default=120.0, metavar="SECONDS",
-                       help="a lock without heartbeat for this long is stale and taken over (default: 120)")
+        p.add_argument(
+            "--lock-ttl",
+            type=float,
+            default=120.0,
+            metavar="SECONDS",
+            help="a lock without heartbeat for this long is stale and taken over (default: 120)",
+        )
         p.add_argument("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS, else a local runtime)")
         p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where workers compute")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
-        p.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db)")
+        p.add_argument(
+            "--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db)"
+        )
         p.add_argument("--experiment", default="mergeflow", help="MLflow experiment name (default: mergeflow)")
         p.add_argument("--no-tracking", action="store_true", help="do not log runs to MLflow")
 
-    r = sub.add_parser("remerge", help="refresh a merge after tasks were added, removed or replaced",
-                       description=REMERGE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    r = sub.add_parser(
+        "remerge",
+        help="refresh a merge after tasks were added, removed or replaced",
+        description=REMERGE_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     common(r)
     r.add_argument("--from", dest="parent", metavar="RUN", help="parent run (default: the run ROOT/latest.json names)")
-    r.add_argument("--if-changed", action="store_true",
-                   help="do nothing (exit 0, one line) when the inputs and settings equal the parent's")
+    r.add_argument(
+        "--if-changed",
+        action="store_true",
+        help="do nothing (exit 0, one line) when the inputs and settings equal the parent's",
+    )
 
-    w = sub.add_parser("watch", help="poll the task registry and re-merge when it changes",
-                       description="Run `remerge --if-changed` now and then every --every, under the output's "
-                                   "lock; Ctrl-C or SIGTERM stops it. Exit codes as for remerge.")
+    w = sub.add_parser(
+        "watch",
+        help="poll the task registry and re-merge when it changes",
+        description="Run `remerge --if-changed` now and then every --every, under the output's "
+        "lock; Ctrl-C or SIGTERM stops it. Exit codes as for remerge.",
+    )
     common(w)
     w.add_argument("--every", default="10m", help="poll interval: 30s, 10m, 1h (default: 10m)")
     w.add_argument("--once", action="store_true", help="one tick, then exit with its code")
@@ -170,10 +210,18 @@ def _job(args):
     from mergeflow.infra.tracking import TrackingOptions
     from mergeflow.workflows.watch import Job
 
-    return Job(config=args.config, output=args.output, parent=getattr(args, "parent", None),
-               if_changed=getattr(args, "if_changed", False), keep=args.keep, quiet=args.quiet,
-               lock_ttl=args.lock_ttl, ray_address=args.ray_address, device=args.device,
-               tracking=TrackingOptions(enabled=not args.no_tracking, uri=args.tracking_uri, experiment=args.experiment))
+    return Job(
+        config=args.config,
+        output=args.output,
+        parent=getattr(args, "parent", None),
+        if_changed=getattr(args, "if_changed", False),
+        keep=args.keep,
+        quiet=args.quiet,
+        lock_ttl=args.lock_ttl,
+        ray_address=args.ray_address,
+        device=args.device,
+        tracking=TrackingOptions(enabled=not args.no_tracking, uri=args.tracking_uri, experiment=args.experiment),
+    )
 
 
 def _remerge(args) -> int:
@@ -201,8 +249,16 @@ def _merge(args) -> int:
         return 0
     code = 0
     try:
-        result = api.merge(args.config, **where, overwrite=args.overwrite, quiet=args.quiet, lock_ttl=args.lock_ttl,
-                           tracking=not args.no_tracking, tracking_uri=args.tracking_uri, experiment=args.experiment)
+        result = api.merge(
+            args.config,
+            **where,
+            overwrite=args.overwrite,
+            quiet=args.quiet,
+            lock_ttl=args.lock_ttl,
+            tracking=not args.no_tracking,
+            tracking_uri=args.tracking_uri,
+            experiment=args.experiment,
+        )
     except TrackingError as e:
         # The merge is committed; exit non-zero so a pipeline notices the missing run record.
         result, code = e.result, 3
@@ -213,9 +269,11 @@ def _merge(args) -> int:
     else:
         report = result.report
         t = report.timings
-        print(f"merged {len(report.plan.tasks)} tasks with {report.plan.method.name} into {result.output} "
-              f"in {t['total']:.1f}s ({report.shards_run} shards computed, {report.shards_reused} reused; "
-              f"{report.bytes_read / 1e9:.3f} GB read)")
+        print(
+            f"merged {len(report.plan.tasks)} tasks with {report.plan.method.name} into {result.output} "
+            f"in {t['total']:.1f}s ({report.shards_run} shards computed, {report.shards_reused} reused; "
+            f"{report.bytes_read / 1e9:.3f} GB read)"
+        )
         from mergeflow.workflows.inspect_run import describe
 
         print(describe(result.output, report.plan.config.storage.options()))
@@ -244,8 +302,15 @@ def _normalize(uri: str) -> str:
 def _reconstruct(args) -> int:
     from mergeflow.workflows.reconstruct import reconstruct
 
-    out = reconstruct(_normalize(args.run), args.task, _normalize(args.output), _options(args),
-                      ray_address=args.ray_address, overwrite=args.overwrite, quiet=args.quiet)
+    out = reconstruct(
+        _normalize(args.run),
+        args.task,
+        _normalize(args.output),
+        _options(args),
+        ray_address=args.ray_address,
+        overwrite=args.overwrite,
+        quiet=args.quiet,
+    )
     size = sum(f["size"] for f in out["files"].values())
     print(f"rebuilt task {args.task!r} into {args.output} ({len(out['files'])} file(s), {size / 1e6:.1f} MB)")
     return 0
@@ -275,10 +340,22 @@ def _make_family(args) -> int:
     from mergeflow.dev.synthetic import make_family
 
     root = Path(args.dir)
-    base, tasks = make_family(root, tasks=args.tasks, layers=args.layers, hidden=args.hidden, vocab=args.vocab,
-                              dtype=getattr(torch, args.dtype), shards=args.shards, seed=args.seed)
-    config = {"base": "base", "tasks": [{"name": n, "checkpoint": p.name} for n, p in tasks],
-              "output": "run", "method": {"name": args.method}}
+    base, tasks = make_family(
+        root,
+        tasks=args.tasks,
+        layers=args.layers,
+        hidden=args.hidden,
+        vocab=args.vocab,
+        dtype=getattr(torch, args.dtype),
+        shards=args.shards,
+        seed=args.seed,
+    )
+    config = {
+        "base": "base",
+        "tasks": [{"name": n, "checkpoint": p.name} for n, p in tasks],
+        "output": "run",
+        "method": {"name": args.method},
+    }
     (root / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     print(f"wrote base and {len(tasks)} tasks under {root}; config: {root / 'config.yaml'}")
     return 0
@@ -293,14 +370,22 @@ def _suite(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # keep MLflow's INFO chatter out of our output
     args = _parser(sys.argv[1:] if argv is None else argv).parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     if args.debug and not args.debug_wire:
         # botocore's debug log dumps every request with its headers: credentials and session tokens
         for name in WIRE_LOGGERS:
             logging.getLogger(name).setLevel(logging.INFO)
-    commands = {"merge": _merge, "reconstruct": _reconstruct, "inspect": _inspect, "make-family": _make_family,
-                "suite": _suite, "remerge": _remerge, "watch": _watch}
+    commands = {
+        "merge": _merge,
+        "reconstruct": _reconstruct,
+        "inspect": _inspect,
+        "make-family": _make_family,
+        "suite": _suite,
+        "remerge": _remerge,
+        "watch": _watch,
+    }
     from mergeflow.infra.lock import EXIT_LOCKED, LockHeld
 
     try:

@@ -17,11 +17,11 @@ import re
 import time
 from enum import Enum
 
-from mergeflow.infra.storage import StorageOptions, basename, join, plain_name, safe_relpath, storage_for
 from mergeflow.errors import MergeflowError, OutputError
+from mergeflow.infra.storage import StorageOptions, basename, join, plain_name, safe_relpath, storage_for
 from mergeflow.workers.shard import ShardResult
 from mergeflow.workflows.config import TASK_NAME
-from mergeflow.workflows.journal import JOURNAL_DIR, Journal
+from mergeflow.workflows.journal import Journal
 from mergeflow.workflows.plan import Plan
 
 log = logging.getLogger(__name__)
@@ -49,11 +49,14 @@ def parse_manifest(uri: str, data: bytes) -> dict:
         doc = None
     fmt = doc.get("format") if isinstance(doc, dict) else None
     if not isinstance(fmt, str) or not fmt.startswith("mergeflow.run/"):
-        raise OutputError(f"{uri}: not a manifest mergeflow wrote (no 'format: {FORMAT}'); nothing was touched: "
-                          "move it away or choose another location")
+        raise OutputError(
+            f"{uri}: not a manifest mergeflow wrote (no 'format: {FORMAT}'); nothing was touched: "
+            "move it away or choose another location"
+        )
     if fmt != FORMAT:
-        raise OutputError(f"{uri}: written in format {fmt!r}, which this mergeflow ({FORMAT}) does not read; "
-                          "upgrade mergeflow")
+        raise OutputError(
+            f"{uri}: written in format {fmt!r}, which this mergeflow ({FORMAT}) does not read; upgrade mergeflow"
+        )
     try:
         for rel in doc["outputs"]:
             safe_relpath(rel, f"{uri}: outputs")
@@ -102,8 +105,10 @@ def refuse_foreign(output: str, options: StorageOptions) -> None:
     if read_manifest(output, options) is None and Journal(output, options).fingerprint() is None:
         store = storage_for(output, options)
         if [u for u in store.list(output) if not basename(u).startswith(".")]:
-            raise OutputError(f"{output}: exists and is not a mergeflow run; nothing was touched: choose an empty "
-                              "or new output location")
+            raise OutputError(
+                f"{output}: exists and is not a mergeflow run; nothing was touched: choose an empty "
+                "or new output location"
+            )
 
 
 def prepare_output(plan: Plan, overwrite: bool) -> OutputState:
@@ -148,7 +153,7 @@ def sweep(plan: Plan, outputs: dict[str, tuple[str, int]]) -> None:
     prefix = output.rstrip("/") + "/"
     for d in OUR_DIRS:
         for uri in store.list(join(output, d)):
-            rel = uri[len(prefix):]
+            rel = uri[len(prefix) :]
             if rel in outputs:
                 continue
             if PART_FILE.search(rel):
@@ -168,7 +173,11 @@ def write_model_index(plan: Plan) -> dict[str, tuple[str, int]]:
             weight_map[job.name] = basename(spec.model_file())
             total += job.base.nbytes
     index = {"metadata": {"total_size": total, "format": "pt"}, "weight_map": weight_map}
-    written = {"model/model.safetensors.index.json": _put(store, plan.config.output, "model/model.safetensors.index.json", json.dumps(index, indent=2).encode())}
+    written = {
+        "model/model.safetensors.index.json": _put(
+            store, plan.config.output, "model/model.safetensors.index.json", json.dumps(index, indent=2).encode()
+        )
+    }
     for uri in _sidecars(plan):
         rel = f"model/{basename(uri)}"
         written[rel] = _put(store, plan.config.output, rel, storage_for(uri, options).read_bytes(uri))
@@ -182,7 +191,11 @@ def _sidecars(plan: Plan) -> list[str]:
     out = []
     for uri in store.list(plan.base.uri):
         name = basename(uri)
-        if name.endswith(SIDECAR_SUFFIXES) and name != "model.safetensors.index.json" and "/" not in uri[len(plan.base.uri) + 1 :]:
+        if (
+            name.endswith(SIDECAR_SUFFIXES)
+            and name != "model.safetensors.index.json"
+            and "/" not in uri[len(plan.base.uri) + 1 :]
+        ):
             out.append(uri)
     return out
 
@@ -198,8 +211,9 @@ def put_files(plan: Plan, files: dict[str, bytes]) -> dict[str, tuple[str, int]]
     return {rel: _put(store, plan.config.output, rel, data) for rel, data in files.items()}
 
 
-def write_manifest(plan: Plan, method: dict, outputs: dict[str, tuple[str, int]], inputs: dict[str, tuple[str, int]],
-                   extra: dict) -> dict:
+def write_manifest(
+    plan: Plan, method: dict, outputs: dict[str, tuple[str, int]], inputs: dict[str, tuple[str, int]], extra: dict
+) -> dict:
     """manifest.json, last: `method` is the method's record (its name and every declared parameter)."""
     from mergeflow import __version__
 

@@ -14,8 +14,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, TypeAdapter, ValidationError, field_validator, model_serializer,
-                      model_validator)
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from mergeflow.errors import ConfigError, MergeflowError
 from mergeflow.infra.storage import StorageOptions, is_local, normalize
@@ -123,8 +130,10 @@ class MethodChoice(BaseModel):
 
     @model_serializer
     def _dump(self) -> dict:
-        return {"name": self.name, **{_key_name(f.name): getattr(self.params, f.name)
-                                       for f in dataclasses.fields(self.params)}}
+        return {
+            "name": self.name,
+            **{_key_name(f.name): getattr(self.params, f.name) for f in dataclasses.fields(self.params)},
+        }
 
     @property
     def method(self) -> Method:
@@ -224,7 +233,7 @@ class MergeConfig(_Model):
         return getattr(m.params, m.method.scale) == AUTO
 
     @model_validator(mode="after")
-    def _tasks(self) -> "MergeConfig":
+    def _tasks(self) -> MergeConfig:
         if not self.tasks and self.tasks_from is None:
             raise ValueError("tasks: give at least one task (or tasks_from: a folder of task checkpoints)")
         seen: set[str] = set()
@@ -234,8 +243,10 @@ class MergeConfig(_Model):
             seen.add(t.name)
         auto = self.method.auto()
         if auto and self.selection is None:
-            raise ValueError(f"method.{auto[0]}: auto needs a `selection:` section naming an evaluator "
-                             "(selection: {evaluator: 'package.module:function'})")
+            raise ValueError(
+                f"method.{auto[0]}: auto needs a `selection:` section naming an evaluator "
+                "(selection: {evaluator: 'package.module:function'})"
+            )
         if self.tasks_from is None:  # discovered tasks are checked once resolved
             try:
                 self.method.method.check(self.method.params, self.task_names)
@@ -282,7 +293,9 @@ def load_config(path: str | Path, output: str | None = None) -> MergeConfig:
     return config_from_dict(raw, source=str(path), root=path.parent, output=output)
 
 
-def config_from_dict(raw: dict, source: str = "config", root: Path | None = None, output: str | None = None) -> MergeConfig:
+def config_from_dict(
+    raw: dict, source: str = "config", root: Path | None = None, output: str | None = None
+) -> MergeConfig:
     root = (root or Path.cwd()).resolve()
     try:
         cfg = MergeConfig.model_validate(raw)

@@ -57,7 +57,7 @@ class InputHashes:
         self._refs: dict[str, Any] | None = None
 
     @classmethod
-    def start(cls, files: list[str], options: StorageOptions, ray_address: str | None) -> "InputHashes":
+    def start(cls, files: list[str], options: StorageOptions, ray_address: str | None) -> InputHashes:
         return cls(files, options, in_driver=hash_in_driver(ray_address))
 
     def connected(self) -> None:

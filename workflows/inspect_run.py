@@ -45,8 +45,10 @@ def describe(run: str, options: StorageOptions) -> str:
     if nodes:
         lines.append(f"ray nodes   {len(nodes)} computed the shards:")
         for node_id, n in nodes.items():
-            lines.append(f"  {n['ip']:<15} {node_id[:12]}  {len(n['shards']):>4} shard(s) {_gb(n['bytes_read']):>10} "
-                         f"read, {n['seconds']:.1f}s  shards {_ranges(n['shards'])}")
+            lines.append(
+                f"  {n['ip']:<15} {node_id[:12]}  {len(n['shards']):>4} shard(s) {_gb(n['bytes_read']):>10} "
+                f"read, {n['seconds']:.1f}s  shards {_ranges(n['shards'])}"
+            )
     t = m.get("timings", {})
     if t:
         lines.append("timings     " + ", ".join(f"{k} {v:.1f}s" for k, v in t.items()))

@@ -46,8 +46,11 @@ def result_to_json(r: ShardResult) -> dict:
 
 def result_from_json(d: dict) -> ShardResult:
     layers = {
-        k: LayerStats(v["numel"], np.asarray(v["tau_sq"], dtype=np.float64),
-                      {key: np.asarray(x) for key, x in v.items() if key not in ("numel", "tau_sq") and x is not None})
+        k: LayerStats(
+            v["numel"],
+            np.asarray(v["tau_sq"], dtype=np.float64),
+            {key: np.asarray(x) for key, x in v.items() if key not in ("numel", "tau_sq") and x is not None},
+        )
         for k, v in d["layers"].items()
     }
     return ShardResult(
@@ -98,7 +101,7 @@ class Journal:
         """Every output file a shard record names (checked to stay inside the run)."""
         listed: set[str] = set()
         for uri in self._store.list(join(self.root, "shards")):
-            doc = self._read(uri[len(self.root.rstrip("/")) + 1:])
+            doc = self._read(uri[len(self.root.rstrip("/")) + 1 :])
             if isinstance(doc, dict) and isinstance(doc.get("outputs"), dict):
                 listed |= {safe_relpath(rel, uri) for rel in doc["outputs"]}
         return listed

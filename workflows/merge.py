@@ -61,8 +61,9 @@ def _verify_outputs(output: str, outputs: dict[str, tuple[str, int]], options) -
 def reusable_shards(run: Run, journal: Journal) -> dict[int, ShardResult]:
     """Journaled shards the method accepts for this run's shards (computed with the same reduced
     values) whose files are still there with the recorded hashes."""
-    recorded = {s.index: r for s in run.shards if (r := journal.recorded(s.index)) is not None
-                and run.method.can_reuse(r, s)}
+    recorded = {
+        s.index: r for s in run.shards if (r := journal.recorded(s.index)) is not None and run.method.can_reuse(r, s)
+    }
     if not recorded:
         return {}
     calls = [(run.output, r.outputs, run.storage) for r in recorded.values()]
@@ -77,8 +78,15 @@ def on_node(fn, *args) -> ShardResult:
     return result
 
 
-def map_shards(run: Run, specs, journal: Journal, desc: str, fn=merge_shard, extra: tuple = (),
-               merge_into: dict[int, ShardResult] | None = None) -> list[ShardResult]:
+def map_shards(
+    run: Run,
+    specs,
+    journal: Journal,
+    desc: str,
+    fn=merge_shard,
+    extra: tuple = (),
+    merge_into: dict[int, ShardResult] | None = None,
+) -> list[ShardResult]:
     """Run `fn(spec, *extra)` per shard, journaling each result as it lands; with `merge_into`, a
     result's outputs are added to that shard's earlier result (a second pass over the same shard,
     which keeps the node of the first)."""
@@ -86,8 +94,12 @@ def map_shards(run: Run, specs, journal: Journal, desc: str, fn=merge_shard, ext
     def record(i: int, r: ShardResult) -> None:
         if merge_into is not None and r.index in merge_into:
             earlier = merge_into[r.index]
-            r = dataclasses.replace(earlier, outputs=earlier.outputs | r.outputs, bytes_read=earlier.bytes_read + r.bytes_read,
-                                    seconds=earlier.seconds + r.seconds)
+            r = dataclasses.replace(
+                earlier,
+                outputs=earlier.outputs | r.outputs,
+                bytes_read=earlier.bytes_read + r.bytes_read,
+                seconds=earlier.seconds + r.seconds,
+            )
         journal.record(r)
         results[i] = r
 
@@ -105,8 +117,15 @@ def map_shards(run: Run, specs, journal: Journal, desc: str, fn=merge_shard, ext
     return results
 
 
-def run_merge(config: MergeConfig, *, overwrite: bool = False, quiet: bool = False, reuse: Reuse | None = None,
-              lock: RunLock | None = None, lock_ttl: float = DEFAULT_TTL) -> MergeReport:
+def run_merge(
+    config: MergeConfig,
+    *,
+    overwrite: bool = False,
+    quiet: bool = False,
+    reuse: Reuse | None = None,
+    lock: RunLock | None = None,
+    lock_ttl: float = DEFAULT_TTL,
+) -> MergeReport:
     """Plan, map, reduce and commit one merge into config.output.
 
     One merge writes an output at a time: after planning (bad input fails before anything is
@@ -120,13 +139,21 @@ def run_merge(config: MergeConfig, *, overwrite: bool = False, quiet: bool = Fal
     with ExitStack() as held:
         if lock is None:
             commit.refuse_foreign(config.output, options)  # before the lock file lands in someone else's folder
-            lock = held.enter_context(RunLock(config.output, options, ttl=lock_ttl, heartbeat=min(15.0, lock_ttl / 4),
-                                              command=f"mergeflow merge -> {config.output}"))
+            lock = held.enter_context(
+                RunLock(
+                    config.output,
+                    options,
+                    ttl=lock_ttl,
+                    heartbeat=min(15.0, lock_ttl / 4),
+                    command=f"mergeflow merge -> {config.output}",
+                )
+            )
         return _merge_locked(plan, overwrite, quiet, reuse or Reuse(), lock, timings, t_start)
 
 
-def _merge_locked(plan: Plan, overwrite: bool, quiet: bool, reuse: Reuse, lock: RunLock, timings: dict[str, float],
-                  t_start: float) -> MergeReport:
+def _merge_locked(
+    plan: Plan, overwrite: bool, quiet: bool, reuse: Reuse, lock: RunLock, timings: dict[str, float], t_start: float
+) -> MergeReport:
     config, method = plan.config, plan.method
     worker = reuse.worker or merge_shard
     with _timed(timings, "plan"):
@@ -142,7 +169,9 @@ def _merge_locked(plan: Plan, overwrite: bool, quiet: bool, reuse: Reuse, lock: 
     # starts and the merge runs (workflows/input_hashes.py says where).
     known = {f: reuse.input_hashes[f] for f in input_files if f in reuse.input_hashes}
     if config.execution.hash_cache:
-        known |= hash_cache.cached_hashes({f: plan.stamps[f] for f in input_files if f not in known and f in plan.stamps})
+        known |= hash_cache.cached_hashes(
+            {f: plan.stamps[f] for f in input_files if f not in known and f in plan.stamps}
+        )
     to_hash = [f for f in input_files if f not in known]
     hashing = InputHashes.start(to_hash, options, config.execution.ray_address)
     try:
@@ -152,8 +181,15 @@ def _merge_locked(plan: Plan, overwrite: bool, quiet: bool, reuse: Reuse, lock: 
             device = runtime.resolve_device(config.execution.device)
             chunk = config.execution.chunk_for(device, len(plan.tasks))
         journal = Journal(config.output, options)
-        run = Run(plan, journal, reuse, device=device, chunk=chunk, quiet=quiet,
-                  input_hashes=lambda: known | hashing.for_tasks())
+        run = Run(
+            plan,
+            journal,
+            reuse,
+            device=device,
+            chunk=chunk,
+            quiet=quiet,
+            input_hashes=lambda: known | hashing.for_tasks(),
+        )
         scale_auto = config.select_scale
         if scale_auto:  # the model waits for the scale: the map writes the unscaled delta
             run.write_model, run.write_delta = False, True
@@ -182,8 +218,15 @@ def _merge_locked(plan: Plan, overwrite: bool, quiet: bool, reuse: Reuse, lock: 
             with _timed(timings, "merge"):
                 scale = float(method.scale_of(run.params))
                 run.write_model = True
-                for r in map_shards(run, run.shards, journal, desc=f"write model ({method.scale.rstrip('_')} {scale:g})",
-                                    fn=apply_shard, extra=(scale,), merge_into=results):
+                for r in map_shards(
+                    run,
+                    run.shards,
+                    journal,
+                    desc=f"write model ({method.scale.rstrip('_')} {scale:g})",
+                    fn=apply_shard,
+                    extra=(scale,),
+                    merge_into=results,
+                ):
                     results[r.index] = r
 
         with _timed(timings, "commit"):
@@ -204,22 +247,27 @@ def _merge_locked(plan: Plan, overwrite: bool, quiet: bool, reuse: Reuse, lock: 
             report.bytes_read = sum(r.bytes_read for r in ordered)
             report.bytes_hashed = sum(inputs[f][1] for f in to_hash)
             extra = {
-                "summary": summary | sizes_summary(plan, outputs)
+                "summary": summary
+                | sizes_summary(plan, outputs)
                 | {"bytes_read": report.bytes_read, "bytes_hashed": report.bytes_hashed},
                 "timings": {k: round(v, 3) for k, v in timings.items()},
                 "nodes": placement(ordered),
             }
             extra |= method.manifest(run, ordered)
             if run.selection:
-                extra["selection"] = {"evaluator": config.selection.evaluator, "split": config.selection.split,
-                                      **run.selection}
+                extra["selection"] = {
+                    "evaluator": config.selection.evaluator,
+                    "split": config.selection.split,
+                    **run.selection,
+                }
             extra |= reuse.manifest
             if "remerge" in extra and run.reused:
                 extra["remerge"] = extra["remerge"] | {"reused": extra["remerge"]["reused"] | run.reused}
             commit.sweep(plan, outputs)
             lock.check()  # a merge whose lock was taken over must not publish a manifest
-            report.manifest = commit.write_manifest(plan, method.record(run.params, plan.task_names), outputs, inputs,
-                                                    extra)
+            report.manifest = commit.write_manifest(
+                plan, method.record(run.params, plan.task_names), outputs, inputs, extra
+            )
     except BaseException:
         hashing.cancel()
         commit.drop_partial_writes(config.output, options)  # temp files of the shards the failure cancelled
@@ -267,7 +315,10 @@ def sizes_summary(plan: Plan, outputs: dict[str, tuple[str, int]]) -> dict:
     """Storage accounting for the compressed bundle against keeping every checkpoint."""
     compressed = sum(size for rel, (_, size) in outputs.items() if rel.startswith("compressed/"))
     individual = sum(cp.nbytes for cp in plan.tasks)
-    out = {"input_bytes": plan.input_bytes, "model_bytes": sum(s for r, (_, s) in outputs.items() if r.startswith("model/"))}
+    out = {
+        "input_bytes": plan.input_bytes,
+        "model_bytes": sum(s for r, (_, s) in outputs.items() if r.startswith("model/")),
+    }
     if compressed:
         out["compressed_bytes"] = compressed
         out["checkpoints_bytes"] = individual
@@ -285,8 +336,14 @@ def track(report: MergeReport, config_text: str | None, options, parent_run_id: 
     output, storage = report.plan.config.output, report.plan.config.storage.options()
     store = storage_for(output, storage)
     files = {rel: store.read_bytes(join(output, rel)) for rel in report.manifest["outputs"] if rel.startswith("stats/")}
-    run_id = log_merge(report.manifest, output=output, config_text=config_text, files=files, options=options,
-                       parent_run_id=parent_run_id)
+    run_id = log_merge(
+        report.manifest,
+        output=output,
+        config_text=config_text,
+        files=files,
+        options=options,
+        parent_run_id=parent_run_id,
+    )
     if run_id:
         import json
 

@@ -13,10 +13,10 @@ import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from mergeflow.errors import CheckpointError
 from mergeflow.infra.storage import storage_for
 from mergeflow.workers.checkpoint import Checkpoint, open_checkpoint
 from mergeflow.workers.dtypes import is_float
-from mergeflow.errors import CheckpointError
 from mergeflow.workers.layers import group_layers, natural_key
 from mergeflow.workers.methods import Method
 from mergeflow.workers.shard import ShardSpec, TensorJob
@@ -154,4 +154,6 @@ def make_plan(config: MergeConfig, device: str = "cpu") -> Plan:
         for i, names in enumerate(groups)
     )
     stamps = input_stamps([f for cp in [base, *tasks] for f in cp.files], config.storage.options())
-    return Plan(config, method, params, base, tuple(tasks), specs, fingerprint(config, base, tasks, groups, stamps), stamps)
+    return Plan(
+        config, method, params, base, tuple(tasks), specs, fingerprint(config, base, tasks, groups, stamps), stamps
+    )

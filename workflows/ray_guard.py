@@ -62,8 +62,13 @@ def start(temp_dir: str) -> Guard:
     env = {k: v for k, v in os.environ.items() if k != MARKER}
     proc = subprocess.Popen(
         [sys.executable, "-I", "-S", os.path.abspath(__file__), temp_dir, str(os.getpid())],
-        stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        cwd="/", env=env, close_fds=True, start_new_session=True,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd="/",
+        env=env,
+        close_fds=True,
+        start_new_session=True,
     )
     return Guard(proc)
 
@@ -73,7 +78,7 @@ def _names(blob: bytes, path: bytes) -> bool:
     at = blob.find(path)
     while at >= 0:
         end = at + len(path)
-        if end == len(blob) or blob[end:end + 1] in (b"/", b"\0", b" "):
+        if end == len(blob) or blob[end : end + 1] in (b"/", b"\0", b" "):
             return True
         at = blob.find(path, at + 1)
     return False
@@ -117,8 +122,11 @@ def runtime_pids(temp_dir: str, spare: tuple[int, ...] = ()) -> list[int]:
         cmdline = _read(f"/proc/{name}/cmdline")
         if not cmdline:  # a kernel thread, a zombie, or gone
             continue
-        if (_names(cmdline, path) or entry in _read(f"/proc/{name}/environ").split(b"\0")
-                or (cmdline.startswith(b"ray::") and _holds_file_under(name, temp_dir + os.sep))):
+        if (
+            _names(cmdline, path)
+            or entry in _read(f"/proc/{name}/environ").split(b"\0")
+            or (cmdline.startswith(b"ray::") and _holds_file_under(name, temp_dir + os.sep))
+        ):
             found.append(int(name))
     return found
 

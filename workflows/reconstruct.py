@@ -6,9 +6,9 @@ import json
 import logging
 import re
 
+from mergeflow.errors import CheckpointError, MergeflowError, OutputError
 from mergeflow.infra.storage import StorageOptions, basename, join, sha256_of, storage_for
 from mergeflow.workers.checkpoint import open_checkpoint
-from mergeflow.errors import CheckpointError, MergeflowError, OutputError
 from mergeflow.workers.chunking import GPU_CHUNK
 from mergeflow.workers.methods import get_method, methods
 from mergeflow.workflows import runtime
@@ -26,14 +26,24 @@ def load_run(run: str, options: StorageOptions) -> dict:
     return manifest
 
 
-def reconstruct(run: str, task: str, output: str, options: StorageOptions, *, ray_address: str | None = None,
-                overwrite: bool = False, quiet: bool = False) -> dict:
+def reconstruct(
+    run: str,
+    task: str,
+    output: str,
+    options: StorageOptions,
+    *,
+    ray_address: str | None = None,
+    overwrite: bool = False,
+    quiet: bool = False,
+) -> dict:
     manifest = load_run(run, options)
     names = [t["name"] for t in manifest["inputs"]["tasks"]]
     method = get_method(manifest["method"]["name"])
     if not method.compresses:
-        raise MergeflowError(f"{run}: method {method.name} wrote no compressed bundle; reconstruct needs a run of a "
-                             f"method that compresses ({', '.join(sorted(n for n, m in methods().items() if m.compresses))})")
+        raise MergeflowError(
+            f"{run}: method {method.name} wrote no compressed bundle; reconstruct needs a run of a "
+            f"method that compresses ({', '.join(sorted(n for n, m in methods().items() if m.compresses))})"
+        )
     if task not in names:
         raise MergeflowError(f"{run}: no task {task!r} in this run; it has {', '.join(names)}")
     out_store = storage_for(output, options)
@@ -45,32 +55,59 @@ def reconstruct(run: str, task: str, output: str, options: StorageOptions, *, ra
     weight_map = json.loads(_verified(store, run, "model/model.safetensors.index.json", expect))["weight_map"]
     base_uri = manifest["inputs"]["base"]["uri"]
     base = open_checkpoint(base_uri, options)
-    base_expected = {join(base_uri, n) if not base_uri.endswith(".safetensors") else base_uri: f["sha256"]
-                     for n, f in manifest["inputs"]["base"]["files"].items()}
+    base_expected = {
+        join(base_uri, n) if not base_uri.endswith(".safetensors") else base_uri: f["sha256"]
+        for n, f in manifest["inputs"]["base"]["files"].items()
+    }
 
     parts: dict[str, list[str]] = {}
     for name, fname in weight_map.items():
         m = MODEL_PART.fullmatch(str(fname))
         if m is None:  # the part names every file this command reads and writes: never a path
-            raise CheckpointError(f"{run}: model/model.safetensors.index.json maps {name!r} to {fname!r}, not a "
-                                  "model part file of a mergeflow run (the run is corrupt or was tampered with)")
+            raise CheckpointError(
+                f"{run}: model/model.safetensors.index.json maps {name!r} to {fname!r}, not a "
+                "model part file of a mergeflow run (the run is corrupt or was tampered with)"
+            )
         parts.setdefault(m.group(1), []).append(name)
-    specs = method.rebuild_specs(run, manifest, task, parts, base, output, options, GPU_CHUNK,
-                                 lambda part, tensors: _model_order(run, part, tensors, options))
+    specs = method.rebuild_specs(
+        run,
+        manifest,
+        task,
+        parts,
+        base,
+        output,
+        options,
+        GPU_CHUNK,
+        lambda part, tensors: _model_order(run, part, tensors, options),
+    )
 
     runtime.connect(ray_address)
     base_files = list(base_expected.items())
-    got = runtime.run_tasks(sha256_of, [(f, options) for f, _ in base_files], desc="verify base", quiet=quiet,
-                            sizes=[base.file_sizes[f] for f, _ in base_files])
+    got = runtime.run_tasks(
+        sha256_of,
+        [(f, options) for f, _ in base_files],
+        desc="verify base",
+        quiet=quiet,
+        sizes=[base.file_sizes[f] for f, _ in base_files],
+    )
     for (f, want), have in zip(base_files, got):
         if want != have:
-            raise CheckpointError(f"{f}: the base checkpoint changed since the merge (sha256 differs from the manifest)")
-    results = runtime.run_tasks(method.rebuild_part, [(s,) for s in specs], desc=f"rebuild {task}",
-                                sizes=[sum(b.nbytes for b in s.base) for s in specs], quiet=quiet)
+            raise CheckpointError(
+                f"{f}: the base checkpoint changed since the merge (sha256 differs from the manifest)"
+            )
+    results = runtime.run_tasks(
+        method.rebuild_part,
+        [(s,) for s in specs],
+        desc=f"rebuild {task}",
+        sizes=[sum(b.nbytes for b in s.base) for s in specs],
+        quiet=quiet,
+    )
     files = {basename(s.output): {"sha256": sha, "size": size} for s, (sha, size) in zip(specs, results)}
     total = sum(b.nbytes for s in specs for b in s.base)
-    out_index = {"metadata": {"total_size": total, "format": "pt"},
-                 "weight_map": {b.name: basename(s.output) for s in specs for b in s.base}}
+    out_index = {
+        "metadata": {"total_size": total, "format": "pt"},
+        "weight_map": {b.name: basename(s.output) for s in specs for b in s.base},
+    }
     out_store.write_bytes(join(output, "model.safetensors.index.json"), json.dumps(out_index, indent=2).encode())
     for rel in expect:
         name = basename(rel)

@@ -14,9 +14,9 @@ import logging
 
 from pydantic import ValidationError
 
+from mergeflow.errors import ConfigError
 from mergeflow.infra.storage import join, storage_for
 from mergeflow.workers.checkpoint import INDEX_NAME, SINGLE_NAME, UnreadableIndex, folder_files
-from mergeflow.errors import ConfigError
 from mergeflow.workflows.config import TASK_NAME, MergeConfig, _format_error
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ def discover(prefix: str, options, exclude: tuple[str, ...] = ()) -> list[tuple[
     root = prefix.rstrip("/") + "/"
     folders: dict[str, set[str]] = {}
     for uri in store.list(prefix):
-        parts = uri[len(root):].split("/")
+        parts = uri[len(root) :].split("/")
         if len(parts) == 2:
             folders.setdefault(parts[0], set()).add(parts[1])
     found = []
@@ -62,14 +62,17 @@ def resolve(config: MergeConfig, previous_order: list[str] | tuple[str, ...] = (
     if config.tasks_from is None:
         return config
     listed = {t.name for t in config.tasks}
-    found = {n: uri for n, uri in discover(config.tasks_from, config.storage.options(), (config.base,))
-             if n not in listed}
+    found = {
+        n: uri for n, uri in discover(config.tasks_from, config.storage.options(), (config.base,)) if n not in listed
+    }
     known = [n for n in previous_order if n in found]
     order = known + sorted(n for n in found if n not in known)
     tasks = [t.model_dump() for t in config.tasks] + [{"name": n, "checkpoint": found[n]} for n in order]
     if not tasks:
-        raise ConfigError(f"tasks_from: no complete checkpoint folder under {config.tasks_from} "
-                          f"(each needs {SINGLE_NAME} or {INDEX_NAME} with its shards)")
+        raise ConfigError(
+            f"tasks_from: no complete checkpoint folder under {config.tasks_from} "
+            f"(each needs {SINGLE_NAME} or {INDEX_NAME} with its shards)"
+        )
     raw = config.model_dump(by_alias=True) | {"tasks": tasks, "tasks_from": None}
     try:
         return MergeConfig.model_validate(raw)

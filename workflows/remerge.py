@@ -33,6 +33,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from mergeflow.errors import MergeflowError
 from mergeflow.infra import hash_cache
 from mergeflow.infra.lock import RunLock
 from mergeflow.infra.storage import StorageOptions, basename, join, normalize, sha256_of, storage_for
@@ -40,7 +41,6 @@ from mergeflow.infra.storage import parent as parent_of
 from mergeflow.infra.tracking import checkpoint_digest
 from mergeflow.workers.append import PreviousSum, append_shard
 from mergeflow.workers.checkpoint import resolve_files
-from mergeflow.errors import CheckpointError, MergeflowError
 from mergeflow.workers.safetensors_io import read_header
 from mergeflow.workflows import registry, runtime
 from mergeflow.workflows.commit import MANIFEST, clear, read_manifest
@@ -104,8 +104,10 @@ def latest_run(root: str, data: bytes) -> str:
         run = None
     parts = run.split("/") if isinstance(run, str) else []
     if len(parts) != 2 or parts[0] != RUNS_DIR or not RUN_NAME.fullmatch(parts[1]):
-        raise MergeflowError(f"{join(root, LATEST)}: does not name a run under {join(root, RUNS_DIR)} (got {run!r}); "
-                             "it is corrupt: remove it or pass --from RUN")
+        raise MergeflowError(
+            f"{join(root, LATEST)}: does not name a run under {join(root, RUNS_DIR)} (got {run!r}); "
+            "it is corrupt: remove it or pass --from RUN"
+        )
     return run
 
 
@@ -125,8 +127,9 @@ def digest(files: list[str], hashes: dict[str, str]) -> str:
 
 
 def taskset(config: MergeConfig, files: dict[str, list[str]], hashes: dict[str, str]) -> TaskSet:
-    return TaskSet(digest(files[config.base], hashes),
-                   tuple((t.name, digest(files[t.checkpoint], hashes)) for t in config.tasks))
+    return TaskSet(
+        digest(files[config.base], hashes), tuple((t.name, digest(files[t.checkpoint], hashes)) for t in config.tasks)
+    )
 
 
 def parent_taskset(manifest: dict) -> TaskSet:
@@ -170,14 +173,25 @@ class Changes:
 
     @property
     def any(self) -> bool:
-        return bool(self.added or self.removed or self.replaced or self.reordered or self.base_changed
-                    or self.method_changed)
+        return bool(
+            self.added or self.removed or self.replaced or self.reordered or self.base_changed or self.method_changed
+        )
 
     def describe(self) -> str:
-        parts = [f"{what} {', '.join(names)}" for what, names in
-                 (("added", self.added), ("replaced", self.replaced), ("removed", self.removed)) if names]
-        parts += [what for what, flag in (("task order changed", self.reordered), ("base changed", self.base_changed),
-                                          ("method settings changed", self.method_changed)) if flag]
+        parts = [
+            f"{what} {', '.join(names)}"
+            for what, names in (("added", self.added), ("replaced", self.replaced), ("removed", self.removed))
+            if names
+        ]
+        parts += [
+            what
+            for what, flag in (
+                ("task order changed", self.reordered),
+                ("base changed", self.base_changed),
+                ("method settings changed", self.method_changed),
+            )
+            if flag
+        ]
         return "; ".join(parts) or "no changes"
 
     def record(self) -> dict:
@@ -220,7 +234,9 @@ def recorded_files(manifest: dict) -> dict[str, dict]:
 
 def known_hashes(manifest: dict, stamps: dict[str, str]) -> dict[str, str]:
     """sha256 of the files whose size and mtime/ETag are what the manifest recorded with them."""
-    return {f: e["sha256"] for f, e in recorded_files(manifest).items() if e.get("stamp") and stamps.get(f) == e["stamp"]}
+    return {
+        f: e["sha256"] for f, e in recorded_files(manifest).items() if e.get("stamp") and stamps.get(f) == e["stamp"]
+    }
 
 
 # ------------------------------------------------------------------------------------- reuse
@@ -250,19 +266,31 @@ def delta_intact(parent: Parent, rels: list[str], options: StorageOptions, quiet
     if todo:
         runtime.connect(None)
         sizes = [parent.manifest["outputs"][rel]["size"] for rel in rels if join(parent.uri, rel) in todo]
-        known |= dict(zip(todo, runtime.run_tasks(sha256_of, [(u, options) for u in todo], sizes=sizes,
-                                                  desc="verify the parent's sum", quiet=quiet)))
+        known |= dict(
+            zip(
+                todo,
+                runtime.run_tasks(
+                    sha256_of, [(u, options) for u in todo], sizes=sizes, desc="verify the parent's sum", quiet=quiet
+                ),
+            )
+        )
     bad = [uri for uri, sha in expected.items() if known[uri] != sha]
     if bad:
-        log.warning("%s: sha256 differs from the parent's %s (the run was modified); recomputing the sum of "
-                    "every task instead of extending it", bad[0], MANIFEST)
+        log.warning(
+            "%s: sha256 differs from the parent's %s (the run was modified); recomputing the sum of "
+            "every task instead of extending it",
+            bad[0],
+            MANIFEST,
+        )
         return False
     if use_cache:
         hash_cache.remember(stamps, known)
     return True
 
 
-def previous_sum(parent: Parent, plan: Plan, k: int, options: StorageOptions, quiet: bool = False) -> PreviousSum | None:
+def previous_sum(
+    parent: Parent, plan: Plan, k: int, options: StorageOptions, quiet: bool = False
+) -> PreviousSum | None:
     """The parent's delta/ tensors located from their headers; None when they do not cover the plan."""
     outputs = parent.manifest["outputs"]
     rels = sorted(rel for rel in outputs if rel.startswith("delta/"))
@@ -292,7 +320,7 @@ def new_run_name() -> str:
 def run_names(root: str, options: StorageOptions) -> list[str]:
     runs = join(root, RUNS_DIR)
     prefix = runs.rstrip("/") + "/"
-    names = {u[len(prefix):].split("/")[0] for u in storage_for(runs, options).list(runs)}
+    names = {u[len(prefix) :].split("/")[0] for u in storage_for(runs, options).list(runs)}
     return sorted(n for n in names if RUN_NAME.fullmatch(n))  # anything else there is not ours
 
 
@@ -321,8 +349,11 @@ def publish(root: str, run: str, options: StorageOptions) -> dict:
     """Point ROOT/latest.json at run (one PUT or rename: readers see the old or the new pointer)."""
     store = storage_for(root, options)
     data = store.read_bytes(join(run, MANIFEST))
-    doc = {"run": run[len(root.rstrip("/")) + 1:], "manifest_sha256": hashlib.sha256(data).hexdigest(),
-           "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    doc = {
+        "run": run[len(root.rstrip("/")) + 1 :],
+        "manifest_sha256": hashlib.sha256(data).hexdigest(),
+        "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
     store.write_bytes(join(root, LATEST), json.dumps(doc, indent=1).encode())
     return doc
 
@@ -362,8 +393,15 @@ class RemergeResult:
     reused: dict = field(default_factory=dict)
 
 
-def remerge(config: MergeConfig, *, parent: str | None = None, if_changed: bool = False, quiet: bool = False,
-            keep: int = 0, lock: RunLock | None = None) -> RemergeResult:
+def remerge(
+    config: MergeConfig,
+    *,
+    parent: str | None = None,
+    if_changed: bool = False,
+    quiet: bool = False,
+    keep: int = 0,
+    lock: RunLock | None = None,
+) -> RemergeResult:
     """Re-merge `config` into a new run under its output root. With if_changed, return at once
     (reading no tensor data, starting nothing) when the parent already merged the same contents."""
     root, options = config.output, config.storage.options()
@@ -383,8 +421,9 @@ def remerge(config: MergeConfig, *, parent: str | None = None, if_changed: bool 
         if unknown:  # what changed is decided by content: hash only files that are new or touched
             runtime.connect(config.execution.ray_address)
             sizes = [storage_for(f, options).size(f) for f in unknown]
-            got = runtime.run_tasks(sha256_of, [(f, options) for f in unknown], desc="hash new inputs",
-                                    sizes=sizes, quiet=quiet)
+            got = runtime.run_tasks(
+                sha256_of, [(f, options) for f in unknown], desc="hash new inputs", sizes=sizes, quiet=quiet
+            )
             hashes |= dict(zip(unknown, got))
             hashed_bytes = sum(sizes)
         old, new = parent_taskset(par.manifest), taskset(config, files, hashes)
@@ -407,8 +446,10 @@ def remerge(config: MergeConfig, *, parent: str | None = None, if_changed: bool 
     reuse = Reuse(
         input_hashes=hashes,
         worker=functools.partial(append_shard, previous=prev) if prev else None,
-        manifest={"parent": par.record() if par else None,
-                  "remerge": {"changes": result.changes.record() if result.changes else None, "reused": result.reused}},
+        manifest={
+            "parent": par.record() if par else None,
+            "remerge": {"changes": result.changes.record() if result.changes else None, "reused": result.reused},
+        },
         parent=par.manifest if par else None,
         digests=new if par else None,
         parent_digests=old if par else None,

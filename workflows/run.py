@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 from mergeflow.workers.evaluation import Scoring
 from mergeflow.workers.shard import ShardSpec
@@ -40,8 +41,17 @@ def memory_per_task(plan: Plan, chunk: int) -> int:
 class Run:
     """One merge as its method's stages see it."""
 
-    def __init__(self, plan: Plan, journal: Journal, reuse: Reuse, *, device: str, chunk: int, quiet: bool,
-                 input_hashes: Callable[[], dict]):
+    def __init__(
+        self,
+        plan: Plan,
+        journal: Journal,
+        reuse: Reuse,
+        *,
+        device: str,
+        chunk: int,
+        quiet: bool,
+        input_hashes: Callable[[], dict],
+    ):
         self.plan = plan
         self.method = plan.method
         self.params = plan.params  # a stage may replace it (a value chosen on validation data)
@@ -93,16 +103,26 @@ class Run:
         """The plan's shards as the map runs them now: current params, globals and writes."""
         out = []
         for s in self.plan.shards:
-            s = dataclasses.replace(s, params=self.params, globals=dict(self.globals), device=self.device,
-                                    chunk_elems=self.chunk, write_model=self.write_model, write_delta=self.write_delta)
+            s = dataclasses.replace(
+                s,
+                params=self.params,
+                globals=dict(self.globals),
+                device=self.device,
+                chunk_elems=self.chunk,
+                write_model=self.write_model,
+                write_delta=self.write_delta,
+            )
             if self._keep is not None:
                 keep = self._keep
-                s = dataclasses.replace(s, task_names=tuple(s.task_names[i] for i in keep), tensors=tuple(
-                    dataclasses.replace(j, tasks=tuple(j.tasks[i] for i in keep)) for j in s.tensors))
+                s = dataclasses.replace(
+                    s,
+                    task_names=tuple(s.task_names[i] for i in keep),
+                    tensors=tuple(dataclasses.replace(j, tasks=tuple(j.tasks[i] for i in keep)) for j in s.tensors),
+                )
             out.append(s)
         return out
 
-    def task_subset(self, keep: Sequence[int]) -> "Run":
+    def task_subset(self, keep: Sequence[int]) -> Run:
         """The same run restricted to some tasks (for statistics that depend on each task alone)."""
         sub = copy.copy(self)
         sub._keep = [self._keep[i] for i in keep] if self._keep is not None else list(keep)
@@ -120,9 +140,15 @@ class Run:
     def each_shard(self, fn: Callable, *extra, desc: str, shards: Sequence[ShardSpec] | None = None) -> list:
         """fn(spec, *extra) for every shard (or the specs given) as Ray tasks; results in order."""
         specs = list(self.shards if shards is None else shards)
-        return runtime.run_tasks(fn, [(s, *extra) for s in specs], desc=desc, sizes=[s.nbytes for s in specs],
-                                 memory=memory_per_task(self.plan, self.chunk), gpu=self.device == "cuda",
-                                 quiet=self.quiet)
+        return runtime.run_tasks(
+            fn,
+            [(s, *extra) for s in specs],
+            desc=desc,
+            sizes=[s.nbytes for s in specs],
+            memory=memory_per_task(self.plan, self.chunk),
+            gpu=self.device == "cuda",
+            quiet=self.quiet,
+        )
 
     def map(self, fn: Callable, calls: Sequence[tuple], *, desc: str, unit: str = "task", gpu: bool = False) -> list:
         """fn(*call) for every call as Ray tasks; results in call order."""

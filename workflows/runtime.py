@@ -8,11 +8,12 @@ import logging
 import os
 import secrets
 import shutil
-import tempfile
 import sys
+import tempfile
 import time
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import ray
 from ray._private import ray_constants
@@ -25,8 +26,12 @@ log = logging.getLogger(__name__)
 
 
 def _init_options() -> dict[str, Any]:
-    return dict(include_dashboard=False, configure_logging=False, log_to_driver=False,
-                runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}})
+    return dict(
+        include_dashboard=False,
+        configure_logging=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}},
+    )
 
 
 _guard: ray_guard.Guard | None = None  # the watchdog of the private runtime this process runs, if any
@@ -44,7 +49,9 @@ def connect(address: str | None = None) -> None:
         ray.init(address=address, **_init_options())
     else:
         _start_private()
-    log.info("ray %s in %.1fs: %s", "joined" if address else "started", time.perf_counter() - t0, ray.cluster_resources())
+    log.info(
+        "ray %s in %.1fs: %s", "joined" if address else "started", time.perf_counter() - t0, ray.cluster_resources()
+    )
 
 
 def _start_private() -> None:
@@ -68,8 +75,10 @@ def _start_private() -> None:
             ray.init(_node_ip_address="127.0.0.1", _temp_dir=temp, **_init_options())
         ip = ray.util.get_node_ip_address()
         if ip != "127.0.0.1":
-            raise MergeflowError(f"the local Ray runtime came up on {ip}, not 127.0.0.1: refusing to run it where "
-                                 "other hosts can reach it (Ray version other than the pinned one?)")
+            raise MergeflowError(
+                f"the local Ray runtime came up on {ip}, not 127.0.0.1: refusing to run it where "
+                "other hosts can reach it (Ray version other than the pinned one?)"
+            )
     except BaseException:
         ray.shutdown()
         guard.release()
@@ -137,8 +146,11 @@ def _ensure_token() -> None:
     HOME is not writable, RAY_AUTH_TOKEN carries a token made up for this process instead."""
     global _token
     mode = os.environ.get("RAY_AUTH_MODE")
-    if (mode is not None and mode.lower() != "token") or os.environ.get("RAY_AUTH_TOKEN") \
-            or os.environ.get("RAY_AUTH_TOKEN_PATH"):
+    if (
+        (mode is not None and mode.lower() != "token")
+        or os.environ.get("RAY_AUTH_TOKEN")
+        or os.environ.get("RAY_AUTH_TOKEN_PATH")
+    ):
         return
     try:
         path = Path.home() / ".ray" / "auth_token"
@@ -280,7 +292,9 @@ def run_tasks(
     results: list[Any] = [None] * len(refs)
     sizes = list(sizes) if sizes is not None else [1] * len(refs)
     pending = list(refs)
-    with tqdm(total=sum(sizes), desc=desc, unit=unit, unit_scale=unit == "B", disable=quiet, leave=False, smoothing=0) as bar:
+    with tqdm(
+        total=sum(sizes), desc=desc, unit=unit, unit_scale=unit == "B", disable=quiet, leave=False, smoothing=0
+    ) as bar:
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
             i = index[done[0]]

@@ -30,13 +30,20 @@ def select_scale(run) -> dict:
     delta_files = tuple(join(s.output, s.delta_file()) for s in run.shards)
     finetuned = finetuned_scores(run)
     calls = [(scoring, run.base_files, delta_files, a, run.task_names, run.storage) for a in grid]
-    results = run.map(score_scaled, calls, desc="alpha trials" if run.method.scale == "alpha" else "scale trials",
-                      unit="trial")
+    results = run.map(
+        score_scaled, calls, desc="alpha trials" if run.method.scale == "alpha" else "scale trials", unit="trial"
+    )
     trials = []
     for a, scores in zip(grid, results):
         normalized = {t: scores[t] / finetuned[t] if finetuned[t] else 0.0 for t in run.task_names}
-        trials.append({"alpha": a, "scores": scores, "normalized": normalized,
-                       "avg_score": sum(scores.values()) / len(scores),
-                       "avg_normalized": sum(normalized.values()) / len(normalized)})
+        trials.append(
+            {
+                "alpha": a,
+                "scores": scores,
+                "normalized": normalized,
+                "avg_score": sum(scores.values()) / len(scores),
+                "avg_normalized": sum(normalized.values()) / len(normalized),
+            }
+        )
     best = _argmax([tr["avg_normalized"] for tr in trials])
     return {"grid": list(grid), "finetuned": finetuned, "trials": trials, "chosen": grid[best]}

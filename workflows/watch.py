@@ -16,9 +16,9 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from mergeflow.errors import MergeflowError
 from mergeflow.infra.lock import DEFAULT_TTL, EXIT_LOCKED, LockHeld, RunLock
 from mergeflow.infra.tracking import TrackingError, TrackingOptions, redact
-from mergeflow.errors import MergeflowError
 
 log = logging.getLogger(__name__)
 
@@ -58,11 +58,14 @@ def remerge_once(job: Job) -> int:
     from mergeflow.workflows.remerge import remerge
 
     cfg = load_config(job.config, output=job.output)
-    ex = cfg.execution.model_copy(update={k: v for k, v in {"ray_address": job.ray_address, "device": job.device}.items() if v})
+    ex = cfg.execution.model_copy(
+        update={k: v for k, v in {"ray_address": job.ray_address, "device": job.device}.items() if v}
+    )
     cfg = cfg.model_copy(update={"execution": ex})
     command = f"mergeflow remerge {job.config}"
-    with RunLock(cfg.output, cfg.storage.options(), ttl=job.lock_ttl, heartbeat=min(15.0, job.lock_ttl / 4),
-                 command=command) as lock:
+    with RunLock(
+        cfg.output, cfg.storage.options(), ttl=job.lock_ttl, heartbeat=min(15.0, job.lock_ttl / 4), command=command
+    ) as lock:
         result = remerge(cfg, parent=job.parent, if_changed=job.if_changed, quiet=job.quiet, keep=job.keep, lock=lock)
         if result.up_to_date:
             print(f"up to date (run {result.run})", flush=True)
@@ -83,12 +86,19 @@ def remerge_once(job: Job) -> int:
             if storage_for(result.run, cfg.storage.options()).exists(join(result.run, TRACKING)):
                 return 0  # tracked when it was made
         else:
-            print(f"merged {len(r.plan.tasks)} tasks with {r.plan.method.name} into {result.run} ({what}"
-                  f"{'; ' + ', '.join(notes) if notes else ''}; {r.bytes_read / 1e9:.3f} GB read, "
-                  f"{r.timings['total']:.1f}s)", flush=True)
+            print(
+                f"merged {len(r.plan.tasks)} tasks with {r.plan.method.name} into {result.run} ({what}"
+                f"{'; ' + ', '.join(notes) if notes else ''}; {r.bytes_read / 1e9:.3f} GB read, "
+                f"{r.timings['total']:.1f}s)",
+                flush=True,
+            )
         try:
-            run_id = track(r, Path(job.config).read_text(), job.tracking,
-                           parent_run_id=result.parent.mlflow_run_id if result.parent else None)
+            run_id = track(
+                r,
+                Path(job.config).read_text(),
+                job.tracking,
+                parent_run_id=result.parent.mlflow_run_id if result.parent else None,
+            )
         except TrackingError as e:
             print(f"mergeflow: error: {e}", file=sys.stderr)
             return 3

@@ -19,10 +19,10 @@ from __future__ import annotations
 import json
 import time
 import zlib
+from collections.abc import Callable
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -46,6 +46,7 @@ LOT_EXEMPLARS = 64  # the paper's recommendation, and method.exemplars' default
 
 
 # --------------------------------------------------------------------------- transforms (8x8 images, 0..16)
+
 
 def _shift(x: np.ndarray, dy: int, dx: int) -> np.ndarray:
     """Translate with zero fill."""
@@ -101,11 +102,17 @@ TRANSFORMS: dict[str, tuple[str, Callable[[np.ndarray, int], np.ndarray]]] = {
     "threshold": ("binarise at 8 (0 or 16)", lambda x, s: np.where(x > 8, 16.0, 0.0)),
     "shift_up_noise": ("shift up-left by 2, gaussian noise sigma 1", _shift_noise("shift_up_noise", -2, -2, 1.0)),
     # + 6 for the 20-task suite
-    "antitranspose": ("transpose about the other diagonal", lambda x, s: np.rot90(np.transpose(x, (0, 2, 1)), 2, axes=(1, 2))),
+    "antitranspose": (
+        "transpose about the other diagonal",
+        lambda x, s: np.rot90(np.transpose(x, (0, 2, 1)), 2, axes=(1, 2)),
+    ),
     "invert_rot90": ("16 - x, rotated 90 degrees", lambda x, s: 16.0 - np.rot90(x, 1, axes=(1, 2))),
     "permute3": ("a third fixed pixel permutation", _perm("permute3")),
     "blur_hflip": ("3x3 box blur, mirrored left-right", lambda x, s: _blur(x)[:, :, ::-1]),
-    "threshold_rot180": ("binarise at 8, rotated 180 degrees", lambda x, s: np.rot90(np.where(x > 8, 16.0, 0.0), 2, axes=(1, 2))),
+    "threshold_rot180": (
+        "binarise at 8, rotated 180 degrees",
+        lambda x, s: np.rot90(np.where(x > 8, 16.0, 0.0), 2, axes=(1, 2)),
+    ),
     "noise_heavy": ("gaussian noise sigma 4", _shift_noise("noise_heavy", 0, 0, 4.0)),
 }
 
@@ -118,9 +125,15 @@ def task_names(tasks: int) -> list[str]:
 
 # --------------------------------------------------------------------------- data
 
+
 @lru_cache(maxsize=1)
 def _digits() -> tuple[np.ndarray, np.ndarray]:
-    from sklearn.datasets import load_digits
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        from mergeflow.errors import ConfigError
+
+        raise ConfigError("the digits suite needs scikit-learn: pip install 'mergeflow[suite]'") from None
 
     d = load_digits()
     return d.images.astype(np.float64), d.target.astype(np.int64)
@@ -145,11 +158,18 @@ def task_data(task: str, seed: int, split: str) -> tuple[torch.Tensor, torch.Ten
 
 # --------------------------------------------------------------------------- model
 
+
 class SuiteMLP(nn.Module):
     def __init__(self, hidden: int = 512, inputs: int = 64, classes: int = N_CLASSES):
         super().__init__()
-        self.backbone = nn.Sequential(nn.Linear(inputs, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
-                                      nn.Linear(hidden, hidden), nn.ReLU())
+        self.backbone = nn.Sequential(
+            nn.Linear(inputs, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, hidden),
+            nn.ReLU(),
+        )
         self.head = nn.Linear(hidden, classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -170,8 +190,11 @@ def load_backbone(source: dict[str, torch.Tensor] | Path | str) -> dict[str, tor
     if isinstance(source, (str, Path)):
         path = Path(source)
         if path.is_dir():
-            files = [path / "model.safetensors"] if (path / "model.safetensors").exists() else \
-                sorted(p for p in path.glob("*.safetensors") if p.name != "head.safetensors")
+            files = (
+                [path / "model.safetensors"]
+                if (path / "model.safetensors").exists()
+                else sorted(p for p in path.glob("*.safetensors") if p.name != "head.safetensors")
+            )
             if not files:
                 raise FileNotFoundError(f"{path}: no model safetensors")
             sd = {}
@@ -197,6 +220,7 @@ def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 # --------------------------------------------------------------------------- training
+
 
 @contextmanager
 def _deterministic():
@@ -262,8 +286,9 @@ def _probe_head(model: SuiteMLP, task: str, seed: int, epochs: int, task_index: 
     return {f"head.{k}": v.detach().clone().contiguous() for k, v in head.state_dict().items()}
 
 
-def _finetune(base: dict[str, torch.Tensor], head: dict[str, torch.Tensor], task: str, seed: int, epochs: int,
-              task_index: int) -> dict[str, torch.Tensor]:
+def _finetune(
+    base: dict[str, torch.Tensor], head: dict[str, torch.Tensor], task: str, seed: int, epochs: int, task_index: int
+) -> dict[str, torch.Tensor]:
     model = _model_from(base, head)
     for p in model.head.parameters():
         p.requires_grad_(False)
@@ -274,7 +299,9 @@ def _finetune(base: dict[str, torch.Tensor], head: dict[str, torch.Tensor], task
     return backbone_state(model.eval())
 
 
-def task_arithmetic(base: dict[str, torch.Tensor], finetuned: list[dict[str, torch.Tensor]], alpha: float = 0.3) -> dict[str, torch.Tensor]:
+def task_arithmetic(
+    base: dict[str, torch.Tensor], finetuned: list[dict[str, torch.Tensor]], alpha: float = 0.3
+) -> dict[str, torch.Tensor]:
     """base + alpha * sum_t (theta_t - base): plain Task Arithmetic, in memory."""
     return {k: base[k] + alpha * sum(ft[k] - base[k] for ft in finetuned) for k in base}
 
@@ -309,18 +336,23 @@ def lot_task_model(checkpoint: str, task: str, exemplars: int, seed: int) -> tup
     try:
         data_seed = int(json.loads(meta.read_text())["seed"])
     except (OSError, ValueError, KeyError, TypeError):
-        raise ConfigError(f"task {task!r}: the digits suite's model source needs its suite.json at {meta} "
-                          "(build the suite with `mergeflow suite build`)") from None
+        raise ConfigError(
+            f"task {task!r}: the digits suite's model source needs its suite.json at {meta} "
+            "(build the suite with `mergeflow suite build`)"
+        ) from None
     transform = task if task in TRANSFORMS else Path(checkpoint).name
     if transform not in TRANSFORMS:
-        raise ConfigError(f"task {task!r}: not a digits-suite task (name the task or its checkpoint folder "
-                          f"after one of {sorted(TRANSFORMS)[:4]}...)")
+        raise ConfigError(
+            f"task {task!r}: not a digits-suite task (name the task or its checkpoint folder "
+            f"after one of {sorted(TRANSFORMS)[:4]}...)"
+        )
     batches = [lot_exemplars(transform, data_seed, exemplars, seed)]
     try:
         return backbone_module(load_tensors(checkpoint, StorageOptions())), batches
     except (KeyError, RuntimeError) as e:
-        raise CheckpointError(f"task {task!r}: {checkpoint} is not a digits-suite backbone "
-                              f"({str(e).splitlines()[0]})") from None
+        raise CheckpointError(
+            f"task {task!r}: {checkpoint} is not a digits-suite backbone ({str(e).splitlines()[0]})"
+        ) from None
 
 
 LOT_MODEL = f"{__name__}:lot_task_model"
@@ -328,11 +360,21 @@ LOT_MODEL = f"{__name__}:lot_task_model"
 
 # --------------------------------------------------------------------------- suite files
 
-def _write_checkpoint(sd: dict[str, torch.Tensor], out: Path, hidden: int, head: dict[str, torch.Tensor] | None = None) -> None:
+
+def _write_checkpoint(
+    sd: dict[str, torch.Tensor], out: Path, hidden: int, head: dict[str, torch.Tensor] | None = None
+) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    config = {"model_type": "mergeflow-digits-mlp", "architectures": ["SuiteMLP"], "input_size": 64,
-              "hidden_size": hidden, "num_hidden_layers": 3, "num_labels": N_CLASSES, "torch_dtype": "float32",
-              "note": "backbone only; the task head is in head.safetensors next to this file"}
+    config = {
+        "model_type": "mergeflow-digits-mlp",
+        "architectures": ["SuiteMLP"],
+        "input_size": 64,
+        "hidden_size": hidden,
+        "num_hidden_layers": 3,
+        "num_labels": N_CLASSES,
+        "torch_dtype": "float32",
+        "note": "backbone only; the task head is in head.safetensors next to this file",
+    }
     (out / "config.json").write_text(json.dumps(config, indent=1) + "\n")
     save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
     if head is not None:
@@ -340,13 +382,34 @@ def _write_checkpoint(sd: dict[str, torch.Tensor], out: Path, hidden: int, head:
 
 
 def _settings(tasks: int, seed: int, hidden: int, epochs_scale: float) -> dict:
-    return {"code_version": CODE_VERSION, "tasks": tasks, "seed": seed, "hidden": hidden, "epochs_scale": epochs_scale,
-            "training": {"pretrain_epochs": PRETRAIN_EPOCHS, "probe_epochs": PROBE_EPOCHS, "finetune_epochs": FINETUNE_EPOCHS,
-                         "batch": BATCH, "pretrain_lr": PRETRAIN_LR, "probe_lr": PROBE_LR, "finetune_lr": FINETUNE_LR}}
+    return {
+        "code_version": CODE_VERSION,
+        "tasks": tasks,
+        "seed": seed,
+        "hidden": hidden,
+        "epochs_scale": epochs_scale,
+        "training": {
+            "pretrain_epochs": PRETRAIN_EPOCHS,
+            "probe_epochs": PROBE_EPOCHS,
+            "finetune_epochs": FINETUNE_EPOCHS,
+            "batch": BATCH,
+            "pretrain_lr": PRETRAIN_LR,
+            "probe_lr": PROBE_LR,
+            "finetune_lr": FINETUNE_LR,
+        },
+    }
 
 
-def build_suite(out_dir: Path, tasks: int = 8, seed: int = 0, *, hidden: int = 512, epochs_scale: float = 1.0,
-                force: bool = False, log: Callable[[str], None] | None = None) -> dict:
+def build_suite(
+    out_dir: Path,
+    tasks: int = 8,
+    seed: int = 0,
+    *,
+    hidden: int = 512,
+    epochs_scale: float = 1.0,
+    force: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> dict:
     """Write out_dir/base/, out_dir/<task>/ (model.safetensors = backbone, config.json, head.safetensors),
     out_dir/suite.json and out_dir/config.yaml (a tall_masks merge over the backbones). Returns suite.json's
     content. When suite.json already records the same settings (and every checkpoint is there), nothing is
@@ -363,7 +426,8 @@ def build_suite(out_dir: Path, tasks: int = 8, seed: int = 0, *, hidden: int = 5
         except json.JSONDecodeError:
             meta = {}
         if meta.get("settings") == settings and all(
-                (out_dir / d / f).exists() for d in ["base", *names] for f in ("model.safetensors", "config.json")):
+            (out_dir / d / f).exists() for d in ["base", *names] for f in ("model.safetensors", "config.json")
+        ):
             meta["cached"] = True
             return meta
     say = log or (lambda s: None)
@@ -384,20 +448,32 @@ def build_suite(out_dir: Path, tasks: int = 8, seed: int = 0, *, hidden: int = 5
             _write_checkpoint(ft, out_dir / name, hidden, head)
             finetuned.append(ft)
             zs, fm = _model_from(base, head), _model_from(ft, head)
-            results[name] = {split: {"zero_shot": _accuracy(zs, *task_data(name, seed, split)),
-                                     "finetuned": _accuracy(fm, *task_data(name, seed, split))}
-                             for split in ("val", "test")}
-            say(f"{name}: zero-shot val {results[name]['val']['zero_shot']:.3f} -> "
-                f"fine-tuned {results[name]['val']['finetuned']:.3f}")
+            results[name] = {
+                split: {
+                    "zero_shot": _accuracy(zs, *task_data(name, seed, split)),
+                    "finetuned": _accuracy(fm, *task_data(name, seed, split)),
+                }
+                for split in ("val", "test")
+            }
+            say(
+                f"{name}: zero-shot val {results[name]['val']['zero_shot']:.3f} -> "
+                f"fine-tuned {results[name]['val']['finetuned']:.3f}"
+            )
         merged = task_arithmetic(base, finetuned, 0.3)
         for name in names:
             head = load_file(str(out_dir / name / "head.safetensors"))
             for split in ("val", "test"):
-                results[name][split]["task_arithmetic_0.3"] = _accuracy(_model_from(merged, head),
-                                                                        *task_data(name, seed, split))
+                results[name][split]["task_arithmetic_0.3"] = _accuracy(
+                    _model_from(merged, head), *task_data(name, seed, split)
+                )
     build_seconds = time.perf_counter() - t0
-    average = {split: {k: float(np.mean([results[n][split][k] for n in names]))
-                       for k in ("zero_shot", "finetuned", "task_arithmetic_0.3")} for split in ("val", "test")}
+    average = {
+        split: {
+            k: float(np.mean([results[n][split][k] for n in names]))
+            for k in ("zero_shot", "finetuned", "task_arithmetic_0.3")
+        }
+        for split in ("val", "test")
+    }
     sizes = {k: int(len(v)) for k, v in split_indices(seed).items()}
     meta = {
         "suite": "digits",
@@ -411,9 +487,13 @@ def build_suite(out_dir: Path, tasks: int = 8, seed: int = 0, *, hidden: int = 5
         "average": average,
         "build_seconds": round(build_seconds, 2),
     }
-    config = {"base": "base", "tasks": [{"name": n, "checkpoint": n} for n in names], "output": "run",
-              "method": {"name": "tall_masks", "alpha": "auto", "lambda": "auto"},
-              "selection": {"evaluator": "mergeflow.dev.suite.models:evaluate", "split": "val"}}
+    config = {
+        "base": "base",
+        "tasks": [{"name": n, "checkpoint": n} for n in names],
+        "output": "run",
+        "method": {"name": "tall_masks", "alpha": "auto", "lambda": "auto"},
+        "selection": {"evaluator": "mergeflow.dev.suite.models:evaluate", "split": "val"},
+    }
     (out_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     meta_path.write_text(json.dumps(meta, indent=1) + "\n")
     meta["cached"] = False
@@ -425,8 +505,13 @@ def _suite_seed(suite_json: str, mtime: float) -> int:
     return int(json.loads(Path(suite_json).read_text())["seed"])
 
 
-def evaluate(backbone: dict[str, torch.Tensor] | Path | str, task: str, suite_dir: Path | str | None = None,
-             split: str = "test", checkpoint: str | None = None) -> float:
+def evaluate(
+    backbone: dict[str, torch.Tensor] | Path | str,
+    task: str,
+    suite_dir: Path | str | None = None,
+    split: str = "test",
+    checkpoint: str | None = None,
+) -> float:
     """Accuracy of `backbone` (a state dict, a .safetensors file or a checkpoint dir such as a merge run's
     model/) on `task`'s `split` ("val" or "test") of the suite in suite_dir, with the task's stored head.
 

@@ -13,10 +13,10 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from mergeflow.infra.storage import StorageOptions
-from mergeflow.errors import OutputError
-from mergeflow.workers.evaluation import Scoring, score_checkpoint, score_rebuilt
 from mergeflow.dev.suite.models import LOT_MODEL
+from mergeflow.errors import OutputError
+from mergeflow.infra.storage import StorageOptions
+from mergeflow.workers.evaluation import Scoring, score_checkpoint, score_rebuilt
 from mergeflow.workers.methods import get_method, methods
 from mergeflow.workflows import runtime
 from mergeflow.workflows.config import MergeConfig, config_from_dict
@@ -40,9 +40,18 @@ ROWS = [
     Row("task_arithmetic", "Task Arithmetic", {"name": "task_arithmetic", "alpha": "auto"}),
     Row("ties", "TIES", {"name": "ties", "alpha": "auto"}),
     # model/ of a tall_masks run is plain TA; the masks are what is scored, so alpha stays fixed.
-    Row("tall_masks", "TALL masks (rebuilt models)", {"name": "tall_masks", "alpha": 0.3, "lambda": "auto"}, rebuilt=True),
+    Row(
+        "tall_masks",
+        "TALL masks (rebuilt models)",
+        {"name": "tall_masks", "alpha": 0.3, "lambda": "auto"},
+        rebuilt=True,
+    ),
     Row("consensus_ta", "Consensus TA", {"name": "consensus", "alpha": "auto", "lambda": "auto"}),
-    Row("consensus_ties", "Consensus TIES", {"name": "consensus", "base_merge": "ties", "alpha": "auto", "lambda": "auto"}),
+    Row(
+        "consensus_ties",
+        "Consensus TIES",
+        {"name": "consensus", "base_merge": "ties", "alpha": "auto", "lambda": "auto"},
+    ),
     # LOT's lambda is its model scale: auto selects it like alpha. The MLP sees one feature row per
     # exemplar, so 256 train exemplars per task (2048 rows for 512 inputs); 64 rows per task, fine for
     # a ViT's many tokens per image, leave the 512-wide least squares barely determined (val 0.23).
@@ -55,8 +64,13 @@ def rows() -> list[Row]:
 
 
 def merge_config(suite_dir: Path, tasks: list[str], row: Row, output: Path) -> MergeConfig:
-    raw = {"base": str(suite_dir / "base"), "tasks": [{"name": t, "checkpoint": str(suite_dir / t)} for t in tasks],
-           "output": str(output), "method": row.method, "selection": {"evaluator": EVALUATOR, "split": "val"}}
+    raw = {
+        "base": str(suite_dir / "base"),
+        "tasks": [{"name": t, "checkpoint": str(suite_dir / t)} for t in tasks],
+        "output": str(output),
+        "method": row.method,
+        "selection": {"evaluator": EVALUATOR, "split": "val"},
+    }
     return config_from_dict(raw, source=f"suite report ({row.key})")
 
 
@@ -122,8 +136,11 @@ def hyperparameters(manifest: dict | None) -> str:
         parts.append(f"{scale} {m[scale]:g}")
     if "lambda" in sel:
         lams = sorted(m["lambda"].values())
-        parts.append(f"lambda {lams[0]:g}-{lams[-1]:g} (median {lams[len(lams) // 2]:g})" if lams[0] != lams[-1]
-                     else f"lambda {lams[0]:g}")
+        parts.append(
+            f"lambda {lams[0]:g}-{lams[-1]:g} (median {lams[len(lams) // 2]:g})"
+            if lams[0] != lams[-1]
+            else f"lambda {lams[0]:g}"
+        )
     if m["name"] == "consensus":
         parts.append(f"k {m['k']}")
     return ", ".join(parts)
@@ -148,16 +165,25 @@ def build_results(meta: dict, suite_dir: Path, manifests: dict, scores: dict, sp
         acc = scores[row.key]
         normalized = {t: acc[t] / ft[t] for t in tasks}
         manifest = manifests.get(row.key)
-        out_rows.append({
-            "key": row.key, "label": row.label, "accuracy": acc,
-            "average": sum(acc.values()) / len(acc), "normalized": sum(normalized.values()) / len(normalized),
-            "hyperparameters": hyperparameters(manifest),
-            "method": manifest["method"] if manifest else None,
-            "artifact": artifact(manifest, suite_dir, tasks) if row.key != "zero_shot" else None,
-        })
-    return {"suite": {"tasks": tasks, "seed": meta["seed"], "splits": meta["splits"],
-                      "settings": meta["settings"]},
-            "split": split, "selection_split": "val", "evaluator": EVALUATOR, "rows": out_rows}
+        out_rows.append(
+            {
+                "key": row.key,
+                "label": row.label,
+                "accuracy": acc,
+                "average": sum(acc.values()) / len(acc),
+                "normalized": sum(normalized.values()) / len(normalized),
+                "hyperparameters": hyperparameters(manifest),
+                "method": manifest["method"] if manifest else None,
+                "artifact": artifact(manifest, suite_dir, tasks) if row.key != "zero_shot" else None,
+            }
+        )
+    return {
+        "suite": {"tasks": tasks, "seed": meta["seed"], "splits": meta["splits"], "settings": meta["settings"]},
+        "split": split,
+        "selection_split": "val",
+        "evaluator": EVALUATOR,
+        "rows": out_rows,
+    }
 
 
 def markdown(results: dict) -> str:
@@ -167,8 +193,14 @@ def markdown(results: dict) -> str:
     for r in results["rows"]:
         a = r["artifact"]
         size = f"{a['bytes'] / 1e6:.2f} MB ({a['bytes'] / a['checkpoints_bytes']:.2f}x of checkpoints)" if a else ""
-        cells = [r["label"], *(f"{100 * r['accuracy'][t]:.1f}" for t in tasks), f"**{100 * r['average']:.1f}**",
-                 f"{100 * r['normalized']:.1f}%", r["hyperparameters"], size]
+        cells = [
+            r["label"],
+            *(f"{100 * r['accuracy'][t]:.1f}" for t in tasks),
+            f"**{100 * r['average']:.1f}**",
+            f"{100 * r['normalized']:.1f}%",
+            r["hyperparameters"],
+            size,
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -183,14 +215,18 @@ def claims(results: dict) -> list[tuple[str, bool, str]]:
     for cons, base in (("consensus_ta", "task_arithmetic"), ("consensus_ties", "ties")):
         if cons in by and base in by:
             c, b = by[cons]["average"], by[base]["average"]
-            out.append((f"{by[cons]['label']} improves on {by[base]['label']}", c > b, f"{100 * c:.2f} vs {100 * b:.2f}"))
+            out.append(
+                (f"{by[cons]['label']} improves on {by[base]['label']}", c > b, f"{100 * c:.2f} vs {100 * b:.2f}")
+            )
     if "lot" in by and "task_arithmetic" in by:  # LOT paper, table 1: LOT above TA on every benchmark
         lot, ta = by["lot"]["average"], by["task_arithmetic"]["average"]
         out.append(("LOT improves on Task Arithmetic", lot > ta, f"{100 * lot:.2f} vs {100 * ta:.2f}"))
     zs = by["zero_shot"]["average"]
     for r in results["rows"]:
         if r["method"] is not None:
-            out.append((f"{r['label']} beats zero-shot", r["average"] > zs, f"{100 * r['average']:.2f} vs {100 * zs:.2f}"))
+            out.append(
+                (f"{r['label']} beats zero-shot", r["average"] > zs, f"{100 * r['average']:.2f} vs {100 * zs:.2f}")
+            )
     return out
 
 
@@ -204,8 +240,9 @@ def bar_chart(results: dict) -> bytes:
     import numpy as np
 
     tasks, rows_ = results["suite"]["tasks"], results["rows"]
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(10, 1.1 * len(tasks) + 4), 9),
-                                      gridspec_kw={"height_ratios": [1, 1.4]})
+    fig, (top, bottom) = plt.subplots(
+        2, 1, figsize=(max(10, 1.1 * len(tasks) + 4), 9), gridspec_kw={"height_ratios": [1, 1.4]}
+    )
     labels = [r["label"] for r in rows_]
     y = np.arange(len(rows_))
     top.barh(y + 0.2, [100 * r["average"] for r in rows_], 0.4, label="average accuracy (%)")
@@ -218,7 +255,9 @@ def bar_chart(results: dict) -> bytes:
     x = np.arange(len(tasks))
     width = 0.8 / len(rows_)
     for i, r in enumerate(rows_):
-        bottom.bar(x + (i - len(rows_) / 2 + 0.5) * width, [100 * r["accuracy"][t] for t in tasks], width, label=r["label"])
+        bottom.bar(
+            x + (i - len(rows_) / 2 + 0.5) * width, [100 * r["accuracy"][t] for t in tasks], width, label=r["label"]
+        )
     bottom.set_xticks(x, tasks, rotation=30, ha="right")
     bottom.set_ylabel("accuracy (%)")
     bottom.set_ylim(0, 100)
@@ -234,8 +273,11 @@ def write_report(out: Path, results: dict) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     checks = claims(results)
     results = results | {"claims": [{"claim": c, "holds": ok, "numbers": n} for c, ok, n in checks]}
-    text = markdown(results) + "\nClaims from the papers, checked on this run:\n\n" + "".join(
-        f"- {'holds' if ok else 'does NOT hold'}: {c} ({n})\n" for c, ok, n in checks)
+    text = (
+        markdown(results)
+        + "\nClaims from the papers, checked on this run:\n\n"
+        + "".join(f"- {'holds' if ok else 'does NOT hold'}: {c} ({n})\n" for c, ok, n in checks)
+    )
     paths = {"markdown": out / "results.md", "json": out / "results.json", "png": out / "results.png"}
     paths["markdown"].write_text(text)
     paths["json"].write_text(json.dumps(results, indent=1) + "\n")

@@ -17,9 +17,24 @@ from dataclasses import dataclass
 from mergeflow.errors import StorageError
 from mergeflow.infra.storage.base import Backend, RangeReader, Writer
 
-__all__ = ["Backend", "RangeReader", "StorageOptions", "Writer", "backend_class", "basename", "is_local", "join",
-           "normalize", "parent", "plain_name", "register_backend", "safe_relpath", "scheme_of", "sha256_of",
-           "storage_for"]
+__all__ = [
+    "Backend",
+    "RangeReader",
+    "StorageOptions",
+    "Writer",
+    "backend_class",
+    "basename",
+    "is_local",
+    "join",
+    "normalize",
+    "parent",
+    "plain_name",
+    "register_backend",
+    "safe_relpath",
+    "scheme_of",
+    "sha256_of",
+    "storage_for",
+]
 
 
 @dataclass(frozen=True)
@@ -36,8 +51,12 @@ class StorageOptions:
     plugins: tuple[tuple[str, object], ...] = ()
 
 
-_BUILTIN = {"": "mergeflow.infra.storage.local:LocalStorage", "file": "mergeflow.infra.storage.local:LocalStorage",
-            "s3": "mergeflow.infra.storage.s3:S3Storage", "gs": "mergeflow.infra.storage.gcs:GcsStorage"}
+_BUILTIN = {
+    "": "mergeflow.infra.storage.local:LocalStorage",
+    "file": "mergeflow.infra.storage.local:LocalStorage",
+    "s3": "mergeflow.infra.storage.s3:S3Storage",
+    "gs": "mergeflow.infra.storage.gcs:GcsStorage",
+}
 _REGISTERED: dict[str, object] = {}  # scheme -> factory(options) -> Backend, registered at run time
 _loaded: dict[str, type] = {}
 
@@ -55,7 +74,7 @@ def registered() -> tuple[tuple[str, object], ...]:
 
 
 def scheme_of(uri: str) -> str:
-    """"s3" for s3://bucket/key, "" for a plain path."""
+    """ "s3" for s3://bucket/key, "" for a plain path."""
     head, sep, _ = uri.partition("://")
     return head.lower() if sep and re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]*", head) else ""
 
@@ -67,8 +86,10 @@ def backend_class(uri: str, options: StorageOptions | None = None):
     if factory is not None:
         return factory
     if scheme not in _BUILTIN:
-        raise StorageError(f"{uri}: no storage backend for {scheme}:// (built in: local paths, s3://, gs://; "
-                           "others: mergeflow.register_backend)")
+        raise StorageError(
+            f"{uri}: no storage backend for {scheme}:// (built in: local paths, s3://, gs://; "
+            "others: mergeflow.register_backend)"
+        )
     if scheme not in _loaded:
         module, _, name = _BUILTIN[scheme].partition(":")
         _loaded[scheme] = getattr(importlib.import_module(module), name)

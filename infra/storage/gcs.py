@@ -23,4 +23,6 @@ class GcsStorage(S3Storage):
 
     @classmethod
     def _client_options(cls, options: StorageOptions) -> StorageOptions:
-        return dataclasses.replace(options, endpoint_url=options.endpoint_url or ENDPOINT, region=options.region or "auto")
+        return dataclasses.replace(
+            options, endpoint_url=options.endpoint_url or ENDPOINT, region=options.region or "auto"
+        )

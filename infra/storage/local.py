@@ -44,7 +44,8 @@ class _LocalReader:
             n = os.preadv(self._fd, [view[got:]], start + got)
             if n == 0:
                 raise StorageError(
-                    f"{self._path}: file ends at byte {start + got}, expected data up to {start + len(view)} (truncated?)"
+                    f"{self._path}: file ends at byte {start + got}, expected data up to {start + len(view)} "
+                    "(truncated?)"
                 )
             got += n
 
@@ -59,8 +60,10 @@ def _storage_error(path: Path, err: OSError, doing: str) -> StorageError:
             free = f"{shutil.disk_usage(path.parent).free / 1e6:.1f} MB free"
         except OSError:
             free = "free space unknown"
-        return StorageError(f"{path}: no space left on the device while {doing} ({free} on "
-                            f"{_mount_point(path.parent)}); free some space or choose another output")
+        return StorageError(
+            f"{path}: no space left on the device while {doing} ({free} on "
+            f"{_mount_point(path.parent)}); free some space or choose another output"
+        )
     return StorageError(f"{path}: cannot write ({err.strerror or err}) while {doing}")
 
 
@@ -294,7 +297,7 @@ class LocalStorage(Backend):
 
 
 def _path(uri: str) -> str:
-    return uri[len("file://"):] if uri.startswith("file://") else uri
+    return uri[len("file://") :] if uri.startswith("file://") else uri
 
 
 def _sha256_local(path: str, block: int) -> str:

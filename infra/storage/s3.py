@@ -91,7 +91,11 @@ _CREDENTIAL_HINT = "check the AWS credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCE
 
 def _is_not_found(err) -> bool:
     code = err.response.get("Error", {}).get("Code", "")
-    return code in _NOT_FOUND or err.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404 and code != "NoSuchBucket"
+    return (
+        code in _NOT_FOUND
+        or err.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404
+        and code != "NoSuchBucket"
+    )
 
 
 def _s3_error(uri: str, err: Exception, endpoint: str = "?") -> StorageError:
@@ -107,12 +111,19 @@ def _s3_error(uri: str, err: Exception, endpoint: str = "?") -> StorageError:
     )
 
     if isinstance(err, (NoCredentialsError, PartialCredentialsError)):
-        return StorageError(f"{uri}: no usable AWS credentials found ({err}); set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a profile")
+        return StorageError(
+            f"{uri}: no usable AWS credentials found ({err}); set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a profile"
+        )
     if isinstance(err, ReadTimeoutError):
-        return StorageError(f"{uri}: the S3 endpoint {endpoint} did not answer within {READ_TIMEOUT} s; is the server overloaded or down?")
+        return StorageError(
+            f"{uri}: the S3 endpoint {endpoint} did not answer within {READ_TIMEOUT} s; "
+            "is the server overloaded or down?"
+        )
     if isinstance(err, (ConnectionError, HTTPClientError)):
-        return StorageError(f"{uri}: cannot reach the S3 endpoint {endpoint} (server unreachable or the connection dropped); "
-                            "is the server up and storage.endpoint_url right?")
+        return StorageError(
+            f"{uri}: cannot reach the S3 endpoint {endpoint} (server unreachable or the connection dropped); "
+            "is the server up and storage.endpoint_url right?"
+        )
     if isinstance(err, ClientError):
         error = err.response.get("Error", {})
         code = error.get("Code", "")
@@ -123,19 +134,29 @@ def _s3_error(uri: str, err: Exception, endpoint: str = "?") -> StorageError:
         if code in _NOT_FOUND:
             return StorageError(f"{uri}: object not found")
         if code == "InvalidAccessKeyId":
-            return StorageError(f"{uri}: access denied: the server does not know this access key (InvalidAccessKeyId); {_CREDENTIAL_HINT}")
+            return StorageError(
+                f"{uri}: access denied: the server does not know this access key (InvalidAccessKeyId); "
+                f"{_CREDENTIAL_HINT}"
+            )
         if code == "SignatureDoesNotMatch":
-            return StorageError(f"{uri}: access denied: the secret key does not match the access key (SignatureDoesNotMatch); {_CREDENTIAL_HINT}")
+            return StorageError(
+                f"{uri}: access denied: the secret key does not match the access key (SignatureDoesNotMatch); "
+                f"{_CREDENTIAL_HINT}"
+            )
         if code in ("ExpiredToken", "InvalidToken", "TokenRefreshRequired"):
-            return StorageError(f"{uri}: access denied: the session token is expired or invalid ({code}); {_CREDENTIAL_HINT}")
+            return StorageError(
+                f"{uri}: access denied: the session token is expired or invalid ({code}); {_CREDENTIAL_HINT}"
+            )
         if code in ("AccessDenied", "403") or status == 403:
             why = f"HTTP 403 {code}" if code and code != "403" else "HTTP 403"  # HEAD answers carry no code
             return StorageError(f"{uri}: access denied ({why}); {_CREDENTIAL_HINT} and the bucket policy")
         message = " ".join(str(error.get("Message", "")).split())
         detail = f"{code or status}{': ' + message if message else ''}"
         if isinstance(status, int) and status >= 500:
-            return StorageError(f"{uri}: the S3 endpoint {endpoint} failed the request (HTTP {status} {detail}) "
-                                f"after {TOTAL_ATTEMPTS} attempts; is the server healthy?")
+            return StorageError(
+                f"{uri}: the S3 endpoint {endpoint} failed the request (HTTP {status} {detail}) "
+                f"after {TOTAL_ATTEMPTS} attempts; is the server healthy?"
+            )
         return StorageError(f"{uri}: S3 request failed ({detail})")
     return StorageError(f"{uri}: S3 request failed ({type(err).__name__}: {err})")
 
@@ -349,7 +370,9 @@ class S3Storage(Backend):
             if token:
                 kwargs["ContinuationToken"] = token
             resp = _s3_call(prefix, self._client.list_objects_v2, **kwargs)
-            out += [f"{self.scheme}://{bucket}/{o['Key']}" for o in resp.get("Contents", []) if not o["Key"].endswith("/")]
+            out += [
+                f"{self.scheme}://{bucket}/{o['Key']}" for o in resp.get("Contents", []) if not o["Key"].endswith("/")
+            ]
             token = resp.get("NextContinuationToken")
             if not resp.get("IsTruncated") or not token:
                 return sorted(out)
@@ -370,7 +393,9 @@ class S3Storage(Backend):
         client = self._client
         resp = _s3_call(prefix, client.list_multipart_uploads, Bucket=bucket, Prefix=key)
         for upload in resp.get("Uploads", []):
-            _s3_call(prefix, client.abort_multipart_upload, Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+            _s3_call(
+                prefix, client.abort_multipart_upload, Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"]
+            )
 
     def remove_empty_dirs(self, root: str, names: tuple[str, ...]) -> None:
         pass  # S3 has no folders

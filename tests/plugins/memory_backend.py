@@ -21,7 +21,7 @@ class _Reader:
         return bytearray(self._data[start:end])
 
     def read_into(self, start: int, view: memoryview) -> None:
-        view[:] = self._data[start:start + len(view)]
+        view[:] = self._data[start : start + len(view)]
 
     def close(self) -> None:
         pass

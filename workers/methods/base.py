@@ -27,8 +27,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterator, Mapping
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -55,7 +56,7 @@ class ChunkContext:
     shard: Any = None  # what open_shard returned
     device: str = "cpu"
 
-    def at(self, offset: int) -> "ChunkContext":
+    def at(self, offset: int) -> ChunkContext:
         return dataclasses.replace(self, offset=offset)
 
 
@@ -114,8 +115,9 @@ class Method:
     def kernel(self, taus: torch.Tensor, params, ctx: ChunkContext) -> MethodOutput:
         raise NotImplementedError(f"{self.name}: a method needs a kernel or a tensor_kernel")
 
-    def tensor_kernel(self, access, params, ctx: ChunkContext) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor,
-                                                                              MethodOutput]]:
+    def tensor_kernel(
+        self, access, params, ctx: ChunkContext
+    ) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor, MethodOutput]]:
         """Yield (lo, hi, base, taus, output) over the tensor in element order."""
         for lo, hi, base, taus in access.chunks():
             yield lo, hi, base, taus, self.kernel(taus, params, ctx.at(lo))
@@ -160,8 +162,18 @@ class Method:
 
     # ------------------------------------------------------------------ reconstruct (methods that compress)
 
-    def rebuild_specs(self, run: str, manifest: dict, task: str, parts: dict, base, output: str, options,
-                      chunk_elems: int, model_order) -> list:
+    def rebuild_specs(
+        self,
+        run: str,
+        manifest: dict,
+        task: str,
+        parts: dict,
+        base,
+        output: str,
+        options,
+        chunk_elems: int,
+        model_order,
+    ) -> list:
         """One spec per model part to rebuild task `task` from the run's bundle; each has `output`
         (a file URI) and `base` (the part's tensors, in order)."""
         raise NotImplementedError(f"{self.name} keeps no bundle to rebuild tasks from")

@@ -12,8 +12,9 @@ from mergeflow.workers.methods.registry import register
 @dataclass(frozen=True)
 class TaskArithmeticParams:
     __pydantic_config__ = {"extra": "forbid"}
-    alpha: float | Literal["auto"] = field(default=0.3, metadata={
-        "doc": "model = base + alpha * sum of task vectors; auto: chosen on validation data"})
+    alpha: float | Literal["auto"] = field(
+        default=0.3, metadata={"doc": "model = base + alpha * sum of task vectors; auto: chosen on validation data"}
+    )
 
     def __post_init__(self):
         check_scale("alpha", self.alpha)

@@ -39,16 +39,27 @@ DEFAULT_CACHE = ".lot_stats"  # under the output (a re-merge: its root); outlive
 @dataclass(frozen=True)
 class LotParams:
     __pydantic_config__ = {"extra": "forbid"}
-    lambda_: float | Literal["auto"] = field(default=1.0, metadata={
-        "doc": "model = base + lambda * merged vector (the paper's 1.0); auto: chosen on validation data"})
-    model: str = field(default="", metadata={
-        "doc": "builds each task's model and exemplars: hf (transformers, from config.json) or module:function"})
+    lambda_: float | Literal["auto"] = field(
+        default=1.0,
+        metadata={"doc": "model = base + lambda * merged vector (the paper's 1.0); auto: chosen on validation data"},
+    )
+    model: str = field(
+        default="",
+        metadata={
+            "doc": "builds each task's model and exemplars: hf (transformers, from config.json) or module:function"
+        },
+    )
     exemplars: int = field(default=64, metadata={"doc": "exemplars per task for the feature statistics"})
     exemplar_seed: int = field(default=0, metadata={"doc": "which exemplars, when more are available"})
-    exemplar_files: dict[str, str] | None = field(default=None, metadata={
-        "doc": "hf: a JSON file of token-id lists per task"})
-    stats_cache: str | None = field(default=None, metadata={
-        "doc": "where feature statistics are cached by content (default OUTPUT/.lot_stats): share it across runs"})
+    exemplar_files: dict[str, str] | None = field(
+        default=None, metadata={"doc": "hf: a JSON file of token-id lists per task"}
+    )
+    stats_cache: str | None = field(
+        default=None,
+        metadata={
+            "doc": "where feature statistics are cached by content (default OUTPUT/.lot_stats): share it across runs"
+        },
+    )
 
     def __post_init__(self):
         check_scale("lambda", self.lambda_)
@@ -83,7 +94,9 @@ class Lot(Method):
             files = params.exemplar_files or {}
             missing = sorted(set(task_names) - set(files))
             if missing:
-                raise ValueError(f"exemplar_files: no token-id file for task {missing[0]!r} (model hf needs one per task)")
+                raise ValueError(
+                    f"exemplar_files: no token-id file for task {missing[0]!r} (model hf needs one per task)"
+                )
             unknown = sorted(set(files) - set(task_names))
             if unknown:
                 raise ValueError(f"exemplar_files: names unknown task {unknown[0]!r}")
@@ -101,26 +114,32 @@ class Lot(Method):
     def manifest(self, run, results) -> dict:
         f: Features = run.notes["lot"]
         reused = sum(r.reused for r in f.results)
-        return {"lot": {
-            "stats_cache": f.cache,
-            "stats": {r.task: r.uri for r in f.results},
-            "features_computed": len(f.results) - reused,
-            "features_reused": reused,
-            "feature_seconds": {r.task: round(r.seconds, 3) for r in f.results},
-            "rules": f.rules,
-            "thin_layers": f.thin,
-        }}
+        return {
+            "lot": {
+                "stats_cache": f.cache,
+                "stats": {r.task: r.uri for r in f.results},
+                "features_computed": len(f.results) - reused,
+                "features_reused": reused,
+                "feature_seconds": {r.task: round(r.seconds, 3) for r in f.results},
+                "rules": f.rules,
+                "thin_layers": f.thin,
+            }
+        }
 
     def describe(self, manifest: dict) -> list[str]:
         lot = manifest.get("lot")
         if not lot:
             return []
         rules = ", ".join(f"{k} {v}" for k, v in lot["rules"].items() if v)
-        lines = [f"LOT         features of {len(lot['stats'])} task(s): {lot['features_computed']} computed, "
-                 f"{lot['features_reused']} reused from {lot['stats_cache']}; tensors per rule: {rules}"]
+        lines = [
+            f"LOT         features of {len(lot['stats'])} task(s): {lot['features_computed']} computed, "
+            f"{lot['features_reused']} reused from {lot['stats_cache']}; tensors per rule: {rules}"
+        ]
         if lot.get("thin_layers"):
-            lines.append(f"  warning: {len(lot['thin_layers'])} linear layer(s) saw fewer feature rows than twice their "
-                         "input width (manifest lot.thin_layers); raise method.exemplars")
+            lines.append(
+                f"  warning: {len(lot['thin_layers'])} linear layer(s) saw fewer feature rows than twice their "
+                "input width (manifest lot.thin_layers); raise method.exemplars"
+            )
         return lines
 
     # ------------------------------------------------------------------ worker side
@@ -134,8 +153,13 @@ class Lot(Method):
         rule = agreed_rule(ctx.tensor, ctx.task_names, keys)
         for lo, hi, base, delta, taus in _solve(access, rule, headers):
             # LOT's norms are exact float64 sums (the engine's are blockwise float32): kept as they were
-            yield lo, hi, base, taus, MethodOutput(delta=delta.to(torch.float32),
-                                                   tau_sq=(taus.double() ** 2).sum(dim=1).cpu().numpy())
+            yield (
+                lo,
+                hi,
+                base,
+                taus,
+                MethodOutput(delta=delta.to(torch.float32), tau_sq=(taus.double() ** 2).sum(dim=1).cpu().numpy()),
+            )
 
 
 def _stat(access, info, device: torch.device) -> torch.Tensor:
@@ -147,7 +171,9 @@ def _solve(access, rule: str, headers: list[dict]):
     job, tasks, device = access.job, access.spec.task_names, access.device
     if rule == "linear":
         if len(job.shape) != 2:
-            raise CheckpointError(f"tensor {job.name!r}: LOT has an input Gram for it but it is not 2-D {list(job.shape)}")
+            raise CheckpointError(
+                f"tensor {job.name!r}: LOT has an input Gram for it but it is not 2-D {list(job.shape)}"
+            )
         width = job.shape[1]
         infos = [h[GRAM + job.name] for h in headers]
         _check_shape(job, tasks, infos, (width, width), "input Gram")
@@ -176,8 +202,10 @@ def _solve(access, rule: str, headers: list[dict]):
 def _check_shape(job, tasks, infos, shape: tuple[int, ...], what: str) -> None:
     for task, info in zip(tasks, infos):
         if tuple(info.shape) != shape:
-            raise CheckpointError(f"task {task!r}: LOT {what} for tensor {job.name!r} has shape {list(info.shape)}, "
-                                  f"expected {list(shape)} for a tensor of shape {list(job.shape)}")
+            raise CheckpointError(
+                f"task {task!r}: LOT {what} for tensor {job.name!r} has shape {list(info.shape)}, "
+                f"expected {list(shape)} for a tensor of shape {list(job.shape)}"
+            )
 
 
 # ------------------------------------------------------------------------ the feature stage
@@ -212,9 +240,16 @@ def collect_features(run) -> Features:
                     thin[name] = [rows, info.shape[1]]
     if thin:
         name, (rows, width) = next(iter(thin.items()))
-        log.warning("LOT: %d linear layer(s) saw fewer feature rows than %d x their input width (e.g. %s: %d rows "
-                    "for %d inputs, all tasks together); the solution may fit the exemplars, not the tasks: raise "
-                    "method.exemplars", len(thin), THIN, name, rows, width)
+        log.warning(
+            "LOT: %d linear layer(s) saw fewer feature rows than %d x their input width (e.g. %s: %d rows "
+            "for %d inputs, all tasks together); the solution may fit the exemplars, not the tasks: raise "
+            "method.exemplars",
+            len(thin),
+            THIN,
+            name,
+            rows,
+            width,
+        )
     # every task's float64 Gram of the widest linear input plus pinv and its sum, and T float32 row
     # blocks of chunk_elems with their float64 products
     t = len(run.task_names)

@@ -18,16 +18,17 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
-from mergeflow.infra.storage import StorageOptions, join, storage_for
 from mergeflow.errors import ConfigError
+from mergeflow.infra.storage import StorageOptions, join, storage_for
 from mergeflow.workers.methods.lot.models import TaskModelSpec, call_module, open_task_model
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,7 @@ class FeatureHooks:
         self.energies: dict[str, torch.Tensor] = {}
         self.rows: dict[str, int] = {}
 
-    def __enter__(self) -> "FeatureHooks":
+    def __enter__(self) -> FeatureHooks:
         for name, m in self._module.named_modules():
             if isinstance(m, nn.Linear):
                 self._handles.append(m.register_forward_pre_hook(self._linear(name, m), with_kwargs=True))
@@ -136,7 +137,9 @@ class FeatureHooks:
 
 
 @torch.no_grad()
-def collect(module: nn.Module, batches: Iterable[Any], device: str = "cpu", keep: set[str] | None = None) -> dict[str, torch.Tensor]:
+def collect(
+    module: nn.Module, batches: Iterable[Any], device: str = "cpu", keep: set[str] | None = None
+) -> dict[str, torch.Tensor]:
     """Run `module` (eval mode) over the batches and return its statistics tensors."""
     module = module.eval().to(device)
     with FeatureHooks(module) as hooks:
@@ -230,13 +233,23 @@ def task_features(job: FeatureJob, *file_sha256: str) -> FeatureResult:
     module = task_model.build()
     tensors = collect(module, task_model.batches, job.device, keep=set(job.names))
     if not tensors:
-        raise ConfigError(f"task {spec.task!r}: the feature pass of method.model {spec.model!r} saw no nn.Linear or "
-                          "norm layer whose parameter names match the checkpoint's tensors")
-    metadata = {"format": "mergeflow.lot_stats/1", "task": spec.task, "model": spec.model,
-                "exemplars": str(spec.exemplars), "seed": str(spec.seed), "stats_version": str(STATS_VERSION)}
+        raise ConfigError(
+            f"task {spec.task!r}: the feature pass of method.model {spec.model!r} saw no nn.Linear or "
+            "norm layer whose parameter names match the checkpoint's tensors"
+        )
+    metadata = {
+        "format": "mergeflow.lot_stats/1",
+        "task": spec.task,
+        "model": spec.model,
+        "exemplars": str(spec.exemplars),
+        "seed": str(spec.seed),
+        "stats_version": str(STATS_VERSION),
+    }
     store.write_bytes(uri, save_safetensors(tensors, metadata=metadata))
-    log.info("task %s: LOT statistics for %d tensors in %.1fs -> %s", spec.task, len(tensors), time.perf_counter() - t0, uri)
-    rows = {k[len(GRAM):]: int(tensors[ROWS + k[len(GRAM):]]) for k in tensors if k.startswith(GRAM)}
+    log.info(
+        "task %s: LOT statistics for %d tensors in %.1fs -> %s", spec.task, len(tensors), time.perf_counter() - t0, uri
+    )
+    rows = {k[len(GRAM) :]: int(tensors[ROWS + k[len(GRAM) :]]) for k in tensors if k.startswith(GRAM)}
     return FeatureResult(spec.task, uri, False, time.perf_counter() - t0, tuple(tensors), rows)
 
 
@@ -250,8 +263,10 @@ def read_stats_summary(uri: str, storage: StorageOptions) -> tuple[tuple[str, ..
     reader = storage_for(uri, storage).open_reader(uri)
     try:
         for key in tensors:
-            if key.startswith(GRAM) and (info := tensors.get(ROWS + key[len(GRAM):])) is not None:
-                rows[key[len(GRAM):]] = int(torch.frombuffer(reader.read(info.start, info.end), dtype=TORCH_DTYPES[info.dtype])[0])
+            if key.startswith(GRAM) and (info := tensors.get(ROWS + key[len(GRAM) :])) is not None:
+                rows[key[len(GRAM) :]] = int(
+                    torch.frombuffer(reader.read(info.start, info.end), dtype=TORCH_DTYPES[info.dtype])[0]
+                )
     finally:
         reader.close()
     return tuple(sorted(tensors)), rows

@@ -20,16 +20,17 @@ from __future__ import annotations
 import importlib
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
+from mergeflow.errors import CheckpointError, ConfigError, StorageError
 from mergeflow.infra.storage import StorageOptions, storage_for
 from mergeflow.workers.checkpoint import open_checkpoint
 from mergeflow.workers.dtypes import TORCH_DTYPES
-from mergeflow.errors import CheckpointError, ConfigError, StorageError
 
 BUILTIN = ("hf",)
 HOOK = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
@@ -63,8 +64,10 @@ def resolve_hook(model: str) -> Callable:
     try:
         mod = importlib.import_module(mod_name)
     except ImportError as e:
-        raise ConfigError(f"method.model: cannot import module {mod_name!r} for hook {model!r} ({e}); "
-                          "install it on every Ray node or fix the name") from None
+        raise ConfigError(
+            f"method.model: cannot import module {mod_name!r} for hook {model!r} ({e}); "
+            "install it on every Ray node or fix the name"
+        ) from None
     fn = getattr(mod, fn_name, None)
     if not callable(fn):
         raise ConfigError(f"method.model: module {mod_name!r} has no function {fn_name!r}")
@@ -103,7 +106,11 @@ def load_tensors(checkpoint: str, storage: StorageOptions) -> dict[str, torch.Te
             if info.file not in readers:
                 readers[info.file] = storage_for(info.file, storage).open_reader(info.file)
             buf = readers[info.file].read(info.start, info.end)
-            t = torch.frombuffer(buf, dtype=TORCH_DTYPES[info.dtype]) if buf else torch.empty(0, dtype=TORCH_DTYPES[info.dtype])
+            t = (
+                torch.frombuffer(buf, dtype=TORCH_DTYPES[info.dtype])
+                if buf
+                else torch.empty(0, dtype=TORCH_DTYPES[info.dtype])
+            )
             out[name] = t.reshape(info.shape)
     finally:
         for r in readers.values():
@@ -116,8 +123,10 @@ def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], spec: TaskMod
     checkpoint (or be tied to one that does): features of a half-random model are worthless."""
     result = model.load_state_dict(state, strict=False)
     if result.unexpected_keys:
-        raise CheckpointError(f"task {spec.task!r}: tensor {result.unexpected_keys[0]!r} of {spec.checkpoint} is not a "
-                              f"parameter of the {type(model).__name__} built for it (wrong architecture in config.json?)")
+        raise CheckpointError(
+            f"task {spec.task!r}: tensor {result.unexpected_keys[0]!r} of {spec.checkpoint} is not a "
+            f"parameter of the {type(model).__name__} built for it (wrong architecture in config.json?)"
+        )
     tie = getattr(model, "tie_weights", None)
     if callable(tie):
         tie()
@@ -126,8 +135,10 @@ def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], spec: TaskMod
     for key in result.missing_keys:
         p = params.get(key)
         if p is not None and p.data_ptr() not in loaded:
-            raise CheckpointError(f"task {spec.task!r}: {spec.checkpoint} has no tensor {key!r}, a parameter of the "
-                                  f"{type(model).__name__} built for it")
+            raise CheckpointError(
+                f"task {spec.task!r}: {spec.checkpoint} has no tensor {key!r}, a parameter of the "
+                f"{type(model).__name__} built for it"
+            )
 
 
 # -------------------------------------------------------------------------------- hf
@@ -137,8 +148,9 @@ def _transformers():
     try:
         import transformers
     except ImportError:
-        raise ConfigError("method.model: hf needs the transformers package; install mergeflow[hf] "
-                          "(pip install 'mergeflow[hf]')") from None
+        raise ConfigError(
+            "method.model: hf needs the transformers package; install mergeflow[hf] (pip install 'mergeflow[hf]')"
+        ) from None
     return transformers
 
 
@@ -146,21 +158,26 @@ def _hf(spec: TaskModelSpec) -> TaskModel:
     transformers = _transformers()
     cp = open_checkpoint(spec.checkpoint, spec.storage)
     if cp.config_json is None:
-        raise CheckpointError(f"task {spec.task!r}: {spec.checkpoint} has no config.json; method.model hf builds the "
-                              "model from it")
+        raise CheckpointError(
+            f"task {spec.task!r}: {spec.checkpoint} has no config.json; method.model hf builds the model from it"
+        )
     try:
         cfg = json.loads(storage_for(cp.config_json, spec.storage).read_bytes(cp.config_json))
         model_type = cfg.pop("model_type")
         config = transformers.AutoConfig.for_model(model_type, **cfg)
     except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"task {spec.task!r}: {cp.config_json} is not a usable transformers config ({e})") from None
+        raise CheckpointError(
+            f"task {spec.task!r}: {cp.config_json} is not a usable transformers config ({e})"
+        ) from None
     batches = _token_batches(spec, config)
 
     def build() -> nn.Module:
         arch = (cfg.get("architectures") or [None])[0]
         cls = getattr(transformers, arch, None) if arch else None
         model = cls(config) if cls is not None else transformers.AutoModel.from_config(config)
-        state = {k: v.float() if v.is_floating_point() else v for k, v in load_tensors(spec.checkpoint, spec.storage).items()}
+        state = {
+            k: v.float() if v.is_floating_point() else v for k, v in load_tensors(spec.checkpoint, spec.storage).items()
+        }
         _load_strict(model.float(), state, spec)
         return model
 
@@ -178,14 +195,21 @@ def _token_batches(spec: TaskModelSpec, config) -> list[dict[str, torch.Tensor]]
     except ValueError as e:
         raise ConfigError(f"{where}: {spec.exemplar_file} is not JSON ({e})") from None
     ids, masks = (doc.get("input_ids"), doc.get("attention_mask")) if isinstance(doc, dict) else (doc, None)
-    ok = isinstance(ids, list) and ids and all(isinstance(r, list) and r and all(isinstance(i, int) for i in r) for r in ids)
+    ok = (
+        isinstance(ids, list)
+        and ids
+        and all(isinstance(r, list) and r and all(isinstance(i, int) for i in r) for r in ids)
+    )
     if not ok:
-        raise ConfigError(f"{where}: {spec.exemplar_file} must hold a non-empty list of token-id lists "
-                          "(or {\"input_ids\": [...]})")
+        raise ConfigError(
+            f'{where}: {spec.exemplar_file} must hold a non-empty list of token-id lists (or {{"input_ids": [...]}})'
+        )
     vocab = getattr(config, "vocab_size", None)
     bad = [i for r in ids for i in r if i < 0 or (vocab is not None and i >= vocab)]
     if bad:
-        raise ConfigError(f"{where}: token id {bad[0]} in {spec.exemplar_file} is outside the vocabulary (size {vocab})")
+        raise ConfigError(
+            f"{where}: token id {bad[0]} in {spec.exemplar_file} is outside the vocabulary (size {vocab})"
+        )
     if masks is not None and [len(m) for m in masks] != [len(r) for r in ids]:
         raise ConfigError(f"{where}: attention_mask in {spec.exemplar_file} does not match input_ids in shape")
     pick = subset(len(ids), spec.exemplars, spec.seed).tolist()
@@ -211,11 +235,15 @@ def _hook(spec: TaskModelSpec) -> TaskModel:
     try:
         module, batches = fn(spec.checkpoint, spec.task, spec.exemplars, spec.seed)
     except (TypeError, ValueError) as e:
-        raise ConfigError(f"method.model: hook {spec.model!r} must return (nn.Module, batches) for "
-                          f"fn(checkpoint, task, exemplars, seed); task {spec.task!r} failed: {e}") from None
+        raise ConfigError(
+            f"method.model: hook {spec.model!r} must return (nn.Module, batches) for "
+            f"fn(checkpoint, task, exemplars, seed); task {spec.task!r} failed: {e}"
+        ) from None
     if not isinstance(module, nn.Module):
-        raise ConfigError(f"method.model: hook {spec.model!r} returned a {type(module).__name__} for task "
-                          f"{spec.task!r}, not a torch.nn.Module")
+        raise ConfigError(
+            f"method.model: hook {spec.model!r} returned a {type(module).__name__} for task "
+            f"{spec.task!r}, not a torch.nn.Module"
+        )
     batches = list(batches)
     if not batches:
         raise ConfigError(f"method.model: hook {spec.model!r} yielded no exemplar batches for task {spec.task!r}")

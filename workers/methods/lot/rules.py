@@ -4,7 +4,7 @@ batch merge streams the same solutions shard by shard: the LOT method's tensor k
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -37,8 +37,12 @@ def agreed_rule(name: str, task_names: Sequence[str], keys: Sequence[set[str]]) 
     return rules[0]
 
 
-def merge_state_dicts(base: dict[str, torch.Tensor], finetuned: Sequence[dict[str, torch.Tensor]],
-                      stats: Sequence[dict[str, torch.Tensor]], alpha: float = 1.0) -> dict[str, torch.Tensor]:
+def merge_state_dicts(
+    base: dict[str, torch.Tensor],
+    finetuned: Sequence[dict[str, torch.Tensor]],
+    stats: Sequence[dict[str, torch.Tensor]],
+    alpha: float = 1.0,
+) -> dict[str, torch.Tensor]:
     """theta_0 + alpha * Delta*, every floating-point tensor by its rule, in float32 (cast back to
     the base dtype); other tensors are copied from the base."""
     tasks = [str(i) for i in range(len(finetuned))]

@@ -10,7 +10,7 @@ on how a tensor is split into row blocks.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -77,6 +77,6 @@ def feature_drift(weight: torch.Tensor, finetuned: Sequence[torch.Tensor], grams
     """sum_t ||X_t (W - W_t)^T||_F^2 = sum_t tr((W - W_t) G_t (W - W_t)^T): the objective LOT minimises."""
     total = 0.0
     for w_t, g in zip(finetuned, grams):
-        d = (weight.to(torch.float64) - w_t.to(torch.float64))
+        d = weight.to(torch.float64) - w_t.to(torch.float64)
         total += float(((d @ g.to(torch.float64)) * d).sum())
     return total

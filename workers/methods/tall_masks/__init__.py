@@ -25,20 +25,30 @@ from mergeflow.workers.methods.ties import TiesStages, majority_redo, thresholds
 class TallMasksParams:
     __pydantic_config__ = {"extra": "forbid"}
     alpha: float | Literal["auto"] = field(default=0.3, metadata={"doc": "model/ = base + alpha * tau_MTL"})
-    lambda_: float | dict[str, float] | Literal["auto"] = field(default=0.4, metadata={
-        "doc": "mask threshold: one value, {task: value}, or auto (chosen per task on validation data)"})
-    base_merge: Literal["task_arithmetic", "ties"] = field(default="task_arithmetic", metadata={
-        "doc": "tau_MTL: the Task Arithmetic sum, or TIES with sum merge (the paper's two variants)"})
+    lambda_: float | dict[str, float] | Literal["auto"] = field(
+        default=0.4,
+        metadata={"doc": "mask threshold: one value, {task: value}, or auto (chosen per task on validation data)"},
+    )
+    base_merge: Literal["task_arithmetic", "ties"] = field(
+        default="task_arithmetic",
+        metadata={"doc": "tau_MTL: the Task Arithmetic sum, or TIES with sum merge (the paper's two variants)"},
+    )
     density: float = field(default=0.2, metadata={"doc": "base_merge ties: share of each task vector kept"})
     scope: Literal["global", "tensor"] = field(default="global", metadata={"doc": "base_merge ties: trim scope"})
-    store_dtype: Literal["base", "float32"] = field(default="base", metadata={
-        "doc": "dtype of tau_MTL in compressed/: the base's, or float32 (rebuilds exactly what the masks saw)"})
+    store_dtype: Literal["base", "float32"] = field(
+        default="base",
+        metadata={
+            "doc": "dtype of tau_MTL in compressed/: the base's, or float32 (rebuilds exactly what the masks saw)"
+        },
+    )
 
     def __post_init__(self):
         check_scale("alpha", self.alpha)
         check_fraction("density", self.density)
         lam = self.lambda_
-        if lam != "auto" and any(not math.isfinite(x) or x < 0 for x in (lam.values() if isinstance(lam, dict) else [lam])):
+        if lam != "auto" and any(
+            not math.isfinite(x) or x < 0 for x in (lam.values() if isinstance(lam, dict) else [lam])
+        ):
             raise ValueError("lambda: values must be finite and >= 0")
 
 
@@ -76,8 +86,11 @@ def chunk_lambdas(params, ctx, like: torch.Tensor) -> torch.Tensor:
     lam = params.lambda_
     if lam == "auto":  # the candidate pass: the masks written are the grid's (bundle.shard_files)
         lam = ctx.globals["mask_grid"][0]
-    return torch.tensor(bundle.lambdas_of(dataclasses.replace(params, lambda_=lam), ctx.task_names),
-                        dtype=torch.float32, device=like.device)
+    return torch.tensor(
+        bundle.lambdas_of(dataclasses.replace(params, lambda_=lam), ctx.task_names),
+        dtype=torch.float32,
+        device=like.device,
+    )
 
 
 @register
@@ -128,7 +141,10 @@ class TallMasks(Method):
             files |= {f"mask/{task}": packed[row] for row, task in enumerate(ctx.task_names)}
         layer_sums = {
             "kept": row_counts(masks, packed),
-            "count_hist": torch.bincount(mask_counts(masks), minlength=taus.shape[0] + 1).cpu().numpy().astype(np.int64),
+            "count_hist": torch.bincount(mask_counts(masks), minlength=taus.shape[0] + 1)
+            .cpu()
+            .numpy()
+            .astype(np.int64),
         }
         return MethodOutput(delta=self.delta(tau_mtl, masks, params), files=files, sums=sums, layer_sums=layer_sums)
 
@@ -181,4 +197,3 @@ class TallMasks(Method):
         return bundle.rebuild_specs(run, manifest, task, parts, base, output, options, chunk_elems, model_order)
 
     rebuild_part = staticmethod(bundle.rebuild_part)  # a plain function: Ray ships it by reference
-

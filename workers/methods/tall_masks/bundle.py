@@ -96,8 +96,17 @@ class RebuildSpec:
     storage: StorageOptions = StorageOptions()
 
 
-def rebuild_specs(run: str, manifest: dict, task: str, parts: dict[str, list[str]], base, output: str,
-                  options: StorageOptions, chunk_elems: int, model_order) -> list[RebuildSpec]:
+def rebuild_specs(
+    run: str,
+    manifest: dict,
+    task: str,
+    parts: dict[str, list[str]],
+    base,
+    output: str,
+    options: StorageOptions,
+    chunk_elems: int,
+    model_order,
+) -> list[RebuildSpec]:
     """One spec per model part (`parts`: part -> its tensors, from the model index)."""
     expect = manifest["outputs"]
     index = json.loads(verified_bytes(run, INDEX, expect, options))
@@ -106,16 +115,18 @@ def rebuild_specs(run: str, manifest: dict, task: str, parts: dict[str, list[str
         tau_rel, mask_rel = tau_file(part), mask_file(part, task)
         has_float = any(n in index["tensors"] for n in tensors)
         expected = {join(run, r): expect[r]["sha256"] for r in (tau_rel, mask_rel) if has_float}
-        specs.append(RebuildSpec(
-            task=task,
-            base=tuple(base.tensors[n] for n in model_order(part, tensors)),
-            tau_file=join(run, tau_rel) if has_float else None,
-            mask_file=join(run, mask_rel) if has_float else None,
-            expected=expected,
-            output=join(output, f"model-{part}.safetensors"),
-            chunk_elems=chunk_elems,
-            storage=options,
-        ))
+        specs.append(
+            RebuildSpec(
+                task=task,
+                base=tuple(base.tensors[n] for n in model_order(part, tensors)),
+                tau_file=join(run, tau_rel) if has_float else None,
+                mask_file=join(run, mask_rel) if has_float else None,
+                expected=expected,
+                output=join(output, f"model-{part}.safetensors"),
+                chunk_elems=chunk_elems,
+                storage=options,
+            )
+        )
     return specs
 
 
@@ -135,7 +146,9 @@ def verified_bytes(run: str, rel: str, expect: dict, options: StorageOptions) ->
 def verify(uri: str, expected: str, options: StorageOptions) -> None:
     got = sha256_of(uri, options)
     if got != expected:
-        raise CheckpointError(f"{uri}: sha256 {got[:12]}... does not match the manifest ({expected[:12]}...); the bundle is corrupt")
+        raise CheckpointError(
+            f"{uri}: sha256 {got[:12]}... does not match the manifest ({expected[:12]}...); the bundle is corrupt"
+        )
 
 
 def rebuild_part(spec: RebuildSpec) -> tuple[str, int]:

@@ -27,8 +27,10 @@ def select(run, redo_majority) -> dict:
     shards to merge again for TIES' majority sign (None when tau_MTL is plain Task Arithmetic)."""
     grid = tuple(run.selection_config.lambdas)
     scratch = join(run.output, SCRATCH)
-    specs = [dataclasses.replace(s.with_globals(mask_grid=grid), output=scratch, write_model=False, write_delta=False)
-             for s in run.shards]
+    specs = [
+        dataclasses.replace(s.with_globals(mask_grid=grid), output=scratch, write_model=False, write_delta=False)
+        for s in run.shards
+    ]
     results = run.each_shard(merge_shard, desc="lambda candidates", shards=specs)
     if redo_majority is not None:  # the candidates' tau_MTL must be the one the final pass writes
         redo = redo_majority(specs, results)

@@ -25,11 +25,17 @@ from mergeflow.workers.methods.ties.vectors import ties_vector
 @dataclass(frozen=True)
 class TiesParams:
     __pydantic_config__ = {"extra": "forbid"}
-    alpha: float | Literal["auto"] | None = field(default=None, metadata={
-        "doc": "model = base + alpha * merged vector; default 1.0 with merge mean (already one task's scale), 0.3 with sum"})
+    alpha: float | Literal["auto"] | None = field(
+        default=None,
+        metadata={
+            "doc": "model = base + alpha * merged vector; default 1.0 with merge mean (already one task's "
+            "scale), 0.3 with sum"
+        },
+    )
     density: float = field(default=0.2, metadata={"doc": "share of each task vector kept by the trim, in (0, 1]"})
-    scope: Literal["global", "tensor"] = field(default="global", metadata={
-        "doc": "trim threshold over the whole model (the paper's code) or per tensor"})
+    scope: Literal["global", "tensor"] = field(
+        default="global", metadata={"doc": "trim threshold over the whole model (the paper's code) or per tensor"}
+    )
     merge: Literal["mean", "sum"] = field(default="mean", metadata={"doc": "disjoint merge of the agreeing entries"})
 
     def __post_init__(self):
@@ -75,8 +81,10 @@ class TiesStages:
 
     @staticmethod
     def manifest(run, results: list) -> dict:
-        doc = {"thresholds": list(run.globals.get("thresholds") or ()),  # empty: per-tensor scope
-               "majority": int(np.sign(sum(r.sums.get("sign_sum", 0) for r in results)))}
+        doc = {
+            "thresholds": list(run.globals.get("thresholds") or ()),  # empty: per-tensor scope
+            "majority": int(np.sign(sum(r.sums.get("sign_sum", 0) for r in results))),
+        }
         if run.saved.get("zero_guess"):
             doc["zero_guess"] = run.saved["zero_guess"]
         return {"ties": doc}
@@ -86,10 +94,14 @@ class TiesStages:
         if "ties" not in manifest:
             return []
         ties = manifest["ties"]
-        lines = [f"TIES        thresholds per task {[f'{x:.3g}' for x in ties['thresholds']] or 'per tensor'}, "
-                 f"majority sign {ties['majority']:+d}"]
-        guess = {"confirmed": "0 from the sample, confirmed by the merge's zero counts",
-                 "refuted": "the sample's 0 was refuted by the merge's zero counts; merged again with these"}
+        lines = [
+            f"TIES        thresholds per task {[f'{x:.3g}' for x in ties['thresholds']] or 'per tensor'}, "
+            f"majority sign {ties['majority']:+d}"
+        ]
+        guess = {
+            "confirmed": "0 from the sample, confirmed by the merge's zero counts",
+            "refuted": "the sample's 0 was refuted by the merge's zero counts; merged again with these",
+        }
         if ties.get("zero_guess") in guess:
             lines.append(f"            thresholds: {guess[ties['zero_guess']]}")
         return lines
@@ -100,8 +112,11 @@ def majority_redo(specs: list, results: list) -> list:
     different provisional sign at an exact tie, with the true one, to merge again."""
     majority = int(np.sign(sum(r.sums.get("sign_sum", 0) for r in results)))
     by_index = {s.index: s for s in specs}
-    return [by_index[r.index].with_globals(majority=majority) for r in results
-            if r.sums.get("ambiguous") and r.globals_used.get("majority", 1) != majority]
+    return [
+        by_index[r.index].with_globals(majority=majority)
+        for r in results
+        if r.sums.get("ambiguous") and r.globals_used.get("majority", 1) != majority
+    ]
 
 
 def ties_chunk(taus: torch.Tensor, ctx, merge: str) -> tuple[torch.Tensor, dict]:

@@ -38,8 +38,9 @@ def _sample(spec, job, reader: ShardReader, buffers: ChunkBuffers, sample: kth_v
         sample.add(taus)
 
 
-def _count(spec, job, reader: ShardReader, buffers: ChunkBuffers, plan: kth_value.Plan,
-           counts: list[torch.Tensor]) -> None:
+def _count(
+    spec, job, reader: ShardReader, buffers: ChunkBuffers, plan: kth_value.Plan, counts: list[torch.Tensor]
+) -> None:
     """Add one tensor to a threshold pass's counts. A NaN or Inf shows as the largest bit
     pattern, so the finite check costs nothing unless one is there."""
     if kth_value.zeros_only(plan) and all(i.dtype == job.dtype for i in job.tasks):
@@ -53,8 +54,12 @@ def _count(spec, job, reader: ShardReader, buffers: ChunkBuffers, plan: kth_valu
 
 
 # Integer views of the float types, to compare stored values bit by bit.
-_SAME_WIDTH_INT = {torch.float64: torch.int64, torch.float32: torch.int32, torch.float16: torch.int16,
-                   torch.bfloat16: torch.int16}
+_SAME_WIDTH_INT = {
+    torch.float64: torch.int64,
+    torch.float32: torch.int32,
+    torch.float16: torch.int16,
+    torch.bfloat16: torch.int16,
+}
 
 
 def _count_zeros(spec, job, reader: ShardReader, plan: kth_value.Plan, counts: list[torch.Tensor]) -> None:
@@ -145,11 +150,14 @@ def exact(run, density: float, sampled: tuple[kth_value.Sample, int] | None = No
 
     def run_pass(counting: kth_value.Plan, i: int) -> list[np.ndarray]:
         kinds = sorted({c.kind for c in counting} - {"skip"})
-        counts = kth_value.summed(counting, run.each_shard(shard_counts, counting,
-                                                           desc=f"TIES threshold: pass {i + 1} ({'+'.join(kinds)})"))
+        counts = kth_value.summed(
+            counting, run.each_shard(shard_counts, counting, desc=f"TIES threshold: pass {i + 1} ({'+'.join(kinds)})")
+        )
         if i == 1:
-            log.info("TIES thresholds: %s needed more than one pass", ", ".join(
-                run.task_names[j] for j, c in enumerate(counting) if c.kind != "skip"))
+            log.info(
+                "TIES thresholds: %s needed more than one pass",
+                ", ".join(run.task_names[j] for j, c in enumerate(counting) if c.kind != "skip"),
+            )
         return counts
 
     return tuple(float(x) for x in kth_value.select(run_pass, sample, total, _ranks(run, total, density)))
@@ -177,8 +185,12 @@ def check_zeros(run, results: dict, density: float) -> bool:
     short = [run.task_names[t] for t in np.flatnonzero(zeros < k)]
     if not short:
         return True
-    log.warning("TIES: the sample put every threshold at 0 but %s %s fewer zeros than trimming needs; computing "
-                "exact thresholds and merging again", ", ".join(short), "has" if len(short) == 1 else "have")
+    log.warning(
+        "TIES: the sample put every threshold at 0 but %s %s fewer zeros than trimming needs; computing "
+        "exact thresholds and merging again",
+        ", ".join(short),
+        "has" if len(short) == 1 else "have",
+    )
     saved["thresholds"] = list(exact(run, density))
     return False
 

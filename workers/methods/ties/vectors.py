@@ -70,7 +70,9 @@ def disjoint_merge(trimmed: list[torch.Tensor], signs: torch.Tensor, merge: str)
     return total, magnitude
 
 
-def ties_vector(taus: torch.Tensor, thresholds: torch.Tensor, majority: int, merge: str) -> tuple[torch.Tensor, int, int]:
+def ties_vector(
+    taus: torch.Tensor, thresholds: torch.Tensor, majority: int, merge: str
+) -> tuple[torch.Tensor, int, int]:
     """The TIES merged vector of a chunk, the sum of its elected signs, and how many coordinates
     the (provisional) majority sign decided."""
     trimmed = trim(taus, thresholds)
@@ -79,8 +81,9 @@ def ties_vector(taus: torch.Tensor, thresholds: torch.Tensor, majority: int, mer
     return merged, sign_sum, _decided_by_majority(trimmed, tied, magnitude, majority)
 
 
-def _decided_by_majority(trimmed: list[torch.Tensor], tied: torch.Tensor, magnitude: torch.Tensor,
-                         majority: int) -> int:
+def _decided_by_majority(
+    trimmed: list[torch.Tensor], tied: torch.Tensor, magnitude: torch.Tensor, majority: int
+) -> int:
     """Tied coordinates holding a nonzero trimmed entry: those whose result depends on the majority sign.
 
     A tie with a nonzero entry has entries of both signs (same-signed nonzero floats never sum to
