@@ -47,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import families  # noqa: E402
 
-from mergeflow.workers import kth_value, reading  # noqa: E402
+from mergeflow.workers import chunking, kth_value, reading  # noqa: E402
 from mergeflow.workers.checkpoint import open_checkpoint  # noqa: E402
 from mergeflow.workers.dtypes import TORCH_DTYPES  # noqa: E402
 from mergeflow.workers.layers import group_layers  # noqa: E402
@@ -348,7 +348,7 @@ def main() -> None:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         ap.error("--device cuda: this torch sees no CUDA device; use --device cpu")
     if args.chunk_elems is None:
-        args.chunk_elems = 1 << 22 if args.device.startswith("cuda") else 1 << 18
+        args.chunk_elems = chunking.chunk_for(args.device, args.tasks)  # what a merge would use
     args.chunk_elems -= args.chunk_elems % 8  # masks pack 8 to a byte
     report = run(args)
     print_report(report)
