@@ -326,7 +326,7 @@ def main() -> None:
         "--chunk-elems",
         type=int,
         default=None,
-        help="elements per task per compute step (default: the tool's, 4M on CUDA, 256K on a CPU)",
+        help="elements per task per compute step (default: the tool's, 4M on CUDA, 2M / tasks on a CPU)",
     )
     ap.add_argument(
         "--staging",
