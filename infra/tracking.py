@@ -34,7 +34,7 @@ if TYPE_CHECKING:  # mlflow takes seconds to import: only when a run is actually
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TrackingError", "TrackingOptions", "log_merge"]
+__all__ = ["TrackingError", "TrackingOptions", "log_merge", "register_model"]
 
 MAX_PARAM_LENGTH = 6000  # MLflow rejects longer param values (mlflow.utils.validation.MAX_PARAM_VAL_LENGTH)
 MAX_KEY_LENGTH = 250  # ... and longer param/metric/tag keys
@@ -94,6 +94,8 @@ def log_merge(
     files: dict[str, bytes],
     options: TrackingOptions,
     parent_run_id: str | None = None,
+    extra_metrics: dict[str, float] | None = None,
+    extra_tags: dict[str, str] | None = None,
 ) -> str | None:
     """Log one finished merge as one MLflow run and return its run id (None when tracking is off).
 
@@ -107,8 +109,9 @@ def log_merge(
     # Everything we send is built first, from the manifest alone: a malformed manifest is a bug and
     # surfaces as its own exception, not as a "tracking failed" message.
     params = run_params(manifest)
-    metrics = run_metrics(manifest)
-    tags = run_tags(manifest, output, parent_run_id)
+    metrics = run_metrics(manifest, extra_metrics)
+    tags = run_tags(manifest, output, parent_run_id) | (extra_tags or {})
+    datasets = run_inputs(manifest)
     artifacts = run_artifacts(manifest, config_text, files)
 
     step = "connecting"
@@ -126,6 +129,8 @@ def log_merge(
             run_id = client.create_run(experiment_id, tags=tags, run_name=tags["mlflow.runName"]).info.run_id
             step = "logging params and metrics"
             client.log_batch(run_id, metrics=metrics, params=params, synchronous=True)
+            step = "logging the input checkpoints"
+            client.log_inputs(run_id, datasets=datasets)
             step = "uploading artifacts"
             _upload(client, run_id, artifacts)
             step = "logging selection trials"
@@ -148,6 +153,84 @@ def log_merge(
             ) from exc
     log.info("logged merge to MLflow run %s at %s", run_id, redact(uri))
     return run_id
+
+
+def register_model(
+    manifest: dict,
+    *,
+    run_id: str,
+    output: str,
+    options: TrackingOptions,
+    name: str,
+    alias: str | None,
+    copy_weights: bool = False,
+    rebuild_command: str | None = None,
+    storage=None,
+) -> str:
+    """A new version of registered model `name` for the tracked run `run_id`, its source the run's
+    model/ where it lies (no copy of the weights unless copy_weights), tagged with the method, its
+    parameters, the input digests and the run; `alias` moved to it. Returns the version."""
+    uri = options.tracking_uri()
+    model_uri = f"{output.rstrip('/')}/model"
+    tags = {
+        "mergeflow.run_id": run_id,
+        "mergeflow.output": redact(output),
+        "mergeflow.model_uri": redact(model_uri),
+        "mergeflow.method": manifest["method"]["name"],
+        "mergeflow.params": json.dumps({k: v for k, v in manifest["method"].items() if k != "name"}),
+        "mergeflow.input.base": checkpoint_digest(manifest["inputs"]["base"]),
+    }
+    tags |= {_key(f"mergeflow.input.task.{t['name']}"): checkpoint_digest(t) for t in manifest["inputs"]["tasks"]}
+    description = (
+        f"mergeflow {manifest['method']['name']} merge of {len(manifest['inputs']['tasks'])} tasks: {model_uri}"
+    )
+    if rebuild_command:
+        description += f". A compressed bundle: rebuild task T's model with `{rebuild_command}`"
+    step = "connecting"
+    with _fast_failing_http():
+        try:
+            from mlflow import MlflowClient
+            from mlflow.exceptions import MlflowException
+
+            client = MlflowClient(tracking_uri=uri)
+            step = f"creating registered model {name!r}"
+            try:
+                client.create_registered_model(name)
+            except MlflowException as e:
+                if getattr(e, "error_code", "") != "RESOURCE_ALREADY_EXISTS":
+                    raise
+            if copy_weights:
+                step = "copying the weights into the run's artifacts"
+                _upload_model(client, run_id, output, manifest, storage)
+                source = f"runs:/{run_id}/model"
+            elif "://" in model_uri or not uri.startswith(("http://", "https://", "databricks")):
+                source = model_uri  # an object store's URI, or a local path a local store can point at
+            else:  # a server cannot point at this machine's files: the run's manifest (every file, hashed)
+                source = f"runs:/{run_id}/manifest.json"
+            step = f"creating a version of {name!r}"
+            version = client.create_model_version(name, source, run_id=run_id, tags=tags, description=description)
+            if alias:
+                step = f"moving alias {alias!r}"
+                client.set_registered_model_alias(name, alias, version.version)
+        except Exception as exc:  # noqa: BLE001 - any backend failure becomes one user-facing line
+            raise TrackingError(
+                f"MLflow model registry at {redact(uri)} failed while {step} ({_reason(exc)}); "
+                f"the merge itself is committed at {redact(output)}"
+            ) from exc
+    return str(version.version)
+
+
+def _upload_model(client, run_id: str, output: str, manifest: dict, storage) -> None:
+    from mergeflow.infra.storage import join, storage_for
+
+    store = storage_for(output, storage)
+    with tempfile.TemporaryDirectory(prefix="mergeflow-model-") as tmp:
+        for rel in manifest["outputs"]:
+            if rel.startswith("model/"):
+                path = Path(tmp, rel)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(store.read_bytes(join(output, rel)))
+        client.log_artifacts(run_id, str(Path(tmp, "model")), artifact_path="model")
 
 
 # ------------------------------------------------------------------------------------ what we log
@@ -208,10 +291,11 @@ def checkpoint_digest(checkpoint: dict) -> str:
     return hashlib.sha256("\n".join(digests).encode()).hexdigest()
 
 
-def run_metrics(manifest: dict) -> list[Metric]:
+def run_metrics(manifest: dict, extra: dict[str, float] | None = None) -> list[Metric]:
     from mlflow.entities import Metric
 
     values: dict[str, float] = {f"time.{stage}_s": v for stage, v in manifest.get("timings", {}).items()}
+    values |= extra or {}
     outputs = manifest.get("outputs")
     if outputs is not None:
         values["bytes_written"] = sum(o["size"] for o in outputs.values())
@@ -220,6 +304,20 @@ def run_metrics(manifest: dict) -> list[Metric]:
     values.update({f"mask_density.{task}": d for task, d in summary.get("mask_density", {}).items()})
     now = int(time.time() * 1000)
     return [Metric(_key(k), float(v), now, 0) for k, v in values.items() if _is_finite_number(v)]
+
+
+def run_inputs(manifest: dict) -> list:
+    """Every input checkpoint as an MLflow dataset input (MLflow's lineage views): its URI and digest."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    inputs = manifest["inputs"]
+    out = []
+    for role, name, cp in [("base", "base", inputs["base"])] + [("task", t["name"], t) for t in inputs["tasks"]]:
+        digest = checkpoint_digest(cp)
+        source = json.dumps({"uri": redact(cp["uri"]), "sha256": digest, "files": sorted(cp["files"])})
+        dataset = Dataset(name=f"{role}:{name}", digest=digest[:32], source_type="mergeflow.checkpoint", source=source)
+        out.append(DatasetInput(dataset, tags=[InputTag("mlflow.data.context", role)]))
+    return out
 
 
 def run_tags(manifest: dict, output: str, parent_run_id: str | None) -> dict[str, str]:

@@ -27,6 +27,7 @@ class MergeResult:
     report: Any  # workflows.merge.MergeReport: plan, timings, shards run and reused, bytes read
     mlflow_run_id: str | None = None
     already_complete: bool = False  # the output held this very merge: nothing was computed
+    model_version: str | None = None  # "NAME version N, alias A" when registered
 
 
 def load(
@@ -73,16 +74,25 @@ def merge(
     tracking: bool = True,
     tracking_uri: str | None = None,
     experiment: str = "mergeflow",
+    register: str | None = None,
+    alias: str | None = None,
 ) -> MergeResult:
     """Merge as `config` says (a dict, a YAML/JSON path or a MergeConfig) and log it to MLflow.
 
     A finished run of the same inputs and settings at the output is returned as it is (and logged,
     when an earlier attempt could not log it). Raises TrackingError when the merge is committed but
     logging failed: its `.result` is the MergeResult."""
+    from mergeflow.errors import ConfigError
     from mergeflow.infra.tracking import TrackingError, TrackingOptions
     from mergeflow.workflows.merge import is_tracked, run_merge, track
+    from mergeflow.workflows.merge import register as register_version
+    from mergeflow.workflows.watch import Job, with_job_options
 
     cfg = load(config, output=output, ray_address=ray_address, device=device)
+    cfg = with_job_options(cfg, Job(config="", register=register, alias=alias))
+    registry = cfg.tracking.register_
+    if registry is not None and not tracking:
+        raise ConfigError("tracking.register needs MLflow tracking: drop --no-tracking (or the register section)")
     report = run_merge(cfg, overwrite=overwrite, quiet=quiet, lock_ttl=lock_ttl)
     complete = report.state.value == "complete"
     result = MergeResult(cfg.output, report.manifest, report, already_complete=complete)
@@ -90,6 +100,10 @@ def merge(
     if tracking and not (complete and is_tracked(report)):
         try:
             result.mlflow_run_id = track(report, _config_text(config), options)
+            if registry is not None and result.mlflow_run_id:
+                version = register_version(report, result.mlflow_run_id, options, registry)
+                alias_note = f", alias {registry.alias!r}" if registry.alias else ""
+                result.model_version = f"{registry.name!r} version {version}{alias_note}"
         except TrackingError as e:
             e.result = result
             raise

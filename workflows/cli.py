@@ -96,6 +96,7 @@ def _parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     )
     m.add_argument("--experiment", default="mergeflow", help="MLflow experiment name (default: mergeflow)")
     m.add_argument("--no-tracking", action="store_true", help="do not log the run to MLflow")
+    add_registry_flags(m)
     m.add_argument(
         "--lock-ttl",
         type=float,
@@ -156,8 +157,24 @@ the previous sum (bit-identical to a from-scratch merge, reading only that sum, 
 tasks); TIES thresholds are reused per task; anything else that changed is recomputed. Tasks come
 from the config's list or from `tasks_from: DIR_OR_S3_PREFIX` (one sub-folder per task).
 
-Exit codes: 0 merged or up to date, 2 bad input, 3 merged but tracking failed, 75 locked.
+With --gate (or `gate:` in the config), the new run is scored against its parent on validation data
+and published (latest.json, registry alias) only when no task drops by more than max_task_drop and
+the mean does not drop; new tasks must beat the base. With --register NAME (or tracking.register),
+each published run becomes a version of that MLflow registered model, its alias moved to it.
+
+Exit codes: 0 merged or up to date, 2 bad input, 3 merged but tracking failed, 4 merged but the gate
+failed (kept, not published), 75 locked.
 """
+
+
+def add_registry_flags(p) -> None:
+    p.add_argument(
+        "--register",
+        metavar="NAME",
+        help="make the run a version of this MLflow registered model "
+        "(its source the run's model/; default: the config's tracking.register)",
+    )
+    p.add_argument("--alias", help="the registered model alias moved to the new version (default: candidate)")
 
 
 def _add_remerge_parsers(sub) -> None:
@@ -180,6 +197,14 @@ def _add_remerge_parsers(sub) -> None:
         )
         p.add_argument("--experiment", default="mergeflow", help="MLflow experiment name (default: mergeflow)")
         p.add_argument("--no-tracking", action="store_true", help="do not log runs to MLflow")
+        add_registry_flags(p)
+        p.add_argument(
+            "--gate",
+            action="store_true",
+            help="publish a new run only when it scores as well as its parent on validation data "
+            "(the config's gate: settings, else: no task drops by more than 0.005, the mean "
+            "does not drop, new tasks beat the base); exit 4 otherwise",
+        )
 
     r = sub.add_parser(
         "remerge",
@@ -221,6 +246,9 @@ def _job(args):
         ray_address=args.ray_address,
         device=args.device,
         tracking=TrackingOptions(enabled=not args.no_tracking, uri=args.tracking_uri, experiment=args.experiment),
+        gate=args.gate,
+        register=args.register,
+        alias=args.alias,
     )
 
 
@@ -258,6 +286,8 @@ def _merge(args) -> int:
             tracking=not args.no_tracking,
             tracking_uri=args.tracking_uri,
             experiment=args.experiment,
+            register=args.register,
+            alias=args.alias,
         )
     except TrackingError as e:
         # The merge is committed; exit non-zero so a pipeline notices the missing run record.
@@ -282,6 +312,8 @@ def _merge(args) -> int:
 
         uri = TrackingOptions(uri=args.tracking_uri).tracking_uri()
         print(f"mlflow      run {result.mlflow_run_id} at {redact(uri)}")
+    if result.model_version:
+        print(f"registry    {result.model_version}")
     if code:
         print(error, file=sys.stderr)
     return code

@@ -17,6 +17,7 @@ import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
+    Field,
     TypeAdapter,
     ValidationError,
     field_validator,
@@ -216,6 +217,35 @@ class SelectionConfig(_Model):
         return v
 
 
+class RegisterConfig(_Model):
+    """A version of an MLflow registered model per merge, whose source is the run's model/."""
+
+    name: str
+    alias: str | None = "candidate"  # moved to the new version (after the gate, when there is one)
+    copy_weights: bool = False  # also upload model/ as run artifacts (and make that the source)
+
+
+class TrackingConfig(_Model):
+    register_: RegisterConfig | None = Field(None, alias="register")  # `register` would shadow BaseModel's
+
+
+class GateConfig(_Model):
+    """When a re-merge may replace the published one: scored against its parent on validation data."""
+
+    max_task_drop: float = 0.005  # per task, in the evaluator's units (0.5 point of an accuracy in [0, 1])
+    mean_must_not_drop: bool = True
+    split: str = "val"
+    evaluator: str | None = None  # default: selection.evaluator
+    options: dict | None = None  # default: selection.options
+
+    @field_validator("max_task_drop")
+    @classmethod
+    def _drop(cls, v: float) -> float:
+        if not math.isfinite(v) or v < 0:
+            raise ValueError("must be a finite number >= 0")
+        return v
+
+
 class MergeConfig(_Model):
     base: str
     tasks: list[TaskConfig] = []
@@ -225,6 +255,8 @@ class MergeConfig(_Model):
     selection: SelectionConfig | None = None
     execution: ExecutionConfig = ExecutionConfig()
     storage: StorageConfig = StorageConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    gate: GateConfig | None = None
 
     @property
     def select_scale(self) -> bool:
@@ -247,6 +279,8 @@ class MergeConfig(_Model):
                 f"method.{auto[0]}: auto needs a `selection:` section naming an evaluator "
                 "(selection: {evaluator: 'package.module:function'})"
             )
+        if self.gate is not None and not (self.gate.evaluator or self.selection):
+            raise ValueError("gate: needs an evaluator (gate.evaluator, or selection.evaluator)")
         if self.tasks_from is None:  # discovered tasks are checked once resolved
             try:
                 self.method.method.check(self.method.params, self.task_names)

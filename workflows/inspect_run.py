@@ -27,7 +27,7 @@ def describe(run: str, options: StorageOptions) -> str:
     lines = [
         f"run         {run}",
         f"created     {m['created']} (mergeflow {m['mergeflow_version']})",
-        *([f"parent      {m['parent']['run']}"] if m.get("parent") else []),
+        *_lineage_lines(m, options),
         f"method      {record['name']} ({params})",
         f"base        {m['inputs']['base']['uri']}",
         f"tasks       {len(tasks)}: {', '.join(tasks)}",
@@ -56,6 +56,48 @@ def describe(run: str, options: StorageOptions) -> str:
     if store.exists(join(run, "stats/task_overlap.png")):
         lines.append(f"plot        {join(run, 'stats/task_overlap.png')}")
     return "\n".join(lines)
+
+
+def lineage(manifest: dict, options: StorageOptions, limit: int = 100) -> list[dict]:
+    """The chain of parents back to the first merge: each run's URI, creation time, MLflow run id and
+    what changed against its own parent (from the manifests: no tracking server needed)."""
+    from mergeflow.workflows.commit import read_manifest
+
+    chain, seen = [], set()
+    parent = manifest.get("parent")
+    while parent and parent["run"] not in seen and len(chain) < limit:
+        seen.add(parent["run"])
+        entry = {"run": parent["run"], "mlflow_run_id": parent.get("mlflow_run_id")}
+        try:
+            m = read_manifest(parent["run"], options)
+        except MergeflowError:
+            m = None
+        if m is None:
+            chain.append(entry | {"missing": True})
+            break
+        changes = ((m.get("remerge") or {}).get("changes")) or {}
+        entry |= {
+            "created": m.get("created"),
+            "method": m["method"]["name"],
+            "changes": "; ".join(f"{k} {', '.join(v)}" for k, v in changes.items() if isinstance(v, list) and v)
+            or ("first merge" if not m.get("parent") else "settings or contents"),
+        }
+        chain.append(entry)
+        parent = m.get("parent")
+    return chain
+
+
+def _lineage_lines(m: dict, options: StorageOptions) -> list[str]:
+    if not m.get("parent"):
+        return []
+    lines = [f"parent      {m['parent']['run']}", "lineage     this run's parents, newest first:"]
+    for e in lineage(m, options):
+        if e.get("missing"):
+            lines.append(f"  {e['run']}  (gone: no manifest there)")
+            continue
+        mlflow = f", mlflow run {e['mlflow_run_id']}" if e.get("mlflow_run_id") else ""
+        lines.append(f"  {e['run']}  {e['created']} {e['method']} ({e['changes']}{mlflow})")
+    return lines
 
 
 def _ranges(numbers: list[int]) -> str:

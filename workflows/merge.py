@@ -326,9 +326,12 @@ def sizes_summary(plan: Plan, outputs: dict[str, tuple[str, int]]) -> dict:
     return out
 
 
-def track(report: MergeReport, config_text: str | None, options, parent_run_id: str | None = None) -> str | None:
+def track(
+    report: MergeReport, config_text: str | None, options, parent_run_id: str | None = None, gate=None
+) -> str | None:
     """One MLflow run per merge, logged after the commit: a tracking failure raises
-    TrackingError but can never undo or corrupt the committed result."""
+    TrackingError but can never undo or corrupt the committed result. `gate` (a re-merge's
+    workflows.gate.Verdict) adds its scores as metrics and its outcome as tags."""
     from mergeflow.infra.tracking import log_merge
 
     if report.manifest is None or not options.enabled:
@@ -343,6 +346,10 @@ def track(report: MergeReport, config_text: str | None, options, parent_run_id: 
         files=files,
         options=options,
         parent_run_id=parent_run_id,
+        extra_metrics=gate.metrics() if gate is not None else None,
+        extra_tags={"mergeflow.gate": "passed" if gate.passed else "failed", "mergeflow.gate_reason": gate.reason}
+        if gate is not None
+        else None,
     )
     if run_id:
         import json
@@ -358,3 +365,23 @@ def is_tracked(report: MergeReport) -> bool:
     """Whether the committed run of `report` was logged to MLflow (it has its tracking.json)."""
     output = report.plan.config.output
     return storage_for(output, report.plan.config.storage.options()).exists(join(output, commit.TRACKING))
+
+
+def register(report: MergeReport, run_id: str, options, register_config) -> str:
+    """A registered model version for the tracked run (its source the run's model/), alias moved."""
+    from mergeflow.infra.tracking import register_model
+
+    plan = report.plan
+    output = plan.config.output
+    rebuild = f"mergeflow reconstruct {output} --task T --output DIR" if plan.method.compresses else None
+    return register_model(
+        report.manifest,
+        run_id=run_id,
+        output=output,
+        options=options,
+        name=register_config.name,
+        alias=register_config.alias,
+        copy_weights=register_config.copy_weights,
+        rebuild_command=rebuild,
+        storage=plan.config.storage.options(),
+    )

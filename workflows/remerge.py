@@ -391,6 +391,8 @@ class RemergeResult:
     run: str | None = None
     report: MergeReport | None = None
     reused: dict = field(default_factory=dict)
+    gate: object = None  # workflows.gate.Verdict when the config has a gate
+    published: bool = False
 
 
 def remerge(
@@ -458,9 +460,16 @@ def remerge(
     result.run = pick_run_dir(root, options, plan.fingerprint)
     result.report = run_merge(config.model_copy(update={"output": result.run}), quiet=quiet, reuse=reuse, lock=lock)
     result.reused = (result.report.manifest or {}).get("remerge", {}).get("reused", result.reused)
+    if config.gate is not None:  # the new run replaces the published one only if it scores as well
+        from mergeflow.workflows import gate
+
+        result.gate = gate.evaluate(config, result.run, result.report.manifest, par, quiet=quiet)
+        if not result.gate.passed:
+            return result  # kept for inspection, not published
     if lock is not None:
         lock.check()  # a merge whose lock was taken over must not move latest.json
     publish(root, result.run, options)
+    result.published = True
     for run in prune(root, options, keep, result.run):
         log.info("removed the old run %s (--keep %d)", run, keep)
     return result

@@ -2,7 +2,8 @@
 and `mergeflow watch`, which runs it with --if-changed every interval.
 
 Exit codes (also of each `watch --once` tick): 0 merged or up to date, 2 bad input or storage
-error, 3 merged but MLflow tracking failed, 75 another process holds the output's lock.
+error, 3 merged but MLflow tracking failed, 4 merged but the gate kept it from being published,
+75 another process holds the output's lock.
 """
 
 from __future__ import annotations
@@ -48,13 +49,17 @@ class Job:
     ray_address: str | None = None
     device: str | None = None
     tracking: TrackingOptions = field(default_factory=TrackingOptions)
+    gate: bool = False  # --gate: gate the publication (the config's gate: settings, or the defaults)
+    register: str | None = None  # --register NAME: a registered model version per published run
+    alias: str | None = None  # --alias: the alias moved to it (default: the config's, else "candidate")
 
 
 def remerge_once(job: Job) -> int:
     """Load the config, take the output's lock, re-merge, publish, track. Prints one line per
     outcome; raises MergeflowError (LockHeld when locked) for the caller to report."""
     from mergeflow.workflows.config import load_config
-    from mergeflow.workflows.merge import track
+    from mergeflow.workflows.gate import EXIT_GATE_FAILED
+    from mergeflow.workflows.merge import register, track
     from mergeflow.workflows.remerge import remerge
 
     cfg = load_config(job.config, output=job.output)
@@ -62,6 +67,10 @@ def remerge_once(job: Job) -> int:
         update={k: v for k, v in {"ray_address": job.ray_address, "device": job.device}.items() if v}
     )
     cfg = cfg.model_copy(update={"execution": ex})
+    cfg = with_job_options(cfg, job)
+    register_config = cfg.tracking.register_
+    if register_config is not None and not job.tracking.enabled:
+        raise MergeflowError("tracking.register needs MLflow tracking: drop --no-tracking (or the register section)")
     command = f"mergeflow remerge {job.config}"
     with RunLock(
         cfg.output, cfg.storage.options(), ttl=job.lock_ttl, heartbeat=min(15.0, job.lock_ttl / 4), command=command
@@ -98,13 +107,47 @@ def remerge_once(job: Job) -> int:
                 Path(job.config).read_text(),
                 job.tracking,
                 parent_run_id=result.parent.mlflow_run_id if result.parent else None,
+                gate=result.gate,
             )
+            if run_id:
+                print(f"mlflow      run {run_id} at {redact(job.tracking.tracking_uri())}", flush=True)
+            if result.gate is not None and not result.gate.passed:
+                print(
+                    f"mergeflow: gate failed: {result.gate.reason}; {result.run} is kept for inspection, not published",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                return EXIT_GATE_FAILED
+            if result.gate is not None:
+                print(f"gate        passed: {result.gate.reason}", flush=True)
+            if register_config is not None and run_id:
+                version = register(r, run_id, job.tracking, register_config)
+                alias = f", alias {register_config.alias!r}" if register_config.alias else ""
+                print(f"registry    {register_config.name!r} version {version}{alias}", flush=True)
         except TrackingError as e:
             print(f"mergeflow: error: {e}", file=sys.stderr)
             return 3
-        if run_id:
-            print(f"mlflow      run {run_id} at {redact(job.tracking.tracking_uri())}", flush=True)
         return 0
+
+
+def with_job_options(cfg, job: Job):
+    """The config with the command line's --gate / --register / --alias applied."""
+    from mergeflow.workflows.config import GateConfig, RegisterConfig
+
+    changes = {}
+    if job.gate and cfg.gate is None:
+        if cfg.selection is None:
+            raise MergeflowError("--gate: the config needs an evaluator to score runs with (selection: or gate:)")
+        changes["gate"] = GateConfig()
+    if job.register or job.alias:
+        current = cfg.tracking.register_
+        name = job.register or (current.name if current else None)
+        if name is None:
+            raise MergeflowError("--alias: give --register NAME too (or tracking.register in the config)")
+        base = current.model_dump() if current else {}
+        reg = RegisterConfig(**(base | {"name": name} | ({"alias": job.alias} if job.alias else {})))
+        changes["tracking"] = cfg.tracking.model_copy(update={"register_": reg})
+    return cfg.model_copy(update=changes) if changes else cfg
 
 
 def watch(job: Job, every: float, once: bool = False, stop: threading.Event | None = None) -> int:
