@@ -115,3 +115,9 @@ def reference_args(cfg) -> dict:
         "k": getattr(p, "k", 2),
         "lambdas": [lam[n] for n in names] if isinstance(lam, dict) else [lam] * len(names),
     }
+
+
+def same_place_free(outputs: dict) -> dict:
+    """A manifest's outputs less the model card, which names the inputs' URIs (so a merge of the same
+    checkpoints from another store writes another card, and the same weights)."""
+    return {rel: o for rel, o in outputs.items() if rel != "model/README.md"}

@@ -18,6 +18,7 @@ import plugins.memory_backend as memory  # noqa: E402  (registers mem://)
 import plugins.scaled_mean  # noqa: E402, F401  (registers the method scaled_mean)
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from conftest import same_place_free  # noqa: E402
 from safetensors.torch import load as load_bytes  # noqa: E402
 
 from mergeflow.dev.local_services import s3_client  # noqa: E402
@@ -161,7 +162,7 @@ def test_gs_uris_merge_through_an_s3_compatible_endpoint(ray_session, s3_server,
         quiet=True,
     )
     local = run_merge(config_from_dict(raw_config(base_dir, task_dirs, tmp_path / "run", method)), quiet=True)
-    assert remote.manifest["outputs"] == local.manifest["outputs"]
+    assert same_place_free(remote.manifest["outputs"]) == same_place_free(local.manifest["outputs"])
     assert remote.manifest["inputs"]["base"]["uri"] == f"{gs}/base"
     stored = objects(client, endpoint.bucket, f"{prefix}/run")
-    assert json.loads(stored["manifest.json"])["outputs"] == local.manifest["outputs"]
+    assert same_place_free(json.loads(stored["manifest.json"])["outputs"]) == same_place_free(local.manifest["outputs"])

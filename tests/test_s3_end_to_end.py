@@ -24,6 +24,7 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from conftest import same_place_free  # noqa: E402
 
 from mergeflow.dev.local_services import SeaweedS3Server, s3_client  # noqa: E402
 from mergeflow.errors import MergeflowError  # noqa: E402
@@ -160,7 +161,7 @@ def test_s3_merge_reconstruct_inspect_equal_local(merged, tmp_path):
     assert len(s3_report.plan.base.files) == 2  # an index json and two shards per checkpoint
     assert_run_equals_local(s3, ("run",), local_run)
     # Both manifests record the same output hashes; only URIs and timestamps differ.
-    assert s3_report.manifest["outputs"] == local_report.manifest["outputs"]
+    assert same_place_free(s3_report.manifest["outputs"]) == same_place_free(local_report.manifest["outputs"])
     assert s3_report.manifest["inputs"]["base"]["uri"].startswith("s3://")
     assert s3.keys("run")["manifest.json"]
 
@@ -342,4 +343,4 @@ def test_server_down_then_restart_resumes(ray_session, s3, family, tmp_path, mon
     assert report.state is OutputState.RESUME and report.shards_reused >= 1
     assert report.shards_reused + report.shards_run == len(report.plan.shards)
     assert_run_equals_local(s3, ("run",), tmp_path / "run")
-    assert report.manifest["outputs"] == local.manifest["outputs"]
+    assert same_place_free(report.manifest["outputs"]) == same_place_free(local.manifest["outputs"])

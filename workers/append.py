@@ -22,7 +22,7 @@ import torch
 from mergeflow.errors import CheckpointError
 from mergeflow.workers.dtypes import TORCH_DTYPES
 from mergeflow.workers.layers import layer_of
-from mergeflow.workers.reading import ShardReader, chunk_ranges, copy_exact
+from mergeflow.workers.reading import ShardReader, chunk_ranges, copy_exact, task_row
 from mergeflow.workers.safetensors_io import TensorInfo
 from mergeflow.workers.shard import (
     LayerStats,
@@ -76,7 +76,8 @@ def append_shard(spec: ShardSpec, previous: PreviousSum) -> ShardResult:
                 base = reader.elements(job.base, lo, hi).to(device).float()
                 _finite(base, "base", job.name)
                 for i, (name, info) in enumerate(zip(new.task_names, job.tasks)):
-                    tau = reader.elements(info, lo, hi).to(device).float() - base
+                    tau = torch.empty(hi - lo, dtype=torch.float32, device=device)
+                    task_row(tau, info, base, lo, hi, reader)
                     _finite(tau, f"task {name!r}", job.name)
                     acc += tau  # the next step of running_sum, in the same order
                     sq[i] += float((tau.double() ** 2).sum())

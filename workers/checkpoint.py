@@ -11,10 +11,11 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from mergeflow.errors import CheckpointError, StorageError
 from mergeflow.infra.storage import StorageOptions, basename, join, storage_for
+from mergeflow.workers import lora
 from mergeflow.workers.safetensors_io import FileHeader, TensorInfo, read_header
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -34,6 +35,7 @@ class Checkpoint:
     file_sizes: dict[str, int]
     tensors: dict[str, TensorInfo]
     config_json: str | None  # URI of config.json when present
+    adapter: dict | None = None  # a PEFT LoRA adapter's config (tensors then come from workers/lora.py's bind)
 
     @property
     def nbytes(self) -> int:
@@ -72,7 +74,12 @@ def _resolve_files(uri: str, options: StorageOptions | None) -> tuple[list[str],
         raise CheckpointError(
             f"{uri}: only pytorch_model.bin found; pickled checkpoints are refused, convert to safetensors"
         )
-    raise CheckpointError(f"{uri}: no {SINGLE_NAME} or {INDEX_NAME} found")
+    if store.exists(join(uri, "adapter_model.bin")):
+        raise CheckpointError(
+            f"{uri}: only adapter_model.bin found; pickled adapters are refused, save with "
+            "safe_serialization (adapter_model.safetensors)"
+        )
+    raise CheckpointError(f"{uri}: no {SINGLE_NAME}, {INDEX_NAME} or PEFT adapter ({lora.WEIGHTS}) found")
 
 
 def folder_files(folder: str, has: Callable[[str], bool], read_bytes: Callable[[str], bytes]) -> list[str] | None:
@@ -85,6 +92,8 @@ def folder_files(folder: str, has: Callable[[str], bool], read_bytes: Callable[[
         return index_shards(index_uri, read_bytes(index_uri))
     if has(SINGLE_NAME):
         return [SINGLE_NAME]
+    if has(lora.CONFIG) and has(lora.WEIGHTS):  # a PEFT adapter: its config decides the task vector too
+        return [lora.WEIGHTS, lora.CONFIG]
     return None
 
 
@@ -123,11 +132,13 @@ def _plain_shard_name(name: object) -> bool:
 
 
 def open_checkpoint(uri: str, options: StorageOptions | None = None) -> Checkpoint:
-    """Read every header of a checkpoint (a few KiB per file) in parallel."""
+    """Read every header of a checkpoint (a few KiB per file) in parallel. A PEFT adapter's tensors
+    are its own (lora_A, lora_B, ...) until `bind_adapter` maps them onto a base."""
     files, config = resolve_files(uri, options)
+    weights = [f for f in files if f.endswith(".safetensors")]
     try:
-        with ThreadPoolExecutor(max_workers=min(16, len(files))) as pool:
-            headers: list[FileHeader] = list(pool.map(lambda f: read_header(f, options), files))
+        with ThreadPoolExecutor(max_workers=min(16, len(weights))) as pool:
+            headers: list[FileHeader] = list(pool.map(lambda f: read_header(f, options), weights))
     except StorageError as e:
         raise CheckpointError(str(e)) from None
     tensors: dict[str, TensorInfo] = {}
@@ -140,4 +151,18 @@ def open_checkpoint(uri: str, options: StorageOptions | None = None) -> Checkpoi
             tensors[name] = info
     if not tensors:
         raise CheckpointError(f"{uri}: checkpoint holds no tensors")
-    return Checkpoint(uri, tuple(files), {h.file: h.size for h in headers}, tensors, config)
+    adapter = None
+    if any(basename(f) == lora.CONFIG for f in files):
+        cfg_uri = next(f for f in files if basename(f) == lora.CONFIG)
+        adapter = lora.read_config(cfg_uri, storage_for(cfg_uri, options).read_bytes(cfg_uri))
+    sizes = {h.file: h.size for h in headers}
+    sizes |= {f: storage_for(f, options).size(f) for f in files if f not in sizes}
+    return Checkpoint(uri, tuple(files), sizes, tensors, config, adapter)
+
+
+def bind_adapter(task: Checkpoint, base: Checkpoint, where: str) -> Checkpoint:
+    """An adapter checkpoint with its tensors as the base's names, each mapped to its source
+    (workers/lora.py); a full checkpoint as it is."""
+    if task.adapter is None:
+        return task
+    return replace(task, tensors=lora.bind(task.tensors, task.adapter, base.tensors, where))

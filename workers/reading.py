@@ -14,6 +14,7 @@ import torch
 
 from mergeflow.errors import CheckpointError
 from mergeflow.infra.storage import RangeReader, StorageOptions, storage_for
+from mergeflow.workers import lora
 from mergeflow.workers.dtypes import TORCH_DTYPES, itemsize
 from mergeflow.workers.safetensors_io import TensorInfo
 
@@ -37,6 +38,7 @@ class ShardReader:
         self._pinned = pinned
         self._scratch = torch.empty(0, dtype=torch.uint8)
         self.bytes_read = 0
+        self.memo: dict = {}  # small tensors read whole once per shard (LoRA factors)
 
     @classmethod
     def for_spec(cls, spec: ShardSpec, stack: ExitStack) -> ShardReader:
@@ -93,7 +95,10 @@ def check_finite(spec: ShardSpec, job: TensorJob, reader: ShardReader) -> None:
     for lo, hi in chunk_ranges(job.numel, spec.chunk_elems):
         _finite(reader.elements(job.base, lo, hi), "base", job)
         for name, info in zip(spec.task_names, job.tasks):
-            _finite(reader.elements(info, lo, hi), f"task {name!r}", job)
+            if isinstance(info, TensorInfo):
+                _finite(reader.elements(info, lo, hi), f"task {name!r}", job)
+            elif isinstance(info, lora.LoraFactor):
+                lora.check_finite(info, reader, f"task {name!r}", job.name)
 
 
 class ChunkBuffers:
@@ -137,9 +142,20 @@ def task_chunks(
         base, taus = buffers.get(hi - lo)
         base.copy_(reader.scratch_elements(job.base, lo, hi))  # exact widening to float32, on the device
         for row, info in zip(taus, job.tasks):
-            row.copy_(reader.scratch_elements(info, lo, hi))
-            row.sub_(base)
+            task_row(row, info, base, lo, hi, reader)
         yield lo, hi, base, taus
+
+
+def task_row(row: torch.Tensor, info, base: torch.Tensor, lo: int, hi: int, reader: ShardReader) -> None:
+    """row[:] = tau_t over elements [lo, hi): a task checkpoint's value minus the base's (exact
+    widening to float32 on the device), a LoRA adapter's scale * B @ A, or 0 for what it leaves."""
+    if isinstance(info, TensorInfo):
+        row.copy_(reader.scratch_elements(info, lo, hi))
+        row.sub_(base)
+    elif isinstance(info, lora.LoraFactor):
+        lora.fill_chunk(row, info, lo, hi, reader)
+    else:
+        row.zero_()
 
 
 class TensorAccess:
@@ -186,6 +202,8 @@ def copy_exact(spec: ShardSpec, job: TensorJob, reader: ShardReader, writer) -> 
     for lo, hi in chunk_ranges(job.numel, spec.chunk_elems):
         base = reader.elements(job.base, lo, hi)
         for name, info in zip(spec.task_names, job.tasks):
+            if not isinstance(info, TensorInfo):
+                continue  # an adapter leaves it as the base has it
             if info.dtype != job.dtype or not torch.equal(reader.elements(info, lo, hi), base):
                 raise CheckpointError(
                     f"task {name!r}: non-float tensor {job.name!r} differs from the base "

@@ -30,7 +30,6 @@ MANIFEST = "manifest.json"
 TRACKING = "tracking.json"
 FORMAT = "mergeflow.run/1"
 OUR_DIRS = ("model", "compressed", "delta", "stats")
-SIDECAR_SUFFIXES = (".json", ".txt", ".model")  # config, tokenizer and friends copied next to the weights
 # Names our shard writers give their files: what a commit may remove when no record lists it.
 PART_FILE = re.compile(r"-\d{5}-of-\d{5}\.safetensors$")
 
@@ -178,26 +177,91 @@ def write_model_index(plan: Plan) -> dict[str, tuple[str, int]]:
             store, plan.config.output, "model/model.safetensors.index.json", json.dumps(index, indent=2).encode()
         )
     }
-    for uri in _sidecars(plan):
-        rel = f"model/{basename(uri)}"
-        written[rel] = _put(store, plan.config.output, rel, storage_for(uri, options).read_bytes(uri))
+    for rel_in_base, uri in _sidecars(plan):
+        rel = f"model/{rel_in_base}"
+        data = storage_for(uri, options).read_bytes(uri)
+        if rel_in_base == "config.json":
+            data = _honest_config(data, plan)
+        written[rel] = _put(store, plan.config.output, rel, data)
     return written
 
 
-def _sidecars(plan: Plan) -> list[str]:
+# What a library needs next to the weights to load the model as the base loads: tokenizers, configs,
+# generation and chat settings, sentence-transformers' modules.json and its module folders
+# (1_Pooling/, 2_Normalize/, ...). Weights are not copied (the merge writes its own), nor pickles.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".gguf")
+SKIP_NAMES = {"model.safetensors.index.json", "pytorch_model.bin.index.json", "README.md", ".gitattributes"}
+
+
+def _sidecars(plan: Plan) -> list[tuple[str, str]]:
+    """(path relative to the base folder, URI) of every non-weight file of the base."""
     if plan.base.uri.endswith(".safetensors"):
         return []
     store = storage_for(plan.base.uri, plan.config.storage.options())
+    root = plan.base.uri.rstrip("/") + "/"
     out = []
     for uri in store.list(plan.base.uri):
-        name = basename(uri)
-        if (
-            name.endswith(SIDECAR_SUFFIXES)
-            and name != "model.safetensors.index.json"
-            and "/" not in uri[len(plan.base.uri) + 1 :]
-        ):
-            out.append(uri)
+        rel = uri[len(root) :] if uri.startswith(root) else basename(uri)
+        parts = rel.split("/")
+        if rel in SKIP_NAMES or rel.endswith(WEIGHT_SUFFIXES) or any(p.startswith(".") for p in parts):
+            continue
+        out.append((safe_relpath(rel, plan.base.uri), uri))
     return out
+
+
+def _honest_config(data: bytes, plan: Plan) -> bytes:
+    """config.json as the base has it, but with its torch_dtype the dtype the weights really have."""
+    try:
+        cfg = json.loads(data)
+    except ValueError:
+        return data
+    dtypes = {j.dtype for s in plan.shards for j in s.tensors if j.is_float}
+    names = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
+    if not isinstance(cfg, dict) or len(dtypes) != 1:
+        return data
+    actual = names.get(next(iter(dtypes)))
+    changed = False
+    for key in ("torch_dtype", "dtype"):
+        if key in cfg and cfg[key] != actual:
+            cfg[key], changed = actual, True
+    return json.dumps(cfg, indent=2).encode() + b"\n" if changed else data
+
+
+def model_card(plan: Plan, method: dict, inputs: dict[str, tuple[str, int]]) -> bytes:
+    """model/README.md: YAML front matter (base model, method and parameters, every input with its
+    sha256, the mergeflow version; the convention Hugging Face model cards and mergekit follow) and a
+    short human summary."""
+    import yaml
+
+    from mergeflow import __version__
+
+    def digest(cp) -> str:
+        return hashlib.sha256("\n".join(sorted(inputs[f][0] for f in cp.files)).encode()).hexdigest()
+
+    from mergeflow.infra.tracking import redact
+
+    library = "sentence-transformers" if any(r == "modules.json" for r, _ in _sidecars(plan)) else "transformers"
+    front = {
+        "base_model": redact(plan.base.uri),
+        "library_name": library,
+        "tags": ["merge", "mergeflow", method["name"]],
+        "mergeflow": {
+            "version": __version__,
+            "method": method,
+            "inputs": [{"name": "base", "uri": redact(plan.base.uri), "sha256": digest(plan.base)}]
+            + [
+                {"name": n, "uri": redact(cp.uri), "sha256": digest(cp), "kind": "lora" if cp.adapter else "full"}
+                for n, cp in zip(plan.task_names, plan.tasks)
+            ],
+        },
+    }
+    params = ", ".join(f"{k} {v}" for k, v in method.items() if k != "name")
+    body = (
+        f"# {method['name']} merge of {len(plan.tasks)} tasks\n\nMerged by mergeflow {__version__} from "
+        f"`{redact(plan.base.uri)}` and {', '.join(f'`{n}`' for n in plan.task_names)} ({params}). Every input's "
+        "sha256 is above and in the run's manifest.json.\n"
+    )
+    return b"---\n" + yaml.safe_dump(front, sort_keys=False).encode() + b"---\n\n" + body.encode()
 
 
 def _put(store, output: str, rel: str, data: bytes) -> tuple[str, int]:

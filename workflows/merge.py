@@ -244,6 +244,8 @@ def _merge_locked(
                 remember_delta(plan, outputs)
             hashes = known | fresh
             inputs = {f: (hashes[f], storage_for(f, options).size(f)) for f in input_files}
+            record = method.record(run.params, plan.task_names)
+            outputs |= commit.put_files(plan, {"model/README.md": commit.model_card(plan, record, inputs)})
             report.bytes_read = sum(r.bytes_read for r in ordered)
             report.bytes_hashed = sum(inputs[f][1] for f in to_hash)
             extra = {
@@ -265,9 +267,7 @@ def _merge_locked(
                 extra["remerge"] = extra["remerge"] | {"reused": extra["remerge"]["reused"] | run.reused}
             commit.sweep(plan, outputs)
             lock.check()  # a merge whose lock was taken over must not publish a manifest
-            report.manifest = commit.write_manifest(
-                plan, method.record(run.params, plan.task_names), outputs, inputs, extra
-            )
+            report.manifest = commit.write_manifest(plan, record, outputs, inputs, extra)
     except BaseException:
         hashing.cancel()
         commit.drop_partial_writes(config.output, options)  # temp files of the shards the failure cancelled

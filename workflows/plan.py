@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from mergeflow.errors import CheckpointError
 from mergeflow.infra.storage import storage_for
-from mergeflow.workers.checkpoint import Checkpoint, open_checkpoint
+from mergeflow.workers.checkpoint import Checkpoint, bind_adapter, open_checkpoint
 from mergeflow.workers.dtypes import is_float
 from mergeflow.workers.layers import group_layers, natural_key
 from mergeflow.workers.methods import Method
@@ -75,7 +75,13 @@ def open_all(config: MergeConfig) -> tuple[Checkpoint, list[Checkpoint]]:
 
     with ThreadPoolExecutor(max_workers=8) as pool:
         cps = list(pool.map(one, range(len(uris))))
-    return cps[0], cps[1:]
+    base = cps[0]
+    if base.adapter is not None:
+        raise CheckpointError(
+            f"base: {base.uri} is a PEFT adapter; the base must be a full checkpoint (the one the "
+            "adapters were trained on)"
+        )
+    return base, [bind_adapter(cp, base, labels[i + 1]) for i, cp in enumerate(cps[1:])]
 
 
 def check_compatible(base: Checkpoint, name: str, task: Checkpoint) -> None:

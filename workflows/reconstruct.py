@@ -12,7 +12,7 @@ from mergeflow.workers.checkpoint import open_checkpoint
 from mergeflow.workers.chunking import GPU_CHUNK
 from mergeflow.workers.methods import get_method, methods
 from mergeflow.workflows import runtime
-from mergeflow.workflows.commit import MANIFEST, SIDECAR_SUFFIXES, read_manifest
+from mergeflow.workflows.commit import MANIFEST, SKIP_NAMES, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -109,10 +109,9 @@ def reconstruct(
         "weight_map": {b.name: basename(s.output) for s in specs for b in s.base},
     }
     out_store.write_bytes(join(output, "model.safetensors.index.json"), json.dumps(out_index, indent=2).encode())
-    for rel in expect:
-        name = basename(rel)
-        if rel.startswith("model/") and name.endswith(SIDECAR_SUFFIXES) and name != "model.safetensors.index.json":
-            out_store.write_bytes(join(output, name), _verified(store, run, rel, expect))
+    for rel in expect:  # the merged model's tokenizer, configs, module folders, model card
+        if rel.startswith("model/") and not rel.endswith(".safetensors") and basename(rel) not in SKIP_NAMES:
+            out_store.write_bytes(join(output, rel[len("model/") :]), _verified(store, run, rel, expect))
     return {"task": task, "files": files, "run": run}
 
 

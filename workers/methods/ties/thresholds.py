@@ -18,6 +18,7 @@ import torch
 from mergeflow.workers import kth_value
 from mergeflow.workers.dtypes import TORCH_DTYPES
 from mergeflow.workers.reading import ChunkBuffers, ShardReader, TensorAccess, check_finite, chunk_ranges, task_chunks
+from mergeflow.workers.safetensors_io import TensorInfo
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ def _count(
 ) -> None:
     """Add one tensor to a threshold pass's counts. A NaN or Inf shows as the largest bit
     pattern, so the finite check costs nothing unless one is there."""
-    if kth_value.zeros_only(plan) and all(i.dtype == job.dtype for i in job.tasks):
+    if kth_value.zeros_only(plan) and all(isinstance(i, TensorInfo) and i.dtype == job.dtype for i in job.tasks):
         _count_zeros(spec, job, reader, plan, counts)
         return
     top = 0
