@@ -107,3 +107,61 @@ def test_adapters_and_a_full_fine_tune_merge_into_a_model_both_libraries_load(ra
     assert not torch.allclose(
         ours.encode(TEXT, convert_to_tensor=True), base_model.encode(TEXT, convert_to_tensor=True), atol=1e-4
     )  # the merge did change the model
+
+
+@pytest.mark.parametrize("rank", [8, 384])
+def test_format_lora_loads_with_peft_and_matches_the_dense_merge_within_its_svd_error(
+    ray_session, checkpoints, tmp_path, rank
+):
+    """output.format lora: PeftModel on the base equals model/ up to the truncation error the manifest
+    states, and that error is the one numpy's SVD of the dense delta gives."""
+    import json
+
+    import numpy as np
+
+    from mergeflow.workflows.config import config_from_dict
+
+    _, tasks = checkpoints
+    raw = {
+        "base": str(base_dir()),
+        "tasks": [{"name": n, "checkpoint": str(p)} for n, p in tasks],
+        "output": {"path": str(tmp_path / "run"), "format": "lora", "rank": rank},
+        "method": {"name": "task_arithmetic", "alpha": 0.5},
+    }
+    report = run_merge(config_from_dict(raw), quiet=True)
+    section = report.manifest["lora"]
+    lora_dir = tmp_path / "run" / "lora"
+    adapter_config = json.loads((lora_dir / "adapter_config.json").read_text())
+    assert adapter_config["peft_type"] == "LORA" and adapter_config["r"] == rank
+    assert "lora/adapter_model.safetensors" in report.manifest["outputs"]
+    # The full fine-tune changed embeddings and norms: those travel whole, the linear weights as factors.
+    assert "embeddings.word_embeddings" in adapter_config["modules_to_save"]
+    assert len(adapter_config["target_modules"]) == section["targets"] == 36  # 6 layers x 6 linear weights
+
+    base = load_file(base_dir() / "model.safetensors")
+    model = AutoModel.from_pretrained(str(tmp_path / "run" / "model")).state_dict()
+    peft_model = peft.PeftModel.from_pretrained(AutoModel.from_pretrained(str(base_dir())), str(lora_dir))
+    merged = peft_model.merge_and_unload().state_dict()
+    for module in adapter_config["target_modules"]:
+        k = f"{module}.weight"
+        delta = model[k].double() - base[k].double()
+        s = np.linalg.svd(delta.numpy(), compute_uv=False)
+        stated = section["relative_error"][module]
+        assert stated == pytest.approx(float(np.sqrt((s[rank:] ** 2).sum() / (s**2).sum())), abs=1e-7), module
+        diff = float((merged[k].double() - model[k].double()).norm())
+        assert diff <= stated * float(delta.norm()) * (1 + 1e-4) + 1e-5, (module, diff, stated)
+        assert torch.equal(merged[f"{module}.bias"], model[f"{module}.bias"])
+    for k, v in model.items():  # everything else is the merged model's own bytes
+        if not any(k.startswith(m + ".") for m in adapter_config["target_modules"]):
+            assert torch.equal(merged[k], v), k
+    if rank == 384:  # nothing truncated: PeftModel computes the merged model's embeddings
+        assert section["max_relative_error"] < 1e-12
+        tok = st.SentenceTransformer(str(base_dir()), device="cpu").tokenizer
+        batch = tok(TEXT, padding=True, return_tensors="pt")
+        ours = AutoModel.from_pretrained(str(tmp_path / "run" / "model"))
+        with torch.no_grad():
+            torch.testing.assert_close(
+                peft_model(**batch).last_hidden_state, ours(**batch).last_hidden_state, rtol=0, atol=1e-4
+            )
+    else:
+        assert section["max_relative_error"] > 0.01  # rank 8 of 384 truncates the full fine-tune's delta

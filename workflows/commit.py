@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 TRACKING = "tracking.json"
 FORMAT = "mergeflow.run/1"
-OUR_DIRS = ("model", "compressed", "delta", "stats")
+OUR_DIRS = ("model", "compressed", "delta", "stats", "lora")
 # Names our shard writers give their files: what a commit may remove when no record lists it.
 PART_FILE = re.compile(r"-\d{5}-of-\d{5}\.safetensors$")
 

@@ -246,17 +246,65 @@ class GateConfig(_Model):
         return v
 
 
+class LoraOutConfig(_Model):
+    """`output: {format: lora, rank: R | energy: E}`: model/ also written as a PEFT adapter (lora/)."""
+
+    rank: int | None = None  # singular triplets kept per weight (a cap when energy is given too)
+    energy: float | None = None  # or the fewest whose squared singular values reach this fraction
+
+    @field_validator("rank")
+    @classmethod
+    def _rank(cls, v: int | None) -> int | None:
+        if v is not None and v < 1:
+            raise ValueError("must be a positive integer")
+        return v
+
+    @field_validator("energy")
+    @classmethod
+    def _energy(cls, v: float | None) -> float | None:
+        if v is not None and not (0 < v <= 1):
+            raise ValueError("must be in (0, 1]: the fraction of each weight's squared singular values kept")
+        return v
+
+    @model_validator(mode="after")
+    def _some(self) -> LoraOutConfig:
+        if self.rank is None and self.energy is None:
+            raise ValueError("format lora needs a rank (e.g. rank: 16) or an energy fraction (e.g. energy: 0.99)")
+        return self
+
+
+OUTPUT_FORMATS = ("model", "lora")
+
+
 class MergeConfig(_Model):
     base: str
     tasks: list[TaskConfig] = []
     tasks_from: str | None = None  # a folder or s3:// prefix whose sub-folders are task checkpoints
     output: str | None = None
+    lora_out: LoraOutConfig | None = None  # from `output: {path, format: lora, ...}`
     method: MethodChoice
     selection: SelectionConfig | None = None
     execution: ExecutionConfig = ExecutionConfig()
     storage: StorageConfig = StorageConfig()
     tracking: TrackingConfig = TrackingConfig()
     gate: GateConfig | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _output_spec(cls, data: Any) -> Any:
+        """`output` is a location, or a mapping {path, format: model | lora, rank, energy}."""
+        if not isinstance(data, dict) or not isinstance(data.get("output"), dict):
+            return data
+        spec = dict(data["output"])
+        fmt = spec.pop("format", "model")
+        if fmt not in OUTPUT_FORMATS:
+            raise ValueError(f"output.format: must be one of {', '.join(OUTPUT_FORMATS)}, got {fmt!r}")
+        path = spec.pop("path", None)
+        if path is not None and not isinstance(path, str):
+            raise ValueError("output.path: must be a folder or an s3:// (or other store's) URI")
+        if fmt == "model" and spec:
+            raise ValueError(f"output.{next(iter(spec))}: unknown key for format model (rank and energy are lora's)")
+        return {**data, "output": path} | ({"lora_out": spec} if fmt == "lora" else {})
 
     @property
     def select_scale(self) -> bool:

@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 from mergeflow.infra import hash_cache
 from mergeflow.infra.lock import DEFAULT_TTL, RunLock
 from mergeflow.infra.storage import join, sha256_of, storage_for
+from mergeflow.workers.lora_out import Target
 from mergeflow.workers.shard import ShardResult, apply_shard, merge_shard
-from mergeflow.workflows import commit, runtime, select, stats
+from mergeflow.workflows import commit, lora_out, runtime, select, stats
 from mergeflow.workflows.commit import OutputState
 from mergeflow.workflows.config import MergeConfig
 from mergeflow.workflows.input_hashes import InputHashes
@@ -246,6 +247,11 @@ def _merge_locked(
             inputs = {f: (hashes[f], storage_for(f, options).size(f)) for f in input_files}
             record = method.record(run.params, plan.task_names)
             outputs |= commit.put_files(plan, {"model/README.md": commit.model_card(plan, record, inputs)})
+            if config.lora_out is not None:
+                with _timed(timings, "lora_out"):
+                    target = Target(rank=config.lora_out.rank, energy=config.lora_out.energy)
+                    written, lora_section = lora_out.export(plan, target, quiet=quiet)
+                    outputs |= written
             report.bytes_read = sum(r.bytes_read for r in ordered)
             report.bytes_hashed = sum(inputs[f][1] for f in to_hash)
             extra = {
@@ -256,6 +262,8 @@ def _merge_locked(
                 "nodes": placement(ordered),
             }
             extra |= method.manifest(run, ordered)
+            if config.lora_out is not None:
+                extra |= lora_section
             if run.selection:
                 extra["selection"] = {
                     "evaluator": config.selection.evaluator,
@@ -319,6 +327,8 @@ def sizes_summary(plan: Plan, outputs: dict[str, tuple[str, int]]) -> dict:
         "input_bytes": plan.input_bytes,
         "model_bytes": sum(s for r, (_, s) in outputs.items() if r.startswith("model/")),
     }
+    if lora := sum(size for rel, (_, size) in outputs.items() if rel.startswith("lora/")):
+        out["lora_bytes"] = lora
     if compressed:
         out["compressed_bytes"] = compressed
         out["checkpoints_bytes"] = individual
