@@ -14,6 +14,7 @@ import torch
 from conftest import config_for, reference_args
 from safetensors.torch import load_file, save_file
 
+from mergeflow.dev.suite.models import LOT_MODEL
 from mergeflow.errors import CheckpointError
 from mergeflow.workflows.merge import run_merge
 from mergeflow.workflows.plan import make_plan
@@ -204,3 +205,12 @@ def test_bad_adapters_fail_at_plan_time_in_one_line(family, tmp_path):
         plan_with(other)
     with pytest.raises(CheckpointError, match=r"base: .* is a PEFT adapter"):
         make_plan(config_for(tmp_path / "src", tasks, tmp_path / "o2", {"name": "task_arithmetic"}))
+
+
+@pytest.mark.parametrize("name", ["lot", "regmean"])
+def test_feature_methods_refuse_adapter_tasks_in_one_line(ray_session, mixed, tmp_path, name):
+    base_dir, _, tasks = mixed(torch.float32)
+    cfg = config_for(base_dir, tasks, tmp_path / "run", {"name": name, "model": LOT_MODEL})
+    with pytest.raises(CheckpointError, match=rf"task 'lora1': .*is a LoRA adapter; {name} runs each task's full"):
+        run_merge(cfg, quiet=True)
+    assert not (tmp_path / "run" / "manifest.json").exists()

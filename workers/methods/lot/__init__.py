@@ -220,6 +220,12 @@ def collect_features(run) -> Features:
     file_hashes = run.input_hashes()  # sha256, or the Ray task computing it (Ray hands the value over)
     calls = []
     for name, cp in zip(run.task_names, plan.tasks):
+        if cp.adapter is not None:  # the task model would be the adapter's tensors, not base + B @ A
+            raise CheckpointError(
+                f"task {name!r}: {cp.uri} is a LoRA adapter; {run.method.name} runs each task's full model "
+                "on its exemplars, so give it the merged checkpoint (PEFT's merge_and_unload) or pick "
+                "another method"
+            )
         exemplar_file = (p.exemplar_files or {}).get(name)
         spec = TaskModelSpec(p.model, cp.uri, name, p.exemplars, p.exemplar_seed, exemplar_file, run.storage)
         job = FeatureJob(spec, tuple(cp.tensors), cache, run.device)
