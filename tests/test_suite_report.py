@@ -35,6 +35,14 @@ def test_report_rows_scores_and_files(tiny_suite, tmp_path, ray_session):
     task = tasks[2]
     reconstruct(str(out / "runs" / "tall_masks"), task, str(tmp_path / "t"), StorageOptions(), quiet=True)
     assert rows["tall_masks"]["accuracy"][task] == evaluate(tmp_path / "t", task, root, "test")
+    # every bundle row scores its rebuilt models, not its one merged model
+    for key in ("emr", "tsv_compress"):
+        reconstruct(str(out / "runs" / key), task, str(tmp_path / key), StorageOptions(), quiet=True)
+        assert rows[key]["accuracy"][task] == evaluate(tmp_path / key, task, root, "test"), key
+        assert rows[key]["artifact"]["what"] == "compressed bundle"
+    # a row's own grid: Iso-C may choose a scale above 1
+    grid = manifests["iso_c"]["selection"]["alpha"]["grid"]
+    assert grid == list(suite_report.WIDE_ALPHAS)
     # the chosen alpha is the argmax of the logged validation trials
     trials = manifests["task_arithmetic"]["selection"]["alpha"]["trials"]
     best = trials[_argmax([t["avg_normalized"] for t in trials])]["alpha"]
