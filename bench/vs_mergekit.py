@@ -12,6 +12,10 @@ Same semantics on both sides: float32 arithmetic, bf16 output.
   mergekit trims per tensor (top int(density * n) by |tau|); mergeflow's `scope: tensor` is that
   rule (it keeps the k-th value's ties too), `scope: global` is the paper's whole-model trim.
   Where the elected sign is exactly 0 mergekit keeps nothing, mergeflow uses the majority sign.
+- dare_ties, breadcrumbs, della: density 0.5, weight 1, lambda 1 on both sides; dare_ties a disjoint
+  sum, della a disjoint mean (mergekit's normalize default for each), both rescaled by the L1 norm as
+  current mergekit does; breadcrumbs over the whole tensor (mergekit's scope), gamma 0.01. The random
+  masks differ between the tools (ours are counter-based, see docs/methods.md): times, not bytes.
 - tall_masks / consensus: mergeflow only (mergekit has neither); TALL masks over TA, lambda 0.4,
   with the compressed bundle written; consensus k = 2 on top.
 
@@ -54,11 +58,25 @@ METHODS = {
     "ta": ({"name": "task_arithmetic", "alpha": TA_ALPHA}, "task_arithmetic"),
     "ties-global": ({"name": "ties", "density": DENSITY, "alpha": 1.0, "scope": "global"}, None),
     "ties-tensor": ({"name": "ties", "density": DENSITY, "alpha": 1.0, "scope": "tensor"}, "ties"),
+    "dare-ties": ({"name": "dare_ties", "density": 0.5, "alpha": 1.0, "rescale": "l1"}, "dare_ties"),
+    "breadcrumbs": (
+        {"name": "breadcrumbs", "density": 0.5, "gamma": 0.01, "alpha": 1.0, "scope": "tensor"},
+        "breadcrumbs",
+    ),
+    "della": ({"name": "della", "density": 0.5, "epsilon": 0.15, "alpha": 1.0, "rescale": "l1"}, "della"),
     "tall": ({"name": "tall_masks", "alpha": TA_ALPHA, "lambda": 0.4}, None),
     "consensus": ({"name": "consensus", "alpha": TA_ALPHA, "lambda": 0.4, "k": 2}, None),
 }
 # mergekit's TIES is compared with both of ours: its rule is per tensor, the paper's is global.
-MERGEKIT_TWIN = {"ta": "ta", "ties-global": "ties-tensor", "ties-tensor": "ties-tensor"}
+MERGEKIT_TWIN = {"ta": "ta", "ties-global": "ties-tensor", "ties-tensor": "ties-tensor"} | {
+    m: m for m in ("dare-ties", "breadcrumbs", "della")
+}
+# mergekit's own parameters of the sparsifying methods (the rest are its defaults).
+MERGEKIT_SPARSIFY = {
+    "dare_ties": ({"density": 0.5}, {"normalize": False, "rescale": True}),
+    "breadcrumbs": ({"density": 0.5, "gamma": 0.01}, {"normalize": False}),
+    "della": ({"density": 0.5, "epsilon": 0.15}, {"normalize": True, "rescale": True}),
+}
 
 
 def ensure_mergekit(python: str) -> Path:
@@ -102,6 +120,10 @@ def mergekit_config(base: Path, tasks: list[tuple[str, Path]], method: str) -> d
     if method == "task_arithmetic":
         models = [{"model": str(p), "parameters": {"weight": TA_ALPHA}} for _, p in tasks]
         params = {"normalize": False}
+    elif method in MERGEKIT_SPARSIFY:
+        per_model, params = MERGEKIT_SPARSIFY[method]
+        models = [{"model": str(p), "parameters": {"weight": 1.0, **per_model}} for _, p in tasks]
+        params = params | {"lambda": 1.0}
     else:
         models = [{"model": str(p), "parameters": {"weight": 1.0, "density": DENSITY}} for _, p in tasks]
         params = {"normalize": True}
@@ -150,7 +172,12 @@ def main() -> None:
     )
     ap.add_argument("--tools", default="mergeflow,mergekit,floor")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--mergekit-ties-repeats", type=int, default=1, help="mergekit's TIES takes minutes a run")
+    ap.add_argument(
+        "--mergekit-ties-repeats",
+        type=int,
+        default=1,
+        help="mergekit's TIES, DARE, Breadcrumbs and DELLA take minutes a run",
+    )
     ap.add_argument(
         "--ray-address",
         default=None,
@@ -256,7 +283,7 @@ def main() -> None:
     for rep in range(args.repeats):
         order = runs if rep % 2 == 0 else runs[::-1]  # alternate, so drift hits every tool alike
         for tool, m, cmd, run_env in order:
-            if tool == "mergekit" and m.startswith("ties") and rep >= args.mergekit_ties_repeats:
+            if tool == "mergekit" and m != "ta" and rep >= args.mergekit_ties_repeats:
                 continue
             if tool == "mergekit":
                 shutil.rmtree(cmd[2], ignore_errors=True)
