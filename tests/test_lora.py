@@ -214,3 +214,70 @@ def test_feature_methods_refuse_adapter_tasks_in_one_line(ray_session, mixed, tm
     with pytest.raises(CheckpointError, match=rf"task 'lora1': .*is a LoRA adapter; {name} runs each task's full"):
         run_merge(cfg, quiet=True)
     assert not (tmp_path / "run" / "manifest.json").exists()
+
+
+def test_concat_adapter_is_task_arithmetic_over_the_adapters(ray_session, mixed, tmp_path):
+    """Two adapters (one in GPT-2's fan_in_fan_out layout, rsLoRA) joined: per module the ranks add
+    up and base + B @ A is the float64 Task Arithmetic merge of the adapters' task vectors."""
+    from mergeflow.workflows.config import config_from_dict
+
+    base_dir, base, tasks = mixed(torch.float32)
+    adapters = tasks[1:]
+    raw = {
+        "base": str(base_dir),
+        "tasks": [{"name": n, "checkpoint": str(p)} for n, p in adapters],
+        "output": {"path": str(tmp_path / "run"), "format": "lora", "concat": True},
+        "method": {"name": "task_arithmetic", "alpha": 0.4},
+    }
+    report = run_merge(config_from_dict(raw), quiet=True)
+    out = tmp_path / "run" / "lora"
+    lora = load_file(out / "adapter_model.safetensors")
+    config = json.loads((out / "adapter_config.json").read_text())
+    taus = [dense_task_vectors(base, d) for _, d in adapters]
+    model = load_dir(tmp_path / "run" / "model")
+    assert report.manifest["lora"]["ranks"] == {  # each module's own rank (the MiniLM test joins two)
+        "model.layers.0.self_attn.q_proj": 4,
+        "model.layers.0.self_attn.o_proj": 3,
+        "model.layers.1.self_attn.q_proj": 3,
+        "model.layers.1.self_attn.v_proj": 2,
+        "model.layers.1.mlp.up_proj": 4,
+    }
+    assert config["modules_to_save"] == ["lm_head"]  # lora2 trains it whole
+    for module, k in report.manifest["lora"]["ranks"].items():
+        a = lora[f"base_model.model.{module}.lora_A.weight"].double()
+        b = lora[f"base_model.model.{module}.lora_B.weight"].double()
+        assert a.shape[0] == k and b.shape[1] == k
+        scaling = config["alpha_pattern"].get(module.replace(".", "\\."), config["lora_alpha"]) / config[
+            "rank_pattern"
+        ].get(module.replace(".", "\\."), config["r"])
+        assert scaling == 1.0
+        name = f"{module}.weight"
+        want = 0.4 * sum(t[name].double() for t in taus)
+        torch.testing.assert_close(b @ a, want, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(base[name].double() + b @ a, model[name].double(), rtol=0, atol=1e-6)
+    assert torch.equal(lora["base_model.model.lm_head.weight"], model["lm_head.weight"])
+
+
+@pytest.mark.parametrize(
+    "case,needle",
+    [
+        ("ties", "the concatenated adapter is exact only for a scaled sum of task vectors (task_arithmetic), not ties"),
+        ("full", "task 'full' ("),
+    ],
+)
+def test_concat_refuses_what_it_cannot_write_exactly(mixed, tmp_path, case, needle):
+    from mergeflow.errors import ConfigError
+    from mergeflow.workflows.config import config_from_dict
+
+    base_dir, _, tasks = mixed(torch.float32)
+    chosen = tasks[1:] if case == "ties" else [("full", tasks[0][1]), *tasks[1:]]
+    raw = {
+        "base": str(base_dir),
+        "tasks": [{"name": n, "checkpoint": str(p)} for n, p in chosen],
+        "output": {"path": str(tmp_path / "run"), "format": "lora", "concat": True},
+        "method": {"name": "ties" if case == "ties" else "task_arithmetic"},
+    }
+    with pytest.raises(ConfigError) as err:
+        run_merge(config_from_dict(raw), quiet=True)
+    assert needle in str(err.value) and "\n" not in str(err.value)
+    assert not (tmp_path / "run").exists()

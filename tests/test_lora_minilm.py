@@ -165,3 +165,41 @@ def test_format_lora_loads_with_peft_and_matches_the_dense_merge_within_its_svd_
             )
     else:
         assert section["max_relative_error"] > 0.01  # rank 8 of 384 truncates the full fine-tune's delta
+
+
+def test_concat_adapter_of_task_arithmetic_over_adapters_is_the_merge_itself(ray_session, checkpoints, tmp_path):
+    """output concat: the two PEFT adapters' factors side by side (rank 4 + 8 on query, where both
+    target it); PeftModel on the base gives model/ up to float32 rounding, no truncation."""
+    import json
+
+    from mergeflow.workflows.config import config_from_dict
+
+    _, tasks = checkpoints
+    adapters = [t for t in tasks if t[0] != "full"]
+    raw = {
+        "base": str(base_dir()),
+        "tasks": [{"name": n, "checkpoint": str(p)} for n, p in adapters],
+        "output": {"path": str(tmp_path / "run"), "format": "lora", "concat": True},
+        "method": {"name": "task_arithmetic", "alpha": 0.7},
+    }
+    report = run_merge(config_from_dict(raw), quiet=True)
+    section = report.manifest["lora"]
+    assert section["rank"] == "concat" and section["max_relative_error"] == 0.0
+    lora_dir = tmp_path / "run" / "lora"
+    adapter_config = json.loads((lora_dir / "adapter_config.json").read_text())
+    query = "encoder.layer.0.attention.self.query"
+    assert section["ranks"][query] == 4 + 8 and section["ranks"]["encoder.layer.0.attention.self.value"] == 4
+    assert section["ranks"]["encoder.layer.0.attention.self.key"] == 8
+    assert not adapter_config["modules_to_save"]
+    model = AutoModel.from_pretrained(str(tmp_path / "run" / "model")).state_dict()
+    peft_model = peft.PeftModel.from_pretrained(AutoModel.from_pretrained(str(base_dir())), str(lora_dir))
+    merged = peft_model.merge_and_unload().state_dict()
+    by_hand = merged_by_hand(adapters, 0.7)
+    worst = 0.0
+    for k, v in model.items():
+        if v.is_floating_point():
+            worst = max(worst, float((merged[k] - v).abs().max()))
+            torch.testing.assert_close(merged[k], by_hand[k], rtol=0, atol=2e-6)
+        else:
+            assert torch.equal(merged[k], v), k
+    assert worst <= 2e-6  # one float32 rounding of W + B @ A apart, nowhere more

@@ -109,6 +109,7 @@ RAW = {"base": "b", "tasks": [{"name": "t", "checkpoint": "c"}], "method": {"nam
         ({"path": "out", "format": "lora", "energy": 1.5}, "must be in (0, 1]"),
         ({"path": "out", "format": "lora", "rank": 4, "size": 2}, "size"),
         ({"path": "out", "rank": 4}, "output.rank: unknown key for format model"),
+        ({"path": "out", "format": "lora", "concat": True, "rank": 4}, "concat: the concatenated adapter keeps"),
     ],
 )
 def test_bad_output_spec_is_one_line(tmp_path, output, needle):

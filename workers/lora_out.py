@@ -22,6 +22,7 @@ import torch
 
 from mergeflow.infra.storage import StorageOptions
 from mergeflow.workers.dtypes import FLOAT_CODES
+from mergeflow.workers.lora import LoraFactor, Unchanged
 from mergeflow.workers.reading import ShardReader
 from mergeflow.workers.safetensors_io import TensorInfo
 
@@ -112,6 +113,43 @@ def export_part(spec: PartSpec) -> dict:
             else:
                 changed.append(info.name)
     return {"tensors": tensors, "targets": targets, "changed": changed}
+
+
+def concat_factors(sources: list[dict], scale: float, fan_in_fan_out: bool, storage: StorageOptions) -> dict:
+    """Task Arithmetic over adapters as one adapter: per module the tasks' factors side by side,
+    A = [A_1; ...; A_T] and B = [c_1 B_1, ..., c_T B_T] with c_t = scale * s_t (rank sum_t r_t), so
+    B @ A = scale * sum_t s_t B_t @ A_t: the merged delta itself, nothing truncated.
+
+    `sources` are the tasks' bound tensors (workers/lora.py's bind). Returns what export_part does,
+    with "changed" the names some task changes other than through LoRA factors."""
+    per_module: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    changed: set[str] = set()
+    with ExitStack() as stack:
+        reader = ShardReader(storage, stack)
+        for task in sources:
+            for name, src in task.items():
+                if isinstance(src, Unchanged):
+                    continue
+                if not isinstance(src, LoraFactor):
+                    changed.add(name)
+                    continue
+                a = _read(reader, src.a)  # (r, in) of the layer's features
+                b = _read(reader, src.b) * (scale * src.scale)
+                if src.fan_in_fan_out != fan_in_fan_out:  # the other layout: B @ A transposed
+                    a, b = b.T, a.T
+                per_module.setdefault(module_of(name)[0], []).append((a, b))
+    tensors: dict[str, torch.Tensor] = {}
+    targets: dict[str, tuple[int, float]] = {}
+    for module, pairs in per_module.items():
+        if f"{module}.weight" in changed:  # a full tensor in some task: the module travels whole
+            continue
+        a = torch.cat([p[0] for p in pairs], dim=0)
+        b = torch.cat([p[1] for p in pairs], dim=1)
+        tensors[f"{PREFIX}{module}.lora_A.weight"] = a.to(torch.float32).contiguous()
+        tensors[f"{PREFIX}{module}.lora_B.weight"] = b.to(torch.float32).contiguous()
+        targets[module] = (a.shape[0], 0.0)
+    changed |= {f"{m}.weight" for m in per_module if m not in targets}
+    return {"tensors": tensors, "targets": targets, "changed": sorted(changed)}
 
 
 def whole_tensors(names: list[str], model: dict[str, TensorInfo], storage: StorageOptions) -> dict:

@@ -247,10 +247,12 @@ class GateConfig(_Model):
 
 
 class LoraOutConfig(_Model):
-    """`output: {format: lora, rank: R | energy: E}`: model/ also written as a PEFT adapter (lora/)."""
+    """`output: {format: lora, rank: R | energy: E | concat: true}`: model/ also written as a PEFT
+    adapter (lora/)."""
 
     rank: int | None = None  # singular triplets kept per weight (a cap when energy is given too)
     energy: float | None = None  # or the fewest whose squared singular values reach this fraction
+    concat: bool = False  # Task Arithmetic over adapters: the tasks' factors side by side, no SVD
 
     @field_validator("rank")
     @classmethod
@@ -268,8 +270,13 @@ class LoraOutConfig(_Model):
 
     @model_validator(mode="after")
     def _some(self) -> LoraOutConfig:
-        if self.rank is None and self.energy is None:
-            raise ValueError("format lora needs a rank (e.g. rank: 16) or an energy fraction (e.g. energy: 0.99)")
+        if self.concat and (self.rank is not None or self.energy is not None):
+            raise ValueError("concat: the concatenated adapter keeps every task's rank; drop rank and energy")
+        if not self.concat and self.rank is None and self.energy is None:
+            raise ValueError(
+                "format lora needs a rank (e.g. rank: 16), an energy fraction (e.g. energy: 0.99) or "
+                "concat: true (Task Arithmetic over adapters, exact)"
+            )
         return self
 
 

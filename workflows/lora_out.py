@@ -14,10 +14,11 @@ from collections import Counter
 
 from safetensors.torch import save
 
+from mergeflow.errors import ConfigError
 from mergeflow.infra.storage import join, storage_for
 from mergeflow.infra.tracking import redact
 from mergeflow.workers.dtypes import FLOAT_CODES
-from mergeflow.workers.lora_out import PREFIX, PartSpec, Target, export_part, module_of, whole_tensors
+from mergeflow.workers.lora_out import PREFIX, PartSpec, Target, concat_factors, export_part, module_of, whole_tensors
 from mergeflow.workers.safetensors_io import read_header
 from mergeflow.workflows import runtime
 from mergeflow.workflows.commit import _put
@@ -38,8 +39,29 @@ def _model_type(plan: Plan, options) -> str | None:
         return None
 
 
-def export(plan: Plan, target: Target, *, quiet: bool = False) -> tuple[dict[str, tuple[str, int]], dict]:
-    """Write lora/ for a committed model/; returns (outputs, the manifest's `lora` section)."""
+def check(plan: Plan) -> None:
+    """Before any work: `concat` needs Task Arithmetic (a plain scaled sum) over adapters only."""
+    lora = plan.config.lora_out
+    if lora is None or not lora.concat:
+        return
+    if not plan.method.running_sum:
+        raise ConfigError(
+            f"output.concat: the concatenated adapter is exact only for a scaled sum of task vectors "
+            f"(task_arithmetic), not {plan.method.name}; use rank or energy (truncated SVD) instead"
+        )
+    for name, cp in zip(plan.task_names, plan.tasks):
+        if cp.adapter is None:
+            raise ConfigError(
+                f"output.concat: task {name!r} ({redact(cp.uri)}) is a full checkpoint, not a LoRA adapter; "
+                "concat joins adapters' factors: use rank or energy instead"
+            )
+
+
+def export(plan: Plan, target: Target | None, scale: float, *, quiet: bool = False) -> tuple[dict, dict]:
+    """Write lora/ for a committed model/; returns (outputs, the manifest's `lora` section).
+
+    target None: the exact concatenated adapter of Task Arithmetic over adapters (`scale` its alpha);
+    else a truncated SVD of every changed linear weight of model/ - base."""
     config = plan.config
     options = config.storage.options()
     output = config.output
@@ -54,14 +76,17 @@ def export(plan: Plan, target: Target, *, quiet: bool = False) -> tuple[dict[str
             PartSpec(
                 model=tuple(header.tensors[n] for n in names),
                 base={n: plan.base.tensors[n] for n in names},
-                target=target,
+                target=target or Target(),
                 fan_in_fan_out=fan_in_fan_out,
                 storage=options,
             )
         )
-    parts = runtime.run_tasks(
-        export_part, [(s,) for s in specs], desc="lora out (SVD)", sizes=[s.base_bytes for s in specs], quiet=quiet
-    )
+    if target is None:
+        parts = [concat_factors([cp.tensors for cp in plan.tasks], scale, fan_in_fan_out, options)]
+    else:
+        parts = runtime.run_tasks(
+            export_part, [(s,) for s in specs], desc="lora out (SVD)", sizes=[s.base_bytes for s in specs], quiet=quiet
+        )
     tensors: dict = {}
     targets: dict[str, tuple[int, float]] = {}
     changed: list[str] = []
@@ -118,8 +143,8 @@ def export(plan: Plan, target: Target, *, quiet: bool = False) -> tuple[dict[str
     errors = [e for _, e in targets.values()]
     section = {
         "lora": {
-            "rank": target.rank,
-            "energy": target.energy,
+            "rank": "concat" if target is None else target.rank,
+            "energy": None if target is None else target.energy,
             "targets": len(targets),
             "modules_to_save": keep,
             "parameters": sum(t.numel() for t in tensors.values()),

@@ -136,6 +136,7 @@ def run_merge(
     t_start = time.perf_counter()
     with _timed(timings, "plan"):
         plan = make_plan(config)
+        lora_out.check(plan)
     options = config.storage.options()
     with ExitStack() as held:
         if lock is None:
@@ -249,8 +250,10 @@ def _merge_locked(
             outputs |= commit.put_files(plan, {"model/README.md": commit.model_card(plan, record, inputs)})
             if config.lora_out is not None:
                 with _timed(timings, "lora_out"):
-                    target = Target(rank=config.lora_out.rank, energy=config.lora_out.energy)
-                    written, lora_section = lora_out.export(plan, target, quiet=quiet)
+                    lo = config.lora_out
+                    target = None if lo.concat else Target(rank=lo.rank, energy=lo.energy)
+                    scale = float(method.scale_of(run.params))
+                    written, lora_section = lora_out.export(plan, target, scale, quiet=quiet)
                     outputs |= written
             report.bytes_read = sum(r.bytes_read for r in ordered)
             report.bytes_hashed = sum(inputs[f][1] for f in to_hash)
