@@ -177,20 +177,3 @@ def check_finite(f: LoraFactor, reader, who: str, name: str) -> None:
     for info in (f.a, f.b):
         if not bool(torch.isfinite(reader.elements(info, 0, info.numel)).all()):
             raise CheckpointError(f"{who}: the LoRA factors of {name!r} contain NaN or Inf values")
-
-
-def dense(sources: dict, base: dict[str, torch.Tensor], read) -> dict[str, torch.Tensor]:
-    """The adapter's fine-tuned model in memory (base + task vector, in the base dtype): for LoRA
-    task models that must run (LOT's feature pass, scoring)."""
-    out = {}
-    for name, src in sources.items():
-        b = base[name]
-        if isinstance(src, Unchanged):
-            out[name] = b
-        elif isinstance(src, LoraFactor):
-            a, bb = read(src.a).double(), read(src.b).double()
-            delta = (bb @ a) * src.scale
-            out[name] = (b.double() + (delta.T if src.fan_in_fan_out else delta)).to(b.dtype)
-        else:
-            out[name] = read(src).to(b.dtype).reshape(b.shape)
-    return out
