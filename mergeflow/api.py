@@ -13,6 +13,7 @@ input, storage and tracking problems; a LockHeld when another merge holds the ou
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -98,6 +99,7 @@ def merge(
     result = MergeResult(cfg.output, report.manifest, report, already_complete=complete)
     options = TrackingOptions(enabled=tracking, uri=tracking_uri, experiment=experiment)
     if tracking and not (complete and is_tracked(report)):
+        started = time.perf_counter()
         try:
             result.mlflow_run_id = track(report, _config_text(config), options)
             if registry is not None and result.mlflow_run_id:
@@ -107,6 +109,8 @@ def merge(
         except TrackingError as e:
             e.result = result
             raise
+        finally:
+            report.timings["tracking"] = time.perf_counter() - started
     return result
 
 

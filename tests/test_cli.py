@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import time
 
 import mlflow
+import pytest
 import yaml
 
 from mergeflow.dev.local_services import free_port
@@ -87,6 +89,7 @@ def test_the_command_exits_quickly_with_its_output_and_tracking_complete(tmp_pat
     cfg = make_config(tmp_path, family, {"name": "task_arithmetic"})
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_ADDRESS="")
+    t0 = time.perf_counter()
     done = subprocess.run(
         [sys.executable, "-m", "mergeflow.workflows.cli", "merge", cfg, "--quiet", "--tracking-uri", uri],
         env=env,
@@ -94,8 +97,18 @@ def test_the_command_exits_quickly_with_its_output_and_tracking_complete(tmp_pat
         text=True,
         timeout=300,
     )
+    elapsed = time.perf_counter() - t0
     assert done.returncode == 0, done.stderr[-2000:]
     assert "merged 3 tasks with task_arithmetic" in done.stdout and "timings" in done.stdout
+    # The wall line's parts add up to it, and with the exit line it accounts for the whole process.
+    wall_line = next(line for line in done.stdout.splitlines() if line.startswith("wall "))
+    total, _, parts = wall_line.removeprefix("wall").partition("s = ")
+    seconds = {p.rsplit(" ", 1)[0]: float(p.rsplit(" ", 1)[1]) for p in parts.split(", ")}
+    assert {"start-up", "plan", "ray start", "merge", "commit", "tracking", "other"} <= set(seconds), wall_line
+    assert sum(seconds.values()) == pytest.approx(float(total), abs=0.05 * len(seconds) + 0.05)
+    exit_line = next(line for line in done.stdout.splitlines() if line.startswith("exit "))
+    accounted = float(total) + float(exit_line.split()[1].removesuffix("s"))
+    assert elapsed - 1.5 <= accounted <= elapsed + 0.1, (elapsed, wall_line, exit_line)
     tracked = json.loads((tmp_path / "out" / "tracking.json").read_text())
     assert mlflow.MlflowClient(tracking_uri=uri).get_run(tracked["run_id"]).info.status == "FINISHED"
 
@@ -107,3 +120,14 @@ def test_the_command_exits_quickly_with_its_output_and_tracking_complete(tmp_pat
         timeout=120,
     )
     assert bad.returncode == 2 and bad.stderr.startswith("mergeflow: error:")
+
+
+def test_wall_breakdown_sums_to_the_wall_time():
+    from mergeflow.workflows.timings import breakdown, process_age
+
+    parts = dict(breakdown({"plan": 0.5, "ray_start": 4.0, "merge": 2.0, "commit": 1.5, "lora_out": 1.0}, 1.2, 10.0))
+    assert parts == pytest.approx(
+        {"start-up": 1.2, "plan": 0.5, "ray start": 4.0, "merge": 2.0, "commit": 0.5, "lora out": 1.0, "other": 0.8}
+    )
+    assert sum(parts.values()) == pytest.approx(10.0)
+    assert 0.0 < process_age() < 3600  # this test process started a moment ago, not at boot

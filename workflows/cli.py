@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 from mergeflow.errors import MergeflowError
@@ -267,6 +268,10 @@ def _watch(args) -> int:
 def _merge(args) -> int:
     from mergeflow import api
     from mergeflow.infra.tracking import TrackingError, redact
+    from mergeflow.workflows import timings
+
+    started = time.perf_counter()
+    startup = timings.process_age() or 0.0
 
     where = dict(output=args.output, ray_address=args.ray_address, device=args.device)
     if args.dry_run:
@@ -314,6 +319,10 @@ def _merge(args) -> int:
         print(f"mlflow      run {result.mlflow_run_id} at {redact(uri)}")
     if result.model_version:
         print(f"registry    {result.model_version}")
+    if not result.already_complete:
+        wall = startup + time.perf_counter() - started
+        print(timings.wall_line(result.report.timings, startup, wall))
+        _EXIT_NOTE.append(time.perf_counter())
     if code:
         print(error, file=sys.stderr)
     return code
@@ -435,6 +444,9 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+_EXIT_NOTE: list[float] = []  # when a merge printed its wall line
+
+
 def run() -> None:
     """The `mergeflow` command: main(), then a quick exit.
 
@@ -450,6 +462,8 @@ def run() -> None:
         if t is not threading.current_thread() and not t.daemon:
             t.join()
     atexit._run_exitfuncs()
+    if _EXIT_NOTE:  # after the wall line: the shutdown of Ray and MLflow it could not include
+        print(f"exit        {time.perf_counter() - _EXIT_NOTE[0]:.1f}s (Ray and MLflow shut down)")
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(rc)
