@@ -264,6 +264,22 @@ def _clean(err: Exception) -> Exception:
     return err
 
 
+def check_fits(memory: int, desc: str) -> None:
+    """Ray keeps a task that asks for more memory than any node has pending, silently, for ever.
+    On the private runtime (this machine, which will not grow) that is an error, before any work;
+    on a cluster a warning, since an autoscaler may still add a node that large."""
+    largest = max((n["Resources"].get("memory", 0) for n in ray.nodes() if n.get("Alive")), default=0)
+    if memory <= largest:
+        return
+    what = (
+        f"{desc}: a task needs about {memory / 2**30:.1f} GiB of memory (its method's estimate), more "
+        f"than any Ray node offers ({largest / 2**30:.1f} GiB)"
+    )
+    if _guard is not None:
+        raise MergeflowError(f"{what}; run it on a machine or cluster with more memory")
+    log.warning("%s; its tasks wait until the cluster has such a node", what)
+
+
 def run_tasks(
     fn: Callable,
     calls: Sequence[tuple],
@@ -285,6 +301,7 @@ def run_tasks(
     if gpu:
         opts["num_gpus"] = 0.5
     if memory:
+        check_fits(memory, desc)
         opts["memory"] = memory
     ship_plugins()
     refs = [_remote().options(**opts).remote(fn, *call) for call in calls]

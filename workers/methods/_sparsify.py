@@ -166,11 +166,6 @@ def largest_tensor(run) -> int:
     return max((i.numel for i in run.plan.base.tensors.values()), default=0)
 
 
-def whole_tensor_memory(run, words_per_task: int = 8) -> int:
-    """Bytes a worker needs to hold its largest tensor for every task, with sort scratch."""
-    return 4 * words_per_task * largest_tensor(run) * (len(run.task_names) + 2) + 256 * 2**20
-
-
 # --------------------------------------------------------------------------- merging
 
 

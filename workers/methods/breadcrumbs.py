@@ -83,13 +83,17 @@ def kept_ranks(width: int, params) -> tuple[int, int]:
 
 
 def breadcrumbs_rows(taus: torch.Tensor, width: int, params) -> torch.Tensor:
-    """(T, n) float32: each task's row block (n = rows * width) with only the kept ranks."""
+    """(T, n) float32: each task's row block (n = rows * width) with only the kept ranks. One task's
+    ranks at a time: the sort's scratch (~28 bytes a weight) is paid once, not T times."""
     t, n = taus.shape
     n_rm, n_keep = kept_ranks(width, params)
-    blocks = taus.reshape(t * (n // width), width)
-    ranks = sp.descending_ranks(blocks.abs())
-    keep = (ranks >= n_rm) & (ranks < n_rm + n_keep)
-    return torch.where(keep, blocks, 0.0).reshape(t, n)
+    out = torch.empty_like(taus)
+    for i in range(t):
+        blocks = taus[i].reshape(n // width, width)
+        ranks = sp.descending_ranks(blocks.abs())
+        keep = (ranks >= n_rm) & (ranks < n_rm + n_keep)
+        out[i] = torch.where(keep, blocks, 0.0).reshape(n)
+    return out
 
 
 class _Breadcrumbs(Method):
@@ -114,7 +118,12 @@ class _Breadcrumbs(Method):
             yield lo, hi, base, taus, MethodOutput(delta=sp.merge_rows(rows, self.consensus, merge))
 
     def memory(self, run) -> int | None:
-        return sp.whole_tensor_memory(run) if run.params.scope == "tensor" else None
+        """scope tensor holds its largest tensor whole: base, T task vectors, T masked ones and the
+        delta in float32, plus one task's sort (values, int64 indices and ranks, mask)."""
+        if run.params.scope != "tensor":
+            return None
+        t = len(run.task_names)
+        return sp.largest_tensor(run) * (4 * (2 * t + 2) + 32) + 256 * 2**20
 
 
 @register
