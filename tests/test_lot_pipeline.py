@@ -90,8 +90,8 @@ def test_cli_merge_lot_matches_the_solve_and_reuses_cached_statistics(ray_sessio
     assert (m2["lot"]["features_computed"], m2["lot"]["features_reused"]) == (0, 3)
     assert m2["lot"]["stats"] == lot["stats"]
     assert {f: f.stat().st_mtime_ns for f in sorted(cache.iterdir())} == stamps
-    a = (tmp_path / "run1" / "model" / "model-00001-of-00001.safetensors").read_bytes()
-    assert a == (tmp_path / "run2" / "model" / "model-00001-of-00001.safetensors").read_bytes()
+    a = (tmp_path / "run1" / "model" / "model.safetensors").read_bytes()
+    assert a == (tmp_path / "run2" / "model" / "model.safetensors").read_bytes()
 
     # other exemplars: a different key, so computed again
     cfg64 = write_config(
@@ -228,7 +228,7 @@ def test_lambda_auto_selects_on_validation_and_equals_a_direct_merge(ray_session
     direct.pop("selection")
     again = run_merge(config_from_dict(direct | {"output": str(tmp_path / "direct")}), quiet=True)
     assert again.manifest["lot"]["features_reused"] == 3
-    part = "model/model-00001-of-00001.safetensors"
+    part = "model/model.safetensors"
     assert (tmp_path / "auto" / part).read_bytes() == (tmp_path / "direct" / part).read_bytes()
 
 
@@ -249,5 +249,5 @@ def test_remerge_adding_a_task_runs_only_the_new_task_model(ray_session, suite, 
     assert lot_doc["stats_cache"] == str(root / ".lot_stats")
     scratch = run_merge(config_for(suite_dir / "base", tasks, tmp_path / "scratch", method), quiet=True)
     assert scratch.manifest["lot"]["features_computed"] == 3  # its own cache: computed again, same statistics
-    part = "model/model-00001-of-00001.safetensors"
+    part = "model/model.safetensors"
     assert (tmp_path / "scratch" / part).read_bytes() == (Path(added.run) / part).read_bytes()

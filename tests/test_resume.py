@@ -86,17 +86,26 @@ def test_kill_and_resume(ray_session, family, tmp_path):
     assert model_bytes(out) == model_bytes(tmp_path / "clean")
 
 
-def test_corrupted_shard_is_redone_on_resume(ray_session, family, tmp_path):
-    """A journaled shard whose file no longer hashes to the record is recomputed, not trusted."""
+@pytest.mark.parametrize("layout", ["parts", "one-file"])
+def test_corrupted_shard_is_redone_on_resume(ray_session, family, tmp_path, layout):
+    """A journaled shard whose file no longer hashes to the record is recomputed, not trusted; with
+    model/ joined into one file, the shard whose bytes there were damaged."""
     base, tasks = family(tasks=2, layers=4)
-    cfg = config_for(base, tasks, tmp_path / "run", {"name": "task_arithmetic"}, shard_size=3000)
+    size = {"max_file_size": 0} if layout == "parts" else {}
+    cfg = config_for(base, tasks, tmp_path / "run", {"name": "task_arithmetic"}, shard_size=3000, **size)
     first = run_merge(cfg, quiet=True)
     n = len(first.plan.shards)
     assert n >= 3
     expected = model_bytes(tmp_path / "run")
-    (tmp_path / "run" / "manifest.json").unlink()  # as if killed just before the commit
-    victim = tmp_path / "run" / first.plan.shards[1].model_file()
-    victim.write_bytes(victim.read_bytes()[:-8] + b"\0" * 8)
+    (tmp_path / "run" / "manifest.json").unlink()  # as if killed just before the manifest
+    if layout == "parts":
+        victim = tmp_path / "run" / first.plan.shards[1].model_file()
+        victim.write_bytes(victim.read_bytes()[:-8] + b"\0" * 8)
+    else:  # the last bytes of the joined file: the last shard's last tensor
+        victim = tmp_path / "run" / "model" / "model.safetensors"
+        data = bytearray(victim.read_bytes())
+        data[-8:] = b"\0" * 8 if data[-8:] != b"\0" * 8 else b"\1" * 8
+        victim.write_bytes(bytes(data))
     again = run_merge(cfg, quiet=True)
     assert again.state.value == "resume"
     assert (again.shards_reused, again.shards_run) == (n - 1, 1)

@@ -125,7 +125,7 @@ def assert_run_equals_local(s3: S3, run_parts: tuple[str, ...], local_run: Path)
     remote = {r: k for r, k in s3.keys(*run_parts).items() if not r.startswith(".mergeflow/")}
     assert sorted(remote) == sorted(local)
     checked = [r for r in local if compared(r)]
-    assert any(r.startswith("model/model-") for r in checked) and any(
+    assert any(r.startswith("model/model") and r.endswith(".safetensors") for r in checked) and any(
         r.startswith("compressed/masks/") for r in checked
     )
     for rel in checked:

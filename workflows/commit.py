@@ -19,6 +19,7 @@ from enum import Enum
 
 from mergeflow.errors import MergeflowError, OutputError
 from mergeflow.infra.storage import StorageOptions, basename, join, plain_name, safe_relpath, storage_for
+from mergeflow.workers.safetensors_io import StreamingWriter, read_header
 from mergeflow.workers.shard import ShardResult
 from mergeflow.workflows.config import TASK_NAME
 from mergeflow.workflows.journal import Journal
@@ -31,7 +32,7 @@ TRACKING = "tracking.json"
 FORMAT = "mergeflow.run/1"
 OUR_DIRS = ("model", "compressed", "delta", "stats", "lora")
 # Names our shard writers give their files: what a commit may remove when no record lists it.
-PART_FILE = re.compile(r"-\d{5}-of-\d{5}\.safetensors$")
+PART_FILE = re.compile(r"(-\d{5}-of-\d{5}|^model/model)\.safetensors$")  # model.safetensors: one-file model/
 
 
 class OutputState(Enum):
@@ -161,15 +162,80 @@ def sweep(plan: Plan, outputs: dict[str, tuple[str, int]]) -> None:
                 log.warning("%s: not written by this run; left in place, but not part of the result", uri)
 
 
-def write_model_index(plan: Plan) -> dict[str, tuple[str, int]]:
-    """model.safetensors.index.json plus the base's config/tokenizer files. Returns written files."""
+SINGLE_FILE = "model/model.safetensors"
+COPY_BLOCK = 64 * 2**20  # bytes per read when the parts are joined
+
+
+def consolidate(plan: Plan, outputs: dict[str, tuple[str, int]]) -> tuple[dict[str, tuple[str, int]], bool]:
+    """model/ as one model.safetensors when its parts together fit execution.max_file_size: the parts'
+    tensors in part order, copied block by block and hashed while written. Returns the outputs with
+    the single file in place of the parts (which sweep() removes) and whether it was written."""
+    parts = [s.model_file() for s in plan.shards]
+    limit = plan.config.execution.max_file_size
+    if not limit or any(p not in outputs for p in parts) or sum(outputs[p][1] for p in parts) > limit:
+        return outputs, False
+    output, options = plan.config.output, plan.config.storage.options()
+    layouts = []
+    for rel in parts:
+        header = read_header(join(output, rel), options)
+        layouts.append((rel, sorted(header.tensors.values(), key=lambda i: i.start)))
+    entries = [(i.name, i.dtype, tuple(i.shape)) for _, infos in layouts for i in infos]
+    writer = StreamingWriter(join(output, SINGLE_FILE), entries, options, rel=SINGLE_FILE)
+    try:
+        for rel, infos in layouts:
+            _copy_tensors(writer, join(output, rel), infos, options)
+        sha = writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+    kept = {rel: v for rel, v in outputs.items() if rel not in parts}
+    return kept | {SINGLE_FILE: (sha, writer.bytes_written)}, True
+
+
+def restore_part(output: str, rel: str, entries: list, options: StorageOptions) -> tuple[str, int] | None:
+    """A model part written again from model/model.safetensors (a run interrupted after its parts
+    were joined, before its manifest): (sha256, size) of the part, or None when the joined file is
+    not there or lacks the part's tensors. The caller compares with the journal's record."""
+    single = join(output, SINGLE_FILE)
+    if not storage_for(output, options).exists(single):
+        return None
+    tensors = read_header(single, options).tensors
+    if any(name not in tensors for name, _, _ in entries):
+        return None
+    writer = StreamingWriter(join(output, rel), entries, options, rel=rel)
+    try:
+        _copy_tensors(writer, single, [tensors[name] for name, _, _ in entries], options)
+        return writer.commit(), writer.bytes_written
+    except BaseException:
+        writer.abort()
+        raise
+
+
+def _copy_tensors(writer: StreamingWriter, uri: str, infos, options: StorageOptions) -> None:
+    reader = storage_for(uri, options).open_reader(uri)
+    try:
+        for info in infos:
+            for lo in range(info.start, info.end, COPY_BLOCK):
+                writer.write(info.name, reader.read(lo, min(lo + COPY_BLOCK, info.end)))
+    finally:
+        reader.close()
+
+
+def model_parts(plan: Plan) -> dict[str, list[str]]:
+    """Which tensors each shard wrote: the layout a bundle's files follow once model/ is one file."""
+    return {spec.part: [job.name for job in spec.tensors] for spec in plan.shards}
+
+
+def write_model_index(plan: Plan, single: bool = False) -> dict[str, tuple[str, int]]:
+    """model.safetensors.index.json plus the base's config/tokenizer files. Returns written files.
+    With `single` the index maps every tensor to model.safetensors, for tools that read the index."""
     options = plan.config.storage.options()
     store = storage_for(plan.config.output, options)
     weight_map = {}
     total = 0
     for spec in plan.shards:
         for job in spec.tensors:
-            weight_map[job.name] = basename(spec.model_file())
+            weight_map[job.name] = basename(SINGLE_FILE if single else spec.model_file())
             total += job.base.nbytes
     index = {"metadata": {"total_size": total, "format": "pt"}, "weight_map": weight_map}
     written = {

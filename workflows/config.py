@@ -157,6 +157,17 @@ class ExecutionConfig(_Model):
     # Reuse input sha256 recorded by an earlier run on this machine when the file's size and
     # mtime (S3: size and ETag) are unchanged (infra/hash_cache.py).
     hash_cache: bool = True
+    # model/ as one model.safetensors when the merged weights fit (transformers' default shard size),
+    # else an indexed set of parts, one per shard; 0: always parts.
+    max_file_size: int | str = 5 * 10**9  # 5GB
+
+    @field_validator("max_file_size")
+    @classmethod
+    def _max_file_size(cls, v):
+        size = parse_size(v)
+        if size < 0:
+            raise ValueError("must be a size (e.g. 5GB), or 0 for parts always")
+        return size
 
     @field_validator("shard_size")
     @classmethod

@@ -21,7 +21,7 @@ from mergeflow.workers.dtypes import FLOAT_CODES
 from mergeflow.workers.lora_out import PREFIX, PartSpec, Target, concat_factors, export_part, module_of, whole_tensors
 from mergeflow.workers.safetensors_io import read_header
 from mergeflow.workflows import runtime
-from mergeflow.workflows.commit import _put
+from mergeflow.workflows.commit import SINGLE_FILE, _put
 from mergeflow.workflows.plan import Plan
 
 # Model types whose linear layers are GPT-2's Conv1D, weights stored (in, out).
@@ -57,7 +57,9 @@ def check(plan: Plan) -> None:
             )
 
 
-def export(plan: Plan, target: Target | None, scale: float, *, quiet: bool = False) -> tuple[dict, dict]:
+def export(
+    plan: Plan, target: Target | None, scale: float, *, single: bool = False, quiet: bool = False
+) -> tuple[dict, dict]:
     """Write lora/ for a committed model/; returns (outputs, the manifest's `lora` section).
 
     target None: the exact concatenated adapter of Task Arithmetic over adapters (`scale` its alpha);
@@ -68,8 +70,9 @@ def export(plan: Plan, target: Target | None, scale: float, *, quiet: bool = Fal
     fan_in_fan_out = _model_type(plan, options) in CONV1D_MODEL_TYPES
     model: dict = {}
     specs = []
+    whole = read_header(join(output, SINGLE_FILE), options) if single else None  # model/ as one file
     for shard in plan.shards:
-        header = read_header(join(output, shard.model_file()), options)
+        header = whole or read_header(join(output, shard.model_file()), options)
         model |= header.tensors
         names = [job.name for job in shard.tensors]
         specs.append(

@@ -50,11 +50,16 @@ def _timed(timings: dict[str, float], stage: str):
     timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - t0
 
 
-def _verify_outputs(output: str, outputs: dict[str, tuple[str, int]], options) -> bool:
+def _verify_outputs(output: str, outputs: dict[str, tuple[str, int]], options, part: tuple[str, list]) -> bool:
+    """The shard's recorded files are there with their hashes; its model part may come back from
+    the joined model.safetensors (commit.restore_part) when the run stopped after joining them."""
     store = storage_for(output, options)
     for rel, (sha, size) in outputs.items():
         uri = join(output, rel)
-        if not store.exists(uri) or store.size(uri) != size or sha256_of(uri, options) != sha:
+        if not store.exists(uri) and rel == part[0]:
+            if commit.restore_part(output, rel, part[1], options) != (sha, size):
+                return False
+        elif not store.exists(uri) or store.size(uri) != size or sha256_of(uri, options) != sha:
             return False
     return True
 
@@ -67,7 +72,16 @@ def reusable_shards(run: Run, journal: Journal) -> dict[int, ShardResult]:
     }
     if not recorded:
         return {}
-    calls = [(run.output, r.outputs, run.storage) for r in recorded.values()]
+    specs = {s.index: s for s in run.shards}
+    calls = [
+        (
+            run.output,
+            r.outputs,
+            run.storage,
+            (specs[i].model_file(), [(j.name, j.dtype, j.shape) for j in specs[i].tensors]),
+        )
+        for i, r in recorded.items()
+    ]
     ok = runtime.run_tasks(_verify_outputs, calls, desc="verify written shards", quiet=run.quiet)
     return {i: r for (i, r), good in zip(recorded.items(), ok) if good}
 
@@ -234,8 +248,8 @@ def _merge_locked(
         with _timed(timings, "commit"):
             shards = run.shards
             ordered = [results[s.index] for s in shards]
-            outputs = commit.shard_outputs(ordered)
-            outputs |= commit.write_model_index(plan)
+            outputs, single = commit.consolidate(plan, commit.shard_outputs(ordered))
+            outputs |= commit.write_model_index(plan, single=single)
             outputs |= commit.put_files(plan, method.run_files(run, ordered))
             layers = stats.merge_layers(ordered)
             summary = stats.summary(layers, plan.task_names)
@@ -253,7 +267,7 @@ def _merge_locked(
                     lo = config.lora_out
                     target = None if lo.concat else Target(rank=lo.rank, energy=lo.energy)
                     scale = float(method.scale_of(run.params))
-                    written, lora_section = lora_out.export(plan, target, scale, quiet=quiet)
+                    written, lora_section = lora_out.export(plan, target, scale, single=single, quiet=quiet)
                     outputs |= written
             report.bytes_read = sum(r.bytes_read for r in ordered)
             report.bytes_hashed = sum(inputs[f][1] for f in to_hash)
@@ -264,6 +278,8 @@ def _merge_locked(
                 "timings": {k: round(v, 3) for k, v in timings.items()},
                 "nodes": placement(ordered),
             }
+            if single:
+                extra["model_parts"] = commit.model_parts(plan)
             extra |= method.manifest(run, ordered)
             if config.lora_out is not None:
                 extra |= lora_section

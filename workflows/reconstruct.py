@@ -8,7 +8,7 @@ import re
 
 from mergeflow.errors import CheckpointError, MergeflowError, OutputError
 from mergeflow.infra.storage import StorageOptions, basename, join, sha256_of, storage_for
-from mergeflow.workers.checkpoint import open_checkpoint
+from mergeflow.workers.checkpoint import SINGLE_NAME, open_checkpoint
 from mergeflow.workers.chunking import GPU_CHUNK
 from mergeflow.workers.methods import get_method, methods
 from mergeflow.workflows import runtime
@@ -60,15 +60,12 @@ def reconstruct(
         for n, f in manifest["inputs"]["base"]["files"].items()
     }
 
-    parts: dict[str, list[str]] = {}
-    for name, fname in weight_map.items():
-        m = MODEL_PART.fullmatch(str(fname))
-        if m is None:  # the part names every file this command reads and writes: never a path
-            raise CheckpointError(
-                f"{run}: model/model.safetensors.index.json maps {name!r} to {fname!r}, not a "
-                "model part file of a mergeflow run (the run is corrupt or was tampered with)"
-            )
-        parts.setdefault(m.group(1), []).append(name)
+    if set(weight_map.values()) == {SINGLE_NAME}:  # model/ is one file: the parts are in the manifest
+        parts = _recorded_parts(run, manifest, weight_map)
+        order_file = f"model/{SINGLE_NAME}"
+    else:
+        parts = _index_parts(run, weight_map)
+        order_file = None
     specs = method.rebuild_specs(
         run,
         manifest,
@@ -78,7 +75,7 @@ def reconstruct(
         output,
         options,
         GPU_CHUNK,
-        lambda part, tensors: _model_order(run, part, tensors, options),
+        lambda part, tensors: _model_order(run, order_file or f"model/model-{part}.safetensors", tensors, options),
     )
 
     runtime.connect(ray_address)
@@ -115,12 +112,38 @@ def reconstruct(
     return {"task": task, "files": files, "run": run}
 
 
-def _model_order(run: str, part: str, names: list[str], options) -> list[str]:
+def _index_parts(run: str, weight_map: dict) -> dict[str, list[str]]:
+    parts: dict[str, list[str]] = {}
+    for name, fname in sorted(weight_map.items(), key=lambda kv: str(kv[1]) == SINGLE_NAME):
+        m = MODEL_PART.fullmatch(str(fname))
+        if m is None:  # the part names every file this command reads and writes: never a path
+            raise CheckpointError(
+                f"{run}: model/model.safetensors.index.json maps {name!r} to {fname!r}, not a "
+                "model part file of a mergeflow run (the run is corrupt or was tampered with)"
+            )
+        parts.setdefault(m.group(1), []).append(name)
+    return parts
+
+
+def _recorded_parts(run: str, manifest: dict, weight_map: dict) -> dict[str, list[str]]:
+    """The shards' layout from the manifest (bundles are written per shard), checked like the index."""
+    parts = manifest.get("model_parts")
+    if not isinstance(parts, dict) or sorted(n for names in parts.values() for n in names) != sorted(weight_map):
+        raise CheckpointError(f"{run}: manifest.json has no model_parts covering model/ (the run is corrupt)")
+    for part in parts:
+        if not MODEL_PART.fullmatch(f"model-{part}.safetensors"):
+            raise CheckpointError(
+                f"{run}: manifest.json names a model part {part!r}, not one of a mergeflow run (corrupt or tampered)"
+            )
+    return parts
+
+
+def _model_order(run: str, rel: str, names: list[str], options) -> list[str]:
     """Tensors in the order the merged model file holds them (its header), so output
     files mirror the merged model's layout."""
     from mergeflow.workers.safetensors_io import read_header
 
-    header = read_header(join(run, f"model/model-{part}.safetensors"), options)
+    header = read_header(join(run, rel), options)
     return sorted(names, key=lambda n: header.tensors[n].start)
 
 
