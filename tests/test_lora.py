@@ -281,3 +281,45 @@ def test_concat_refuses_what_it_cannot_write_exactly(mixed, tmp_path, case, need
         run_merge(config_from_dict(raw), quiet=True)
     assert needle in str(err.value) and "\n" not in str(err.value)
     assert not (tmp_path / "run").exists()
+
+
+NEEDS_TASK_MODELS = {"lot", "regmean"}  # they refuse adapters (test above)
+
+
+def test_every_method_merges_adapters_as_the_reference_dense_task_vectors(ray_session, mixed, tmp_path):
+    """Every method, adapters in vs checkpoints holding the numpy reference's dense task vectors: on
+    a zero base theta_t = tau_t exactly in float32, so the two merges must agree to the last byte."""
+    import shutil
+
+    from mergeflow.workers.methods import methods
+
+    base_dir, base, tasks = mixed(torch.float32)
+    zero = {n: torch.zeros_like(t) if t.is_floating_point() else t for n, t in base.items()}
+    zero_dir = tmp_path / "zero"
+    zero_dir.mkdir()
+    save_file(zero, zero_dir / "model.safetensors")
+    shutil.copy(base_dir / "config.json", zero_dir / "config.json")
+    adapters = tasks[1:]
+    dense = []
+    for name, folder in adapters:
+        taus = dense_task_vectors(zero, folder)
+        d = tmp_path / f"dense-{name}"
+        d.mkdir()
+        save_file({n: taus.get(n, t).contiguous() for n, t in zero.items()}, d / "model.safetensors")
+        shutil.copy(base_dir / "config.json", d / "config.json")
+        dense.append((name, d))
+    names = sorted(set(methods()) - NEEDS_TASK_MODELS)
+    assert {"dare_ties", "breadcrumbs", "della", "emr", "tsv_merge", "iso_cts", "tall_masks"} <= set(names)
+    for name in names:
+        got = {}
+        for kind, inputs in (("adapters", adapters), ("dense", dense)):
+            out = tmp_path / name / kind
+            report = run_merge(config_for(zero_dir, inputs, out, {"name": name}, shard_size=3000), quiet=True)
+            got[kind] = {
+                rel: e["sha256"]
+                for rel, e in report.manifest["outputs"].items()
+                if rel.endswith(".safetensors") or rel.startswith("compressed/")
+            }
+        assert got["adapters"] == got["dense"], name
+        merged = load_dir(tmp_path / name / "adapters" / "model")
+        assert all(bool(torch.isfinite(t).all()) for t in merged.values() if t.is_floating_point()), name
