@@ -22,18 +22,22 @@ Merge a base checkpoint and T fine-tuned checkpoints as described by CONFIG (YAM
   base: path/or/s3://bucket/base        # HF directory or one .safetensors file
   tasks:
     - {{name: math, checkpoint: ckpts/math}}
-    - {{name: code, checkpoint: ckpts/code}}
-  output: runs/merged                   # or pass --output
+    - {{name: code, checkpoint: ckpts/code}}    # a PEFT LoRA adapter folder works too
+  output: runs/merged                   # or pass --output; or {{path: runs/merged, format: lora,
+                                        #   rank: 16 | energy: 0.99 | concat: true}}: also lora/,
+                                        #   the merge as a PEFT adapter on the base
   method: {{name: tall_masks, lambda: 0.4}}   # a method and its own parameters (below)
   selection:                            # needed by auto: how candidates are scored
     evaluator: pkg.module:function      # fn(model, *, task, split, checkpoint, **options) -> score
     split: val                          # alphas: [0.1 .. 1.0], lambdas: [0.2 .. 0.6], options: {{}}
-  execution: {{shard_size: auto, device: auto}}   # chunk_elems: by default sized per device
+  execution: {{shard_size: auto, device: auto}}   # chunk_elems: by default sized per device;
+                                        # max_file_size: 5GB (model/ in one file up to it)
 
 Methods and their parameters (defaults in brackets):
 {methods}
-Outputs: OUT/model (merged HF checkpoint), OUT/compressed (the bundle of a method that compresses:
-every task rebuilds from it), OUT/stats, and OUT/manifest.json written last.
+Outputs: OUT/model (merged HF checkpoint, model card), OUT/lora (with format lora), OUT/compressed
+(the bundle of a method that compresses: every task rebuilds from it), OUT/stats, and OUT/manifest.json
+written last.
 Re-running the same command resumes an interrupted run; a second merge into OUT exits 75.
 """
 
