@@ -94,6 +94,10 @@ def merge(
     registry = cfg.tracking.register_
     if registry is not None and not tracking:
         raise ConfigError("tracking.register needs MLflow tracking: drop --no-tracking (or the register section)")
+    if tracking:  # MLflow's imports overlap the merge instead of following it
+        from mergeflow.infra.tracking import preload
+
+        preload()
     report = run_merge(cfg, overwrite=overwrite, quiet=quiet, lock_ttl=lock_ttl)
     complete = report.state.value == "complete"
     result = MergeResult(cfg.output, report.manifest, report, already_complete=complete)
