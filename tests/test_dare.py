@@ -355,3 +355,14 @@ def test_bad_parameter_is_one_line_naming_the_key(tmp_path, method, key):
     with pytest.raises(ConfigError) as err:
         config_from_dict({**raw, "method": method})
     assert key in str(err.value) and "\n" not in str(err.value).strip()
+
+
+def test_numpy_and_torch_generators_give_the_same_bits():
+    """The CPU's uint32 path and the int64 torch path (what CUDA runs) agree, past 2^32 too."""
+    for seed, task, name, offset, n in [
+        (0, 0, "w", 0, 5000),
+        (9, 4, "a.b", 2**32 - 3000, 6000),
+        (2**64 - 1, 7, "", 2**40, 64),
+    ]:
+        key = sp.stream_key(seed, task, name)
+        assert torch.equal(sp.random_bits(key, offset, n, "cpu"), sp._bits_torch(key, offset, n, "cpu"))

@@ -81,6 +81,13 @@ def _fmix32_(h: torch.Tensor, tmp: torch.Tensor) -> torch.Tensor:
 
 def random_bits(key: tuple[int, int], offset: int, n: int, device) -> torch.Tensor:
     """bits(i) for i = offset .. offset + n - 1, as int64 values in [0, 2^32)."""
+    if torch.device(device).type == "cpu":
+        return torch.from_numpy(_bits_numpy(key, offset, n).astype(np.int64))
+    return _bits_torch(key, offset, n, device)
+
+
+def _bits_torch(key: tuple[int, int], offset: int, n: int, device) -> torch.Tensor:
+    """The generator in int64 torch ops (any device): 32-bit products in 16-bit halves."""
     k1, k2 = key
     idx = torch.arange(offset, offset + n, dtype=torch.int64, device=device)
     tmp = torch.empty_like(idx)
@@ -92,14 +99,45 @@ def random_bits(key: tuple[int, int], offset: int, n: int, device) -> torch.Tens
     return _fmix32_(x, tmp)
 
 
+def _fmix32_np(h: np.ndarray, tmp: np.ndarray) -> np.ndarray:
+    np.bitwise_xor(h, np.right_shift(h, 16, out=tmp), out=h)
+    np.multiply(h, np.uint32(0x85EBCA6B), out=h)
+    np.bitwise_xor(h, np.right_shift(h, 13, out=tmp), out=h)
+    np.multiply(h, np.uint32(0xC2B2AE35), out=h)
+    return np.bitwise_xor(h, np.right_shift(h, 16, out=tmp), out=h)
+
+
+def _bits_numpy(key: tuple[int, int], offset: int, n: int) -> np.ndarray:
+    """The same generator on the CPU in numpy's uint32, whose products wrap mod 2^32 by definition:
+    a third of the operations on half the bytes of the int64 path (tests check they agree)."""
+    k1, k2 = key
+    idx = np.arange(offset, offset + n, dtype=np.uint64)
+    x = idx.astype(np.uint32)  # the low 32 bits
+    tmp = np.empty_like(x)
+    np.multiply(x, np.uint32(_GOLDEN), out=x)
+    np.add(x, np.uint32(k1), out=x)
+    _fmix32_np(x, tmp)
+    np.bitwise_xor(x, np.uint32(k2), out=x)
+    if offset + n > 1 << 32:
+        high = np.right_shift(idx, np.uint64(32)).astype(np.uint32)
+        np.bitwise_xor(x, np.multiply(high, np.uint32(_HIGH), out=high), out=x)
+    return _fmix32_np(x, tmp)
+
+
 def uniform(key: tuple[int, int], offset: int, n: int, device) -> torch.Tensor:
     """u(i) = bits(i) / 2^32, float64 (exact)."""
-    return random_bits(key, offset, n, device).to(torch.float64).mul_(2.0**-32)
+    if torch.device(device).type == "cpu":
+        return torch.from_numpy(_bits_numpy(key, offset, n).astype(np.float64) * 2.0**-32)
+    return _bits_torch(key, offset, n, device).to(torch.float64).mul_(2.0**-32)
 
 
 def bernoulli_keep(key: tuple[int, int], offset: int, n: int, p: float, device) -> torch.Tensor:
     """u(i) < p as a bool mask: the integer test bits(i) < ceil(p * 2^32), the same thing."""
-    return random_bits(key, offset, n, device) < math.ceil(p * 2.0**32)
+    limit = math.ceil(p * 2.0**32)
+    if torch.device(device).type == "cpu":
+        bits = _bits_numpy(key, offset, n)
+        return torch.from_numpy(bits < limit if limit < 1 << 32 else np.ones(n, dtype=bool))
+    return _bits_torch(key, offset, n, device) < limit
 
 
 # --------------------------------------------------------------------------- exact L1 norms
