@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from test_dare import check_against_reference, float_tensors, merge_layout, ref_merge, ref_uniform, task_vectors
 
 from mergeflow.errors import ConfigError
+from mergeflow.workers.methods import _sparsify as sp
 from mergeflow.workers.methods import get_method
 from mergeflow.workers.methods.breadcrumbs import breadcrumbs_rows
 from mergeflow.workers.methods.della import della_rows, keep_probabilities
@@ -269,3 +270,14 @@ def test_bad_parameter_is_one_line_naming_the_key(tmp_path, method, key):
     with pytest.raises(ConfigError) as err:
         config_from_dict({**raw, "method": method})
     assert key in str(err.value) and "\n" not in str(err.value).strip()
+
+
+def test_rank_window_equals_the_sorted_ranks_with_ties():
+    """The selection path of scope tensor against the sort: many ties (a few distinct values, zeros)."""
+    gen = torch.Generator().manual_seed(3)
+    for n, values in [(1, 3), (17, 2), (500, 5), (4096, 40), (4096, 100000)]:
+        mag = torch.randint(0, values, (n,), generator=gen).float().abs()
+        ranks = sp.descending_ranks(mag[None])[0]
+        for lo, hi in [(0, 0), (0, 1), (0, n), (1, n), (n // 3, n // 2), (n // 2, n // 2), (n - 1, n), (2, n + 5)]:
+            want = (ranks >= lo) & (ranks < hi)
+            assert torch.equal(sp.rank_window(mag, lo, hi), want), (n, values, lo, hi)

@@ -180,6 +180,27 @@ def descending_ranks(mag: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(order).scatter_(1, order, positions)
 
 
+def rank_window(mag: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """Bool mask of the entries of mag (n,) whose rank by decreasing magnitude, ties by index, lies
+    in [lo, hi): what descending_ranks gives, from two selections (O(n)) instead of a sort."""
+    return _top(mag, hi) & ~_top(mag, lo)
+
+
+def _top(mag: torch.Tensor, k: int) -> torch.Tensor:
+    """The k entries of highest rank: all above the k-th largest value, and of the entries equal to
+    it the ones with the lowest indices, as many as are needed."""
+    n = mag.numel()
+    if k <= 0:
+        return torch.zeros(n, dtype=torch.bool, device=mag.device)
+    if k >= n:
+        return torch.ones(n, dtype=torch.bool, device=mag.device)
+    v = torch.kthvalue(mag, n - k + 1).values
+    top = mag > v
+    equal = mag == v
+    need = k - int(top.sum())
+    return top.logical_or_(equal.logical_and_(torch.cumsum(equal, 0) <= need))
+
+
 def row_width(shape: tuple[int, ...]) -> int:
     """Rows are slices along the last dimension; a 1-D tensor is one row, a 0-D one a row of one."""
     return shape[-1] if shape else 1

@@ -83,11 +83,16 @@ def kept_ranks(width: int, params) -> tuple[int, int]:
 
 
 def breadcrumbs_rows(taus: torch.Tensor, width: int, params) -> torch.Tensor:
-    """(T, n) float32: each task's row block (n = rows * width) with only the kept ranks. One task's
-    ranks at a time: the sort's scratch (~28 bytes a weight) is paid once, not T times."""
+    """(T, n) float32: each task's row block (n = rows * width) with only the kept ranks. One task at
+    a time, so the ranking's scratch is paid once, not T times; a single row (scope tensor, whole
+    tensors of up to 10^8 entries) by two selections instead of a sort."""
     t, n = taus.shape
     n_rm, n_keep = kept_ranks(width, params)
     out = torch.empty_like(taus)
+    if width == n:  # one row, the whole tensor (scope tensor): select, do not sort
+        for i in range(t):
+            out[i] = torch.where(sp.rank_window(taus[i].abs(), n_rm, n_rm + n_keep), taus[i], 0.0)
+        return out
     for i in range(t):
         blocks = taus[i].reshape(n // width, width)
         ranks = sp.descending_ranks(blocks.abs())
@@ -119,7 +124,8 @@ class _Breadcrumbs(Method):
 
     def memory(self, run) -> int | None:
         """scope tensor holds its largest tensor whole: base, T task vectors, T masked ones and the
-        delta in float32, plus one task's sort (values, int64 indices and ranks, mask)."""
+        delta in float32, plus one task's selection scratch (|tau|, kthvalue's copy, masks, an int64
+        cumsum of the ties), counted as 32 bytes a weight."""
         if run.params.scope != "tensor":
             return None
         t = len(run.task_names)
