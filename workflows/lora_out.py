@@ -68,25 +68,25 @@ def export(
     options = config.storage.options()
     output = config.output
     fan_in_fan_out = _model_type(plan, options) in CONV1D_MODEL_TYPES
-    model: dict = {}
-    specs = []
-    whole = read_header(join(output, SINGLE_FILE), options) if single else None  # model/ as one file
-    for shard in plan.shards:
-        header = whole or read_header(join(output, shard.model_file()), options)
-        model |= header.tensors
-        names = [job.name for job in shard.tensors]
-        specs.append(
-            PartSpec(
-                model=tuple(header.tensors[n] for n in names),
-                base={n: plan.base.tensors[n] for n in names},
-                target=target or Target(),
-                fan_in_fan_out=fan_in_fan_out,
-                storage=options,
-            )
-        )
+    if single:  # model/ as one file
+        model = dict(read_header(join(output, SINGLE_FILE), options).tensors)
+    else:
+        model = {}
+        for shard in plan.shards:
+            model |= read_header(join(output, shard.model_file()), options).tensors
     if target is None:
         parts = [concat_factors([cp.tensors for cp in plan.tasks], scale, fan_in_fan_out, options)]
     else:
+        specs = [
+            PartSpec(
+                model=tuple(model[job.name] for job in shard.tensors),
+                base={job.name: plan.base.tensors[job.name] for job in shard.tensors},
+                target=target,
+                fan_in_fan_out=fan_in_fan_out,
+                storage=options,
+            )
+            for shard in plan.shards
+        ]
         parts = runtime.run_tasks(
             export_part, [(s,) for s in specs], desc="lora out (SVD)", sizes=[s.base_bytes for s in specs], quiet=quiet
         )

@@ -161,6 +161,18 @@ def l1_value(buckets: np.ndarray) -> int:
     return sum(int(c) << (max(e, 1) - 1) for e, c in enumerate(buckets) if c)
 
 
+def l1_scales(blocks, masked, tasks: int, device) -> tuple[float, ...]:
+    """Per task ||tau_t||_1 / ||m_t * tau_t||_1 over a tensor, exact: `blocks` yields (offset, taus)
+    over the whole tensor, `masked(taus, offset)` the same rows with the mask applied, unrescaled."""
+    before = torch.zeros((tasks, 256), dtype=torch.int64, device=device)
+    after = torch.zeros_like(before)
+    for lo, taus in blocks:
+        before += l1_buckets(taus)
+        after += l1_buckets(masked(taus, lo))
+    b, a = before.cpu().numpy(), after.cpu().numpy()
+    return tuple(l1_factor(l1_value(b[i]), l1_value(a[i])) for i in range(tasks))
+
+
 def l1_factor(before: int, after: int, eps: float = 1e-7) -> float:
     """mergekit's rescale: ||tau||_1 / ||m * tau||_1 (both from l1_value), 1 when either is below
     eps; returned as the float32 the kernels multiply by."""

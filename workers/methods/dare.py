@@ -107,15 +107,9 @@ def dare_rows(taus: torch.Tensor, params, ctx, lo: int, scales=None) -> torch.Te
 
 def l1_scales(access, params, ctx) -> tuple[float, ...]:
     """Per task ||tau_t||_1 / ||m_t * tau_t||_1 over the tensor, exact (see _sparsify.l1_buckets)."""
-    t = len(ctx.task_names)
-    before = torch.zeros((t, 256), dtype=torch.int64, device=access.device)
-    after = torch.zeros_like(before)
     plain = DareLinearParams(density=params.density, rescale="none", seed=params.seed)
-    for lo, _, _, taus in access.chunks():
-        before += sp.l1_buckets(taus)
-        after += sp.l1_buckets(dare_rows(taus, plain, ctx, lo))
-    b, a = before.cpu().numpy(), after.cpu().numpy()
-    return tuple(sp.l1_factor(sp.l1_value(b[i]), sp.l1_value(a[i])) for i in range(t))
+    blocks = ((lo, taus) for lo, _, _, taus in access.chunks())
+    return sp.l1_scales(blocks, lambda taus, lo: dare_rows(taus, plain, ctx, lo), len(ctx.task_names), access.device)
 
 
 def trim_thresholds(access, params, ctx, scales) -> torch.Tensor:

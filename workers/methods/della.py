@@ -118,14 +118,10 @@ class _Della(Method):
     def prepare_tensor(self, access, params, ctx):
         if params.rescale != "l1" or params.density >= 1.0 or access.job.numel == 0:
             return None
-        t, width = len(ctx.task_names), sp.row_width(access.job.shape)
-        before = torch.zeros((t, 256), dtype=torch.int64, device=access.device)
-        after = torch.zeros_like(before)
-        for lo, _, _, taus in sp.row_blocks(access):
-            before += sp.l1_buckets(taus)
-            after += sp.l1_buckets(della_rows(taus, width, params, ctx, lo, rescale="none"))
-        b, a = before.cpu().numpy(), after.cpu().numpy()
-        return {"della_scales": tuple(sp.l1_factor(sp.l1_value(b[i]), sp.l1_value(a[i])) for i in range(t))}
+        width = sp.row_width(access.job.shape)
+        blocks = ((lo, taus) for lo, _, _, taus in sp.row_blocks(access))
+        masked = lambda taus, lo: della_rows(taus, width, params, ctx, lo, rescale="none")  # noqa: E731
+        return {"della_scales": sp.l1_scales(blocks, masked, len(ctx.task_names), access.device)}
 
     def tensor_kernel(self, access, params, ctx):
         merge = getattr(params, "merge", "sum")
