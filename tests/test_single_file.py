@@ -89,3 +89,23 @@ def test_bad_max_file_size_is_one_line(tmp_path, value, needle):
     raw = {"base": "b", "tasks": [{"name": "t", "checkpoint": "c"}], "output": "o", "method": {"name": "ties"}}
     with pytest.raises(ConfigError, match=needle):
         config_from_dict(raw | {"execution": {"max_file_size": value}}, root=tmp_path)
+
+
+@pytest.mark.parametrize("tamper", ["escape", "missing"])
+def test_reconstruct_refuses_a_crafted_shard_layout(ray_session, family, tmp_path, tamper):
+    from mergeflow.errors import CheckpointError
+
+    fam = family(tasks=2, shards=2)
+    merge(fam, tmp_path / "run", {"name": "tall_masks"})
+    path = tmp_path / "run" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    part, names = next(iter(manifest["model_parts"].items()))
+    if tamper == "escape":
+        manifest["model_parts"]["../../../escaped"] = manifest["model_parts"].pop(part)
+    else:
+        manifest["model_parts"][part] = names[1:]
+    path.write_text(json.dumps(manifest))
+    needle = "names a model part '../../../escaped'" if tamper == "escape" else "no model_parts covering model/"
+    with pytest.raises(CheckpointError, match=needle):
+        reconstruct(str(tmp_path / "run"), fam[1][0][0], str(tmp_path / "out"), StorageOptions(), quiet=True)
+    assert not list(tmp_path.rglob("escaped*"))
