@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from mergeflow.dev.suite import models as digits
 from mergeflow.dev.suite import report as suite_report
 from mergeflow.dev.suite.models import evaluate
 from mergeflow.infra.storage import StorageOptions
@@ -15,11 +16,11 @@ from mergeflow.workflows.select import _argmax
 def test_report_rows_scores_and_files(tiny_suite, tmp_path, ray_session):
     root, tasks = tiny_suite
     out = tmp_path / "report"
-    manifests = suite_report.run_merges(root, tasks, out, TrackingOptions(enabled=False), quiet=True)
+    manifests = suite_report.run_merges(digits, root, tasks, out, TrackingOptions(enabled=False), quiet=True)
     assert set(manifests) == {r.key for r in suite_report.rows() if r.method}
-    scores = suite_report.score_all(root, tasks, out, manifests, "test", quiet=True)
+    scores = suite_report.score_all(digits, root, tasks, out, manifests, "test", quiet=True)
     meta = json.loads((root / "suite.json").read_text())
-    results = suite_report.build_results(meta, root, manifests, scores, "test")
+    results = suite_report.build_results(digits, meta, root, manifests, scores, "test")
     paths = suite_report.write_report(out, results)
 
     rows = {r["key"]: r for r in results["rows"]}

@@ -1,27 +1,36 @@
-"""`mergeflow suite build`: a small real benchmark suite (scikit-learn digits, fixed transforms)."""
+"""`mergeflow suite build | report`: real benchmark suites to merge and score (dev/suite/suites.py):
+digits (an MLP trained here on scikit-learn's digits under fixed transforms) and words (word tasks
+labelled by lexicons, on the pretrained all-MiniLM-L6-v2)."""
 
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
+
+from mergeflow.dev.suite.suites import SUITES, get
 
 
 def add_parser(sub) -> None:
     s = sub.add_parser(
         "suite",
-        help="build a small real benchmark suite (digits tasks) to merge and score",
-        description="Real tasks from scikit-learn's digits under fixed transforms, on a shared MLP "
-        "backbone; per-task heads are stored apart (head.safetensors) so merges see only "
-        "the backbone. Score a model with mergeflow.dev.suite.models:evaluate.",
+        help="build and score real benchmark suites (digits on an MLP, words on MiniLM)",
+        description="digits: scikit-learn's digits under fixed transforms, on an MLP backbone trained "
+        "here. words: word tasks labelled by lexicons (VADER, wordfreq, the CMU Pronouncing "
+        "Dictionary) on the pretrained all-MiniLM-L6-v2. Per-task heads are stored apart "
+        "(head.safetensors), so merges see only the shared network.",
     )
     ss = s.add_subparsers(dest="suite_command", required=True, metavar="SUITE_COMMAND")
     b = ss.add_parser(
         "build", help="train (or reuse) base and task checkpoints; print zero-shot vs fine-tuned accuracy"
     )
+    b.add_argument("--suite", choices=list(SUITES), default="digits", help="which suite (default: digits)")
     b.add_argument(
-        "--dir", default="suite-out", help="where to write base/, <task>/, suite.json, config.yaml (default: suite-out)"
+        "--dir",
+        help="where to write base/, <task>/, suite.json, config.yaml (default: suite-out, words: suite-out-words)",
     )
     b.add_argument("--tasks", type=int, choices=[8, 14, 20], default=8)
+    b.add_argument("--quiet", action="store_true", help="no progress bars")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--force", action="store_true", help="retrain even when suite.json matches")
     r = ss.add_parser(
@@ -33,7 +42,10 @@ def add_parser(sub) -> None:
         "zero-shot, fine-tuned and every merge on the test split (TALL masks on the models "
         "rebuilt from the bundle), and checks the papers' claims on the numbers.",
     )
-    r.add_argument("--dir", default="suite-out", help="suite folder (default: suite-out); report goes to DIR/report")
+    r.add_argument("--suite", choices=list(SUITES), default="digits", help="which suite (default: digits)")
+    r.add_argument(
+        "--dir", help="suite folder (default: suite-out, words: suite-out-words); the report goes to DIR/report"
+    )
     r.add_argument("--tasks", type=int, choices=[8, 14, 20], default=8)
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -66,15 +78,27 @@ def table(meta: dict, split: str = "test") -> str:
     return "\n".join(lines)
 
 
-def build(args) -> int:
-    from mergeflow.dev.suite.models import build_suite
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
-    out = Path(args.dir)
-    meta = build_suite(
-        out, tasks=args.tasks, seed=args.seed, force=args.force, log=lambda s: print(s, file=sys.stderr, flush=True)
-    )
+
+def _make(args, out: Path, force: bool = False) -> dict:
+    return get(args.suite).build_suite(out, tasks=args.tasks, seed=args.seed, force=force, log=_say, quiet=args.quiet)
+
+
+def _splits(splits: dict) -> str:
+    if all(isinstance(v, int) for v in splits.values()):
+        return str(splits)
+    sizes = [tuple(v.values()) for v in splits.values()]  # words: per task, train/val/test words
+    return f"{min(s[0] for s in sizes)}-{max(s[0] for s in sizes)} train words per task (val/test apart by word)"
+
+
+def build(args) -> int:
+    suite = get(args.suite)
+    out = Path(args.dir or suite.DEFAULT_DIR)
+    meta = _make(args, out, force=args.force)
     how = "reused (suite.json matches)" if meta.get("cached") else f"built in {meta['build_seconds']:.1f}s"
-    print(f"suite of {len(meta['tasks'])} digits tasks under {out}: {how}; splits {meta['splits']}")
+    print(f"suite of {len(meta['tasks'])} {suite.NAME} tasks under {out}: {how}; splits {_splits(meta['splits'])}")
     print(table(meta, "test"))
     print(f"merge config: {out / 'config.yaml'}   evaluator: {meta['evaluator']}")
     return 0
@@ -82,20 +106,23 @@ def build(args) -> int:
 
 def report(args) -> int:
     from mergeflow.dev.suite import report as suite_report
-    from mergeflow.dev.suite.models import build_suite
     from mergeflow.infra.tracking import TrackingOptions
     from mergeflow.workflows import runtime
 
-    suite_dir = Path(args.dir).resolve()
-    meta = build_suite(suite_dir, tasks=args.tasks, seed=args.seed, log=lambda s: print(s, file=sys.stderr, flush=True))
+    suite = get(args.suite)
+    suite_dir = Path(args.dir or suite.DEFAULT_DIR).resolve()
+    t0 = time.perf_counter()
+    meta = _make(args, suite_dir)
     tasks = [t["name"] for t in meta["tasks"]]
     out = suite_dir / "report" / f"{len(tasks)}tasks"
     runtime.connect(None)
     options = TrackingOptions(enabled=not args.no_tracking, uri=args.tracking_uri, experiment=args.experiment)
-    manifests = suite_report.run_merges(suite_dir, tasks, out, options, args.quiet)
-    scores = suite_report.score_all(suite_dir, tasks, out, manifests, "test", args.quiet)
-    results = suite_report.build_results(meta, suite_dir, manifests, scores, "test")
+    t1 = time.perf_counter()
+    manifests = suite_report.run_merges(suite, suite_dir, tasks, out, options, args.quiet)
+    scores = suite_report.score_all(suite, suite_dir, tasks, out, manifests, "test", args.quiet)
+    results = suite_report.build_results(suite, meta, suite_dir, manifests, scores, "test")
     paths = suite_report.write_report(out, results)
     print(paths["markdown"].read_text())
     print("written: " + ", ".join(str(p) for p in paths.values()))
+    print(f"suite ready in {t1 - t0:.0f} s, merges and scores in {time.perf_counter() - t1:.0f} s")
     return 0

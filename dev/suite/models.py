@@ -31,6 +31,9 @@ from torch import nn
 
 from mergeflow.infra.storage import StorageOptions
 
+NAME = "digits"
+DEFAULT_DIR = "suite-out"
+EVALUATOR = "mergeflow.dev.suite.models:evaluate"
 CODE_VERSION = 1  # bump when training or data change: invalidates cached suites
 N_CLASSES = 10
 TASK_COUNTS = (8, 14, 20)
@@ -358,6 +361,11 @@ def lot_task_model(checkpoint: str, task: str, exemplars: int, seed: int) -> tup
 LOT_MODEL = f"{__name__}:lot_task_model"
 
 
+def lot_method(suite_dir: Path, tasks: list[str]) -> dict:
+    """LOT / RegMean's model source for this suite: the backbone hook on each task's train inputs."""
+    return {"model": LOT_MODEL}
+
+
 # --------------------------------------------------------------------------- suite files
 
 
@@ -409,6 +417,7 @@ def build_suite(
     epochs_scale: float = 1.0,
     force: bool = False,
     log: Callable[[str], None] | None = None,
+    quiet: bool = True,  # the suites' common signature; this one trains in-process, without bars
 ) -> dict:
     """Write out_dir/base/, out_dir/<task>/ (model.safetensors = backbone, config.json, head.safetensors),
     out_dir/suite.json and out_dir/config.yaml (a tall_masks merge over the backbones). Returns suite.json's

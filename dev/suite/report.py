@@ -1,4 +1,4 @@
-"""`mergeflow suite report`: every method on the digits suite, hyper-parameters chosen on validation
+"""`mergeflow suite report`: every method on a suite (digits or words), hyper-parameters chosen on validation
 data, scored on test data, as one table (Markdown + JSON) and one bar chart (PNG).
 
 Rows: zero-shot (the base), fine-tuned (each task's own model), then one merge per method, each run
@@ -13,7 +13,6 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from mergeflow.dev.suite.models import LOT_MODEL
 from mergeflow.errors import OutputError
 from mergeflow.infra.storage import StorageOptions
 from mergeflow.workers.evaluation import Scoring, score_checkpoint, score_rebuilt
@@ -22,8 +21,6 @@ from mergeflow.workflows import runtime
 from mergeflow.workflows.config import MergeConfig, config_from_dict
 
 log = logging.getLogger(__name__)
-
-EVALUATOR = "mergeflow.dev.suite.models:evaluate"
 
 
 @dataclass(frozen=True)
@@ -60,8 +57,9 @@ ROWS = [
     # LOT's lambda is its model scale: auto selects it like alpha. The MLP sees one feature row per
     # exemplar, so 256 train exemplars per task (2048 rows for 512 inputs); 64 rows per task, fine for
     # a ViT's many tokens per image, leave the 512-wide least squares barely determined (val 0.23).
-    Row("lot", "LOT", {"name": "lot", "model": LOT_MODEL, "lambda": "auto", "exemplars": 256}),
-    Row("regmean", "RegMean", {"name": "regmean", "model": LOT_MODEL, "scale": "auto", "exemplars": 256}),
+    # Their model source (`model`, exemplar files) is the suite's: `suite.lot_method`.
+    Row("lot", "LOT", {"name": "lot", "lambda": "auto", "exemplars": 256}),
+    Row("regmean", "RegMean", {"name": "regmean", "scale": "auto", "exemplars": 256}),
     Row("dare_linear", "DARE (TA)", {"name": "dare_linear", "alpha": "auto"}),
     Row("dare_ties", "DARE-TIES", {"name": "dare_ties", "alpha": "auto"}),
     Row("breadcrumbs", "Breadcrumbs", {"name": "breadcrumbs", "alpha": "auto"}),
@@ -81,18 +79,28 @@ def rows() -> list[Row]:
     return [r for r in ROWS if r.method is None or r.method["name"] in methods()]
 
 
-def merge_config(suite_dir: Path, tasks: list[str], row: Row, output: Path) -> MergeConfig:
+FEATURE_METHODS = ("lot", "regmean")  # run each task's model on exemplars: the suite says how
+
+
+def method(suite, suite_dir: Path, tasks: list[str], row: Row) -> dict:
+    if row.method["name"] in FEATURE_METHODS:
+        return row.method | suite.lot_method(suite_dir, tasks)
+    return row.method
+
+
+def merge_config(suite, suite_dir: Path, tasks: list[str], row: Row, output: Path) -> MergeConfig:
     raw = {
         "base": str(suite_dir / "base"),
         "tasks": [{"name": t, "checkpoint": str(suite_dir / t)} for t in tasks],
         "output": str(output),
-        "method": row.method,
-        "selection": {"evaluator": EVALUATOR, "split": "val"} | ({"alphas": list(row.alphas)} if row.alphas else {}),
+        "method": method(suite, suite_dir, tasks, row),
+        "selection": {"evaluator": suite.EVALUATOR, "split": "val"}
+        | ({"alphas": list(row.alphas)} if row.alphas else {}),
     }
     return config_from_dict(raw, source=f"suite report ({row.key})")
 
 
-def run_merges(suite_dir: Path, tasks: list[str], out: Path, track_options, quiet: bool) -> dict[str, dict]:
+def run_merges(suite, suite_dir: Path, tasks: list[str], out: Path, track_options, quiet: bool) -> dict[str, dict]:
     """One merge job per method row; a finished run of the same inputs and settings is reused."""
     from mergeflow.workflows.merge import run_merge, track
 
@@ -100,7 +108,7 @@ def run_merges(suite_dir: Path, tasks: list[str], out: Path, track_options, quie
     for row in rows():
         if row.method is None:
             continue
-        cfg = merge_config(suite_dir, tasks, row, out / "runs" / row.key)
+        cfg = merge_config(suite, suite_dir, tasks, row, out / "runs" / row.key)
         try:
             report = run_merge(cfg, quiet=quiet)
         except OutputError:  # these run folders belong to the report: an older run of other settings goes
@@ -112,11 +120,11 @@ def run_merges(suite_dir: Path, tasks: list[str], out: Path, track_options, quie
     return manifests
 
 
-def score_all(suite_dir: Path, tasks: list[str], out: Path, manifests: dict, split: str, quiet: bool) -> dict:
+def score_all(suite, suite_dir: Path, tasks: list[str], out: Path, manifests: dict, split: str, quiet: bool) -> dict:
     """Test scores of every row on every task, as Ray tasks."""
     storage = StorageOptions()
     checkpoints = {t: str(suite_dir / t) for t in tasks}
-    scoring = Scoring(EVALUATOR, split, checkpoints)
+    scoring = Scoring(suite.EVALUATOR, split, checkpoints)
     base_files = (str(suite_dir / "base" / "model.safetensors"),)
     fns, calls, keys = [], [], []
     for row in rows():
@@ -188,7 +196,7 @@ def artifact(manifest: dict | None, suite_dir: Path, tasks: list[str]) -> dict:
     return {"bytes": s["model_bytes"], "checkpoints_bytes": checkpoints, "what": "one merged model"}
 
 
-def build_results(meta: dict, suite_dir: Path, manifests: dict, scores: dict, split: str) -> dict:
+def build_results(suite, meta: dict, suite_dir: Path, manifests: dict, scores: dict, split: str) -> dict:
     tasks = [t["name"] for t in meta["tasks"]]
     ft = scores["finetuned"]
     out_rows = []
@@ -209,10 +217,16 @@ def build_results(meta: dict, suite_dir: Path, manifests: dict, scores: dict, sp
             }
         )
     return {
-        "suite": {"tasks": tasks, "seed": meta["seed"], "splits": meta["splits"], "settings": meta["settings"]},
+        "suite": {
+            "name": suite.NAME,
+            "tasks": tasks,
+            "seed": meta["seed"],
+            "splits": meta["splits"],
+            "settings": meta["settings"],
+        },
         "split": split,
         "selection_split": "val",
-        "evaluator": EVALUATOR,
+        "evaluator": suite.EVALUATOR,
         "rows": out_rows,
     }
 
@@ -322,7 +336,8 @@ def bar_chart(results: dict) -> bytes:
     top.invert_yaxis()
     top.set_xlim(max(0.0, 5 * np.floor((min(avg.min(), norm.min()) - 5) / 5)), 101)
     top.legend(loc="upper center", bbox_to_anchor=(0.5, -0.04), ncols=2, fontsize=8)
-    top.set_title(f"digits suite, {len(tasks)} tasks: {results['split']} accuracy (hyper-parameters chosen on val)")
+    name = results["suite"].get("name", "digits")
+    top.set_title(f"{name} suite, {len(tasks)} tasks: {results['split']} accuracy (hyper-parameters chosen on val)")
     acc = np.array([[100 * r["accuracy"][t] for t in tasks] for r in rows_])
     image = bottom.imshow(acc, aspect="auto", cmap="viridis")
     for i in range(n):
