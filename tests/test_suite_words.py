@@ -98,6 +98,7 @@ def test_checkpoints_heads_and_scores(mini):
         splits, _ = _split_words(root, task)
         assert exemplars["words"] == splits["train"] and len(exemplars["input_ids"]) == len(splits["train"])
     assert set(meta["accuracy"]) == set(TASKS) and meta["evaluator"] == words.EVALUATOR
+    assert meta["trained"] == TASKS
     assert (root / "config.yaml").exists()
 
 
@@ -106,7 +107,7 @@ def test_tasks_are_reused_and_rebuilt_bit_for_bit(mini, tmp_path):
     before = (root / "language" / "task.json").read_text()
     again = words.build_suite(root, names=TASKS, steps=4, words=CAPS)
     assert (root / "language" / "task.json").read_text() == before
-    assert set(again["accuracy"]) == set(TASKS)
+    assert set(again["accuracy"]) == set(TASKS) and again["trained"] == []
     shutil.copytree(root / "base", tmp_path / "base")
     settings = json.loads(before)["settings"]
     words.build_task(str(tmp_path), "language", settings)
@@ -138,3 +139,17 @@ def test_unknown_suite_and_task_count():
     with pytest.raises(ValueError, match="between 1 and 20"):
         lexicons.task_names(21)
     assert len(lexicons.TASKS) == 20 and suites.get("words") is words
+
+
+def test_cli_and_config(mini):
+    from mergeflow.dev.suite.cli import table
+    from mergeflow.workflows.cli import _parser
+    from mergeflow.workflows.config import load_config
+
+    root, meta = mini
+    args = _parser().parse_args(["suite", "report", "--suite", "words", "--tasks", "20"])
+    assert (args.suite, args.tasks, args.dir) == ("words", 20, None)  # None: words.DEFAULT_DIR
+    text = table(meta)
+    assert all(t in text for t in TASKS) and "average" in text
+    cfg = load_config(root / "config.yaml")  # the suite's own merge config is a valid one
+    assert [t.name for t in cfg.tasks] == TASKS and cfg.selection.evaluator == words.EVALUATOR

@@ -22,17 +22,22 @@ def add_parser(sub) -> None:
     )
     ss = s.add_subparsers(dest="suite_command", required=True, metavar="SUITE_COMMAND")
     b = ss.add_parser(
-        "build", help="train (or reuse) base and task checkpoints; print zero-shot vs fine-tuned accuracy"
+        "build",
+        help="train (or reuse) base and task checkpoints; print zero-shot vs fine-tuned accuracy",
+        description="digits: trains an MLP base and its task fine-tunes in-process (~30 s). words: "
+        "fine-tunes all-MiniLM-L6-v2 on each task as parallel Ray tasks, one thread each (8 tasks in "
+        "about 7 minutes on 2 cores); a task trained before with the same settings is reused, so "
+        "--tasks 20 after --tasks 8 trains 12. Nothing is downloaded.",
     )
     b.add_argument("--suite", choices=list(SUITES), default="digits", help="which suite (default: digits)")
     b.add_argument(
         "--dir",
         help="where to write base/, <task>/, suite.json, config.yaml (default: suite-out, words: suite-out-words)",
     )
-    b.add_argument("--tasks", type=int, choices=[8, 14, 20], default=8)
+    b.add_argument("--tasks", type=int, choices=[8, 14, 20], default=8, help="suite size (default: 8)")
     b.add_argument("--quiet", action="store_true", help="no progress bars")
-    b.add_argument("--seed", type=int, default=0)
-    b.add_argument("--force", action="store_true", help="retrain even when suite.json matches")
+    b.add_argument("--seed", type=int, default=0, help="data and training seed (default: 0)")
+    b.add_argument("--force", action="store_true", help="retrain even when the stored settings match")
     r = ss.add_parser(
         "report",
         help="merge the suite with every method, choose hyper-parameters on val, "
@@ -98,6 +103,8 @@ def build(args) -> int:
     out = Path(args.dir or suite.DEFAULT_DIR)
     meta = _make(args, out, force=args.force)
     how = "reused (suite.json matches)" if meta.get("cached") else f"built in {meta['build_seconds']:.1f}s"
+    if "trained" in meta:
+        how += f" ({len(meta['trained'])} tasks trained, {len(meta['tasks']) - len(meta['trained'])} reused)"
     print(f"suite of {len(meta['tasks'])} {suite.NAME} tasks under {out}: {how}; splits {_splits(meta['splits'])}")
     print(table(meta, "test"))
     print(f"merge config: {out / 'config.yaml'}   evaluator: {meta['evaluator']}")
