@@ -298,6 +298,25 @@ def test_private_runtime_dies_with_a_killed_driver(merge):
     assert temp is not None and not temp.exists(), f"the runtime's temp dir is left: {temp}"
 
 
+def test_a_finished_merge_leaves_its_runtime_to_the_watchdog_and_nothing_behind(merge):
+    """`mergeflow merge` skips Ray's own shutdown at exit (workflows/cli.py run()): the watchdog
+    must still end every process of the runtime and remove its dir, as for a killed driver."""
+    m = merge()
+    m.wait_for_runtime()
+    temp = m.runtime_dir()
+    while m.proc.poll() is None:
+        m.seen |= descendants(m.proc.pid)
+        time.sleep(0.2)
+    assert m.proc.returncode == 0, m.output()
+    assert "exit " in m.output()  # the exit note: the command ended through run()'s quick exit
+    runtime = {p: s for p, s in m.seen.items() if p != m.proc.pid}
+    deadline = time.monotonic() + 20
+    while (alive(runtime) or (temp is not None and temp.exists())) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not alive(runtime), f"still running 20 s after the merge ended: {alive(runtime)}"
+    assert temp is not None and not temp.exists(), f"the runtime's temp dir is left: {temp}"
+
+
 # --- the watchdog on its own (no Ray: stand-ins that look like a runtime's processes) ----------
 
 

@@ -454,20 +454,25 @@ _EXIT_NOTE: list[float] = []  # when a merge printed its wall line
 def run() -> None:
     """The `mergeflow` command: main(), then a quick exit.
 
-    Once main() has returned, the atexit handlers finish what a run needs (Ray's shutdown, the
-    flushes of logging and MLflow); what the interpreter does after them, tearing down torch, Ray
+    Once main() has returned, the atexit handlers finish what a run needs (the flushes of logging
+    and MLflow; a private Ray runtime is left to its watchdog, which ends it as soon as this
+    process is gone, instead of Ray's own shutdown); what the interpreter does after them, tearing down torch, Ray
     and every other module object by object, takes about a second per command and nothing
     depends on it, so the process ends there. Errors raised out of main() exit the usual way."""
     import atexit
     import threading
 
     rc = main()
+    if "ray" in sys.modules:  # a command that started no runtime need not import Ray to find out
+        from mergeflow.workflows import runtime
+
+        runtime.leave_to_watchdog()
     for t in threading.enumerate():  # what a normal exit waits for before the atexit handlers
         if t is not threading.current_thread() and not t.daemon:
             t.join()
     atexit._run_exitfuncs()
     if _EXIT_NOTE:  # after the wall line: the shutdown of Ray and MLflow it could not include
-        print(f"exit        {time.perf_counter() - _EXIT_NOTE[0]:.1f}s (Ray and MLflow shut down)")
+        print(f"exit        {time.perf_counter() - _EXIT_NOTE[0]:.1f}s (MLflow and logging flushed)")
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(rc)

@@ -3,6 +3,7 @@ function over shards with a progress bar, turning worker failures into one line.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import os
@@ -17,6 +18,7 @@ from typing import Any
 
 import ray
 from ray._private import ray_constants
+from ray._private import worker as ray_worker
 from tqdm import tqdm
 
 from mergeflow.errors import MergeflowError
@@ -175,6 +177,16 @@ def disconnect() -> None:
     if _guard is not None:
         _guard.release()
         _guard = None
+
+
+def leave_to_watchdog() -> bool:
+    """At the end of a command: skip Ray's shutdown of a private runtime (its atexit handler, ~1.5 s
+    of a command's wall time) and let the watchdog end those processes once this one has exited, as
+    it does for a killed driver. False (nothing changed) on a joined cluster or with no runtime."""
+    if _guard is None or not ray.is_initialized():
+        return False
+    atexit.unregister(ray_worker.shutdown)
+    return True
 
 
 def current_node() -> tuple[str, str]:
