@@ -3,12 +3,17 @@ Ray runtime starts, and what the `mergeflow` command's quick exit saves.
 
     .venv/bin/python bench/startup_exit.py ray                      # idle core-seconds during a Ray start
     .venv/bin/python bench/startup_exit.py exit merge.yaml --repeats 2   # normal vs quick process exit
+    .venv/bin/python bench/startup_exit.py overhead merge.yaml --repeats 3   # Ray started early vs not
 
 `ray`: in a fresh process, ray.init (as workflows/runtime.py calls it), two tasks that import
 torch, ray.shutdown; busy and idle core-seconds of the whole machine from /proc/stat around it.
 `exit`: runs `mergeflow merge CONFIG --overwrite --quiet --no-tracking` in a child that either
 exits normally after main() or as workflows/cli.py `run` does, and prints the seconds from main()
 returning to the process end.
+`overhead`: `mergeflow merge CONFIG --overwrite --quiet` (tracking on, sqlite in a temp dir),
+alternating the Ray runtime started in the background as the command begins (the default) and
+started where the merge needs it (MERGEFLOW_PRESTART=0, the baseline); per phase of the `wall`
+line the median, and the fixed overhead (process wall time less the merge stage) of both.
 """
 
 from __future__ import annotations
@@ -98,6 +103,51 @@ def exit_cost(config: str, repeats: int) -> None:
             print(f"[{i}] {how:6s} exit: {end - done_at:.2f}s from main() returning to the process end")
 
 
+def _phases(stdout: str) -> dict[str, float]:
+    line = next(ln for ln in stdout.splitlines() if ln.startswith("wall "))
+    total, _, parts = line.removeprefix("wall").partition("s = ")
+    out = {p.rsplit(" ", 1)[0]: float(p.rsplit(" ", 1)[1]) for p in parts.split(", ")}
+    return out | {"wall": float(total)}
+
+
+def overhead(config: str, repeats: int) -> None:
+    import statistics
+    import tempfile
+
+    runs: dict[str, list[dict[str, float]]] = {"early": [], "baseline": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        uri = f"sqlite:///{tmp}/mlflow.db"
+        for i in range(repeats):
+            for how in ("baseline", "early"):
+                env = dict(os.environ, RAY_AUTH_MODE="disabled", MERGEFLOW_PRESTART="0" if how == "baseline" else "1")
+                t0 = time.perf_counter()
+                done = subprocess.run(
+                    [sys.executable, "-m", "mergeflow.workflows.cli", "merge", config, "--overwrite", "--quiet"]
+                    + ["--tracking-uri", uri],
+                    capture_output=True,
+                    text=True,
+                    cwd=ROOT,
+                    env=env,
+                    check=True,
+                )
+                phases = _phases(done.stdout) | {"process": time.perf_counter() - t0}
+                phases["fixed"] = phases["process"] - phases.get("merge", 0.0)
+                runs[how].append(phases)
+                print(
+                    f"[{i}] {how:8s} process {phases['process']:.2f}s, fixed {phases['fixed']:.2f}s: "
+                    + next(ln for ln in done.stdout.splitlines() if ln.startswith("wall "))
+                )
+    keys = [k for k in runs["baseline"][0] if all(k in r for r in runs["early"] + runs["baseline"])]
+    print(f"{'phase':14s} {'baseline':>9s} {'early':>9s}   (medians of {repeats}, seconds)")
+    med = {h: {k: statistics.median(r[k] for r in runs[h]) for k in keys} for h in runs}
+    for k in keys:
+        print(f"{k:14s} {med['baseline'][k]:9.2f} {med['early'][k]:9.2f}")
+    print(
+        f"fixed overhead early/baseline: {med['early']['fixed'] / med['baseline']['fixed']:.2f}x; "
+        f"process wall early/baseline: {med['early']['process'] / med['baseline']['process']:.2f}x"
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="what", required=True)
@@ -105,11 +155,16 @@ def main() -> None:
     e = sub.add_parser("exit")
     e.add_argument("config")
     e.add_argument("--repeats", type=int, default=2)
+    o = sub.add_parser("overhead")
+    o.add_argument("config")
+    o.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     if args.what == "ray":
         ray_idle()
-    else:
+    elif args.what == "exit":
         exit_cost(args.config, args.repeats)
+    else:
+        overhead(args.config, args.repeats)
 
 
 if __name__ == "__main__":

@@ -89,8 +89,10 @@ def merge(
     from mergeflow.workflows.merge import register as register_version
     from mergeflow.workflows.watch import Job, with_job_options
 
+    t0 = time.perf_counter()
     cfg = load(config, output=output, ray_address=ray_address, device=device)
     cfg = with_job_options(cfg, Job(config="", register=register, alias=alias))
+    loaded = time.perf_counter() - t0
     registry = cfg.tracking.register_
     if registry is not None and not tracking:
         raise ConfigError("tracking.register needs MLflow tracking: drop --no-tracking (or the register section)")
@@ -99,6 +101,7 @@ def merge(
 
         preload()
     report = run_merge(cfg, overwrite=overwrite, quiet=quiet, lock_ttl=lock_ttl)
+    report.timings["config"] = loaded
     complete = report.state.value == "complete"
     result = MergeResult(cfg.output, report.manifest, report, already_complete=complete)
     options = TrackingOptions(enabled=tracking, uri=tracking_uri, experiment=experiment)

@@ -412,3 +412,33 @@ def test_watchdog_reaps_what_a_killed_watchdog_left(tmp_path, stand_ins):
     ray_guard.sweep(str(tmp_path))
     assert _gone(agent) and not left.exists()
     assert gcs.poll() is None and live.exists() and fresh.exists()
+
+
+def test_a_merge_that_fails_while_its_runtime_starts_leaves_nothing_behind(tmp_path):
+    """`mergeflow merge` starts the private runtime in the background as it begins
+    (workflows/prestart.py); a config that fails in planning ends the command at once, with one
+    line, and the watchdog still ends what had started of the runtime and removes its dir."""
+    (tmp_path / "base").mkdir()
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("base: base\ntasks: [{name: a, checkpoint: base}]\noutput: run\nmethod: {name: ties}\n")
+    m = Merge(cfg, tmp_path)
+    try:
+        lines: dict[int, str] = {}  # command lines as seen: the watchdog may be gone by the end
+        while m.proc.poll() is None:
+            m.seen |= descendants(m.proc.pid)
+            lines |= {p: c for p in m.seen if "ray_guard.py" in (c := _cmdline(p))}
+            time.sleep(0.05)
+        out = m.output().strip()
+        assert m.proc.returncode == 2 and out.startswith("mergeflow: error: base:"), out
+        assert len(out.splitlines()) == 1, out
+        assert lines, "no watchdog seen: the runtime did not start early"
+        argv = next(iter(lines.values())).split()
+        temp = Path(argv[[a.endswith("ray_guard.py") for a in argv].index(True) + 1])
+        assert temp.name.startswith(ray_guard.PREFIX), argv
+        deadline = time.monotonic() + 20
+        while (alive(m.seen) or temp.exists()) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not alive(m.seen), f"still running 20 s after the merge failed: {alive(m.seen)}"
+        assert not temp.exists(), f"the runtime's temp dir is left: {temp}"
+    finally:
+        m.cleanup()

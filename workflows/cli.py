@@ -270,12 +270,20 @@ def _watch(args) -> int:
 
 
 def _merge(args) -> int:
-    from mergeflow import api
-    from mergeflow.infra.tracking import TrackingError, redact
+    if _AS_COMMAND and not args.dry_run:  # not for main() called in a process that has its own Ray
+        from mergeflow.workflows import prestart
+
+        prestart.begin(args.ray_address, args.config)  # Ray's start-up overlaps the imports below
+
     from mergeflow.workflows import timings
 
     started = time.perf_counter()
     startup = timings.process_age() or 0.0
+    from mergeflow import api
+    from mergeflow.infra.tracking import TrackingError, redact
+    from mergeflow.workflows import merge as _engine  # noqa: F401  (torch and the engine: timed apart)
+
+    imports = time.perf_counter() - started
 
     where = dict(output=args.output, ray_address=args.ray_address, device=args.device)
     if args.dry_run:
@@ -315,7 +323,10 @@ def _merge(args) -> int:
         )
         from mergeflow.workflows.inspect_run import describe
 
+        t0 = time.perf_counter()
         print(describe(result.output, report.plan.config.storage.options()))
+        report.timings["summary"] = time.perf_counter() - t0
+        report.timings["imports"] = imports
     if result.mlflow_run_id:
         from mergeflow.infra.tracking import TrackingOptions
 
@@ -449,6 +460,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 _EXIT_NOTE: list[float] = []  # when a merge printed its wall line
+_AS_COMMAND = False  # main() runs as the `mergeflow` command (run()), which owns its process
 
 
 def run() -> None:
@@ -458,11 +470,22 @@ def run() -> None:
     and MLflow; a private Ray runtime is left to its watchdog, which ends it as soon as this
     process is gone, instead of Ray's own shutdown); what the interpreter does after them, tearing down torch, Ray
     and every other module object by object, takes about a second per command and nothing
-    depends on it, so the process ends there. Errors raised out of main() exit the usual way."""
+    depends on it, so the process ends there. A command that fails while its runtime is still
+    starting in the background (workflows/prestart.py) ends at once; the watchdog reaps that
+    runtime. Errors raised out of main() exit the usual way."""
     import atexit
     import threading
 
+    from mergeflow.workflows import prestart
+
+    global _AS_COMMAND
+    _AS_COMMAND = True
     rc = main()
+    if prestart.in_flight():  # failed before its runtime was up: no Ray shutdown to race the start
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
     if "ray" in sys.modules:  # a command that started no runtime need not import Ray to find out
         from mergeflow.workflows import runtime
 

@@ -22,7 +22,7 @@ from ray._private import worker as ray_worker
 from tqdm import tqdm
 
 from mergeflow.errors import MergeflowError
-from mergeflow.workflows import ray_guard
+from mergeflow.workflows import prestart, ray_guard
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +41,19 @@ _token: str | None = None  # a token made up for private runtimes when HOME cann
 
 
 def connect(address: str | None = None) -> None:
-    """Join the cluster at `address` (or RAY_ADDRESS), else start a private local runtime."""
+    """Join the cluster at `address` (or RAY_ADDRESS), else start a private local runtime (or
+    take the one workflows/prestart.py began starting in the background)."""
+    prestart.wait()
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if ray.is_initialized() and address and _guard is not None:
+        log.warning("a private Ray runtime was started early, but this run joins %s: leaving it", address)
+        disconnect()
+    _connect_now(address)
+
+
+def _connect_now(address: str | None) -> None:
     if ray.is_initialized():
         return
-    address = address or os.environ.get("RAY_ADDRESS") or None
     t0 = time.perf_counter()
     if address:
         # Joined as the cluster is: its auth (RAY_AUTH_MODE, the token) comes from the environment.
@@ -183,6 +192,9 @@ def leave_to_watchdog() -> bool:
     """At the end of a command: skip Ray's shutdown of a private runtime (its atexit handler, ~1.5 s
     of a command's wall time) and let the watchdog end those processes once this one has exited, as
     it does for a killed driver. False (nothing changed) on a joined cluster or with no runtime."""
+    if prestart.in_flight():  # still starting: the watchdog, already running, reaps it all the same
+        atexit.unregister(ray_worker.shutdown)
+        return True
     if _guard is None or not ray.is_initialized():
         return False
     atexit.unregister(ray_worker.shutdown)
@@ -221,6 +233,20 @@ def _remote():
     if _remote_in_worker is None:
         _remote_in_worker = ray.remote(_in_worker)
     return _remote_in_worker
+
+
+def _import_kernels() -> None:
+    import mergeflow.workers.shard  # noqa: F401  (torch and the kernels: what a first shard imports)
+
+
+_warming: list = []
+
+
+def warm_workers() -> None:
+    """One task per CPU that imports what shards run on, so the first shards find their workers
+    ready (a worker's first import of torch is ~1.5 s). Not waited for."""
+    n = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    _warming.extend(_remote().options(num_cpus=1).remote(_import_kernels) for _ in range(n))
 
 
 _shipped: set[str] = set()

@@ -1,8 +1,9 @@
 """Where a command's wall time goes: its phases from the process start to the last line printed.
 
 The merge records its own phases (MergeReport.timings, also in the manifest); this adds what lies
-outside them, start-up (the interpreter, imports, reading the config) and tracking, and names the
-remainder, so the line sums to the wall time a scheduler sees.
+outside them: start-up (the interpreter up to the command), the imports of torch and the engine,
+reading the config, tracking and the printed summary, and names the remainder, so the line sums
+to the wall time a scheduler sees.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import time
 
 # Merge phases as printed, in order; lora_out runs inside commit and is shown apart.
 PHASES = (
+    ("imports", "imports"),
+    ("config", "config"),
     ("plan", "plan"),
     ("ray_start", "ray start"),
     ("method_passes", "method passes"),
@@ -20,6 +23,7 @@ PHASES = (
     ("commit", "commit"),
     ("lora_out", "lora out"),
     ("tracking", "tracking"),
+    ("summary", "summary"),
 )
 
 
