@@ -213,6 +213,8 @@ def _merge_locked(
         with _timed(timings, "method_passes"):
             method.before_map(run)
 
+        if method.compresses:  # its masks get a plot at the commit (stats.overlap_png)
+            stats.preload_plotting()
         with _timed(timings, "merge"):
             reused = reusable_shards(run, journal) if state is OutputState.RESUME else {}
             todo = [s for s in run.shards if s.index not in reused]
