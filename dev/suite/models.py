@@ -34,6 +34,7 @@ from mergeflow.infra.storage import StorageOptions
 NAME = "digits"
 DEFAULT_DIR = "suite-out"
 EVALUATOR = "mergeflow.dev.suite.models:evaluate"
+ZERO_SHOT_OPTIONS: dict = {}  # the head is fixed during fine-tuning: the same head for the base
 CODE_VERSION = 1  # bump when training or data change: invalidates cached suites
 N_CLASSES = 10
 TASK_COUNTS = (8, 14, 20)

@@ -125,13 +125,14 @@ def score_all(suite, suite_dir: Path, tasks: list[str], out: Path, manifests: di
     storage = StorageOptions()
     checkpoints = {t: str(suite_dir / t) for t in tasks}
     scoring = Scoring(suite.EVALUATOR, split, checkpoints)
+    zero_shot = Scoring(suite.EVALUATOR, split, checkpoints, dict(suite.ZERO_SHOT_OPTIONS))
     base_files = (str(suite_dir / "base" / "model.safetensors"),)
     fns, calls, keys = [], [], []
     for row in rows():
         for t in tasks:
             run = str(out / "runs" / row.key)
             if row.key == "zero_shot":
-                fn, call = score_checkpoint, (scoring, str(suite_dir / "base"), t, storage)
+                fn, call = score_checkpoint, (zero_shot, str(suite_dir / "base"), t, storage)
             elif row.key == "finetuned":
                 fn, call = score_checkpoint, (scoring, checkpoints[t], t, storage)
             elif row.rebuilt and row.method["name"] == "tall_masks":  # theta_0 + m_t * tau_MTL, in memory

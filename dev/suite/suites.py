@@ -1,4 +1,5 @@
-"""The benchmark suites, by name. Each is a module with NAME, TASK_COUNTS, EVALUATOR, DEFAULT_DIR,
+"""The benchmark suites, by name. Each is a module with NAME, TASK_COUNTS, EVALUATOR, ZERO_SHOT_OPTIONS
+(the evaluator's options that score the base as zero-shot), DEFAULT_DIR,
 build_suite(out_dir, tasks, seed, *, force, log), evaluate(...) and lot_method(suite_dir, tasks)
 (LOT / RegMean's model source on that suite)."""
 
