@@ -442,3 +442,27 @@ def test_a_merge_that_fails_while_its_runtime_starts_leaves_nothing_behind(tmp_p
         assert not temp.exists(), f"the runtime's temp dir is left: {temp}"
     finally:
         m.cleanup()
+
+
+WORKER_ENV_CHILD = """
+import json, os
+from mergeflow.workflows import runtime
+runtime.connect(None)
+seen = runtime.run_tasks(lambda: {k: os.environ.get(k) for k in runtime.WORKER_ENV}, [()], desc="env", quiet=True)
+print(json.dumps({"worker": seen[0], "driver": {k: os.environ.get(k) for k in runtime.WORKER_ENV}}))
+runtime.disconnect()
+"""
+
+
+def test_private_runtime_workers_get_one_thread_and_the_driver_keeps_its_environment(tmp_path):
+    """The private runtime passes WORKER_ENV through its raylet's environment, not a runtime_env
+    (which makes every new worker wait for Ray's agent); the driver's own environment is as before."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "OMP_NUM_THREADS", "OMP_WAIT_POLICY")}
+    env |= {"RAY_AUTH_MODE": "disabled", "HOME": str(tmp_path)}
+    done = subprocess.run(
+        [sys.executable, "-c", WORKER_ENV_CHILD], env=env, capture_output=True, text=True, timeout=180
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen["worker"] == {"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}, seen
+    assert seen["driver"] == {"OMP_NUM_THREADS": None, "OMP_WAIT_POLICY": None}, seen

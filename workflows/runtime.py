@@ -27,13 +27,18 @@ from mergeflow.workflows import prestart, ray_guard
 log = logging.getLogger(__name__)
 
 
-def _init_options() -> dict[str, Any]:
-    return dict(
-        include_dashboard=False,
-        configure_logging=False,
-        log_to_driver=False,
-        runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}},
-    )
+# One OpenMP thread per task: Ray runs one task per CPU, and more threads make 2-core machines slow.
+WORKER_ENV = {"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+
+
+def _init_options(joined: bool) -> dict[str, Any]:
+    """ray.init() options. A joined cluster's workers get WORKER_ENV as a runtime_env; a private
+    runtime's inherit it from its raylet instead (_start_private), since any runtime_env makes
+    each new worker wait for Ray's runtime-env agent: ~1 s more before the first tasks run."""
+    options: dict[str, Any] = dict(include_dashboard=False, configure_logging=False, log_to_driver=False)
+    if joined:
+        options["runtime_env"] = {"env_vars": dict(WORKER_ENV)}
+    return options
 
 
 _guard: ray_guard.Guard | None = None  # the watchdog of the private runtime this process runs, if any
@@ -57,7 +62,7 @@ def _connect_now(address: str | None) -> None:
     t0 = time.perf_counter()
     if address:
         # Joined as the cluster is: its auth (RAY_AUTH_MODE, the token) comes from the environment.
-        ray.init(address=address, **_init_options())
+        ray.init(address=address, **_init_options(joined=True))
     else:
         _start_private()
     log.info(
@@ -82,8 +87,8 @@ def _start_private() -> None:
         raise
     try:
         _ensure_token()
-        with _loopback_node(), _env(ray_guard.MARKER, temp), _quiet(_RAY_AUTH_LOG):
-            ray.init(_node_ip_address="127.0.0.1", _temp_dir=temp, **_init_options())
+        with _loopback_node(), _env({ray_guard.MARKER: temp} | WORKER_ENV), _quiet(_RAY_AUTH_LOG):
+            ray.init(_node_ip_address="127.0.0.1", _temp_dir=temp, **_init_options(joined=False))
         ip = ray.util.get_node_ip_address()
         if ip != "127.0.0.1":
             raise MergeflowError(
@@ -133,17 +138,18 @@ def _quiet(logger: str) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _env(name: str, value: str) -> Iterator[None]:
-    """os.environ[name] = value while Ray starts its processes (they inherit it), then as before."""
-    old = os.environ.get(name)
-    os.environ[name] = value
+def _env(values: dict[str, str]) -> Iterator[None]:
+    """os.environ updated with `values` while Ray starts its processes (they inherit them), then as before."""
+    old = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
     try:
         yield
     finally:
-        if old is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = old
+        for name, value in old.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _ensure_token() -> None:
