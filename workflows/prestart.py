@@ -30,7 +30,6 @@ def _start() -> None:
         # sets the same one there (begin()).
         logging.getLogger("ray._private.worker").addFilter(_not_sigterm_note)
         runtime._connect_now(None)
-        runtime.warm_workers()
     except BaseException as e:  # re-raised in the main thread by wait()
         _error = e
     _started.set()

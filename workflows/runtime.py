@@ -241,20 +241,6 @@ def _remote():
     return _remote_in_worker
 
 
-def _import_kernels() -> None:
-    import mergeflow.workers.shard  # noqa: F401  (torch and the kernels: what a first shard imports)
-
-
-_warming: list = []
-
-
-def warm_workers() -> None:
-    """One task per CPU that imports what shards run on, so the first shards find their workers
-    ready (a worker's first import of torch is ~1.5 s). Not waited for."""
-    n = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    _warming.extend(_remote().options(num_cpus=1).remote(_import_kernels) for _ in range(n))
-
-
 _shipped: set[str] = set()
 
 
