@@ -337,6 +337,13 @@ class SeaweedS3Server(_Service):
                 if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchBucket", "NotFound"):
                     client.create_bucket(Bucket=self.bucket)
                 raise
+            # After a restart the bucket answers before the volume server has rejoined, and reads of
+            # the data kept fail with InternalError for a moment: ready means one of them reads.
+            kept = client.list_objects_v2(Bucket=self.bucket, MaxKeys=1).get("Contents")
+            if kept:
+                body = client.get_object(Bucket=self.bucket, Key=kept[0]["Key"])["Body"]
+                body.read(1)
+                body.close()
             return True
 
         self._wait_ready(timeout, bucket_ready)

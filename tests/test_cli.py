@@ -115,6 +115,20 @@ def test_the_command_exits_quickly_with_its_output_and_tracking_complete(tmp_pat
     tracked = json.loads((tmp_path / "out" / "tracking.json").read_text())
     assert mlflow.MlflowClient(tracking_uri=uri).get_run(tracked["run_id"]).info.status == "FINISHED"
 
+    # Ray started where the merge needs it, not early (so no shard computed in the driver): same bytes.
+    late = subprocess.run(
+        [sys.executable, "-m", "mergeflow.workflows.cli", "merge", cfg, "--quiet", "--no-tracking"]
+        + ["--output", str(tmp_path / "late")],
+        env=env | {"MERGEFLOW_PRESTART": "0"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert late.returncode == 0, late.stderr[-2000:]
+    early, baseline = (json.loads((tmp_path / d / "manifest.json").read_text()) for d in ("out", "late"))
+    assert early["outputs"] == baseline["outputs"]
+    assert [n["ip"] for n in early["nodes"].values()] == ["127.0.0.1"], early["nodes"]  # driver and workers: one node
+
     bad = subprocess.run(
         [sys.executable, "-m", "mergeflow.workflows.cli", "inspect", str(tmp_path / "nothing")],
         env=env,

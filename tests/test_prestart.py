@@ -37,3 +37,33 @@ def test_no_early_start_when_the_merge_may_join_a_cluster(tmp_path, monkeypatch,
         monkeypatch.setenv(k, v)
     assert prestart.begin(address, str(tmp_path / f"{config}.yaml")) is False
     assert not prestart.in_flight()
+
+
+def test_the_driver_runs_the_first_calls_while_its_runtime_starts(ray_session, monkeypatch):
+    """runtime.run_tasks: while the background start is in flight the driver runs calls itself, in
+    order; once it is not, Ray runs the rest. Results in call order either way."""
+    import os
+
+    from mergeflow.workflows import runtime
+
+    checks = iter([True, True])  # in flight for two checks, then up
+    monkeypatch.setattr(prestart, "in_flight", lambda: next(checks, False))
+    landed = []
+    where = lambda i: (i, __import__("os").getpid())  # noqa: E731  (pickled by value for the workers)
+    out = runtime.run_tasks(
+        where, [(i,) for i in range(5)], desc="t", quiet=True, on_result=lambda i, r: landed.append(i)
+    )
+    assert [i for i, _ in out] == list(range(5))
+    assert [pid == os.getpid() for _, pid in out] == [True, True, False, False, False]
+    assert landed[:2] == [0, 1] and sorted(landed) == list(range(5))
+    assert runtime.current_node()[0] != runtime.DRIVER  # Ray is up here: a real node id
+
+
+def test_device_known_without_ray():
+    from mergeflow.workflows import runtime
+
+    assert runtime.device_while_starting("cpu") == "cpu"
+    assert runtime.device_while_starting("cuda") is None  # Ray says whether the cluster has one
+    import torch
+
+    assert runtime.device_while_starting("auto") == (None if torch.cuda.is_available() else "cpu")

@@ -154,7 +154,7 @@ def family_config(tmp_path_factory):
 class Merge:
     """`mergeflow merge CONFIG` in a session of its own, with a user's environment: no RAY_AUTH_MODE."""
 
-    def __init__(self, config: Path, tmp: Path) -> None:
+    def __init__(self, config: Path, tmp: Path, *, early_start: bool = False) -> None:
         home = tmp / "home"
         home.mkdir()
         env = {
@@ -163,6 +163,9 @@ class Merge:
             if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS", "RAY_TMPDIR")
         }
         env["HOME"] = str(home)
+        # Started early, the runtime may come up after the driver computed every shard itself and
+        # exited: these tests look at a runtime that does the merge.
+        env["MERGEFLOW_PRESTART"] = "1" if early_start else "0"
         self.home, self.log, self.out = home, tmp / "merge.log", tmp / "out"
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(
@@ -421,7 +424,7 @@ def test_a_merge_that_fails_while_its_runtime_starts_leaves_nothing_behind(tmp_p
     (tmp_path / "base").mkdir()
     cfg = tmp_path / "bad.yaml"
     cfg.write_text("base: base\ntasks: [{name: a, checkpoint: base}]\noutput: run\nmethod: {name: ties}\n")
-    m = Merge(cfg, tmp_path)
+    m = Merge(cfg, tmp_path, early_start=True)
     try:
         lines: dict[int, str] = {}  # command lines as seen: the watchdog may be gone by the end
         while m.proc.poll() is None:

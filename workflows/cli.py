@@ -470,22 +470,16 @@ def run() -> None:
     and MLflow; a private Ray runtime is left to its watchdog, which ends it as soon as this
     process is gone, instead of Ray's own shutdown); what the interpreter does after them, tearing down torch, Ray
     and every other module object by object, takes about a second per command and nothing
-    depends on it, so the process ends there. A command that fails while its runtime is still
-    starting in the background (workflows/prestart.py) ends at once; the watchdog reaps that
-    runtime. Errors raised out of main() exit the usual way."""
+    depends on it, so the process ends there. A command that ends while its runtime is still
+    starting in the background (workflows/prestart.py: it failed early, or the driver computed
+    every shard itself) does not wait for that start; the watchdog reaps the runtime. Errors raised
+    out of main() exit the usual way."""
     import atexit
     import threading
-
-    from mergeflow.workflows import prestart
 
     global _AS_COMMAND
     _AS_COMMAND = True
     rc = main()
-    if prestart.in_flight():  # failed before its runtime was up: no Ray shutdown to race the start
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(rc)
     if "ray" in sys.modules:  # a command that started no runtime need not import Ray to find out
         from mergeflow.workflows import runtime
 

@@ -18,7 +18,7 @@ from mergeflow.infra.lock import DEFAULT_TTL, RunLock
 from mergeflow.infra.storage import join, sha256_of, storage_for
 from mergeflow.workers.lora_out import Target
 from mergeflow.workers.shard import ShardResult, apply_shard, merge_shard
-from mergeflow.workflows import commit, lora_out, runtime, select, stats
+from mergeflow.workflows import commit, lora_out, prestart, runtime, select, stats
 from mergeflow.workflows.commit import OutputState
 from mergeflow.workflows.config import MergeConfig
 from mergeflow.workflows.input_hashes import InputHashes
@@ -192,9 +192,15 @@ def _merge_locked(
     hashing = InputHashes.start(to_hash, options, config.execution.ray_address)
     try:
         with _timed(timings, "ray_start"):
-            runtime.connect(config.execution.ray_address)
-            hashing.connected()
-            device = runtime.resolve_device(config.execution.device)
+            # A private runtime still starting in the background is not waited for: the driver
+            # computes the first shards meanwhile (runtime.run_tasks); anything else connects.
+            device = None
+            if prestart.in_flight() and not config.execution.ray_address:
+                device = runtime.device_while_starting(config.execution.device)
+            if device is None:
+                runtime.connect(config.execution.ray_address)
+                hashing.connected()
+                device = runtime.resolve_device(config.execution.device)
             chunk = config.execution.chunk_for(device, len(plan.tasks))
         journal = Journal(config.output, options)
         run = Run(
@@ -330,10 +336,12 @@ def placement(results: list[ShardResult]) -> dict[str, dict]:
     """Which Ray node computed which shards (numbered from 1, as in the file names).
     A resumed run keeps the node of the run that computed a reused shard."""
     nodes: dict[str, dict] = {}
+    driver = runtime.current_node()  # shards the driver ran before its runtime was up are its node's
     for r in results:
         if not r.node:  # journaled before nodes were recorded
             continue
-        n = nodes.setdefault(r.node, {"ip": r.node_ip, "shards": [], "bytes_read": 0, "seconds": 0.0})
+        node, ip = driver if r.node == runtime.DRIVER else (r.node, r.node_ip)
+        n = nodes.setdefault(node, {"ip": ip, "shards": [], "bytes_read": 0, "seconds": 0.0})
         n["shards"].append(r.index + 1)
         n["bytes_read"] += r.bytes_read
         n["seconds"] = round(n["seconds"] + r.seconds, 3)

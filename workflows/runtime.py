@@ -207,9 +207,26 @@ def leave_to_watchdog() -> bool:
     return True
 
 
+DRIVER = "driver"  # the node of a shard the driver ran while its private runtime was starting
+
+
 def current_node() -> tuple[str, str]:
     """(Ray node id, node IP) of the process calling it: where a task ran."""
+    if not ray.is_initialized():  # the driver, its runtime still starting (run_tasks)
+        return DRIVER, "127.0.0.1"
     return ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address()
+
+
+def device_while_starting(requested: str) -> str | None:
+    """The device of a merge whose private runtime is still starting, when it is known without
+    Ray: "cpu" asked for, or "auto" where torch sees no GPU. None: connect and ask Ray."""
+    if requested == "cpu":
+        return "cpu"
+    if requested == "auto":
+        import torch
+
+        return None if torch.cuda.is_available() else "cpu"
+    return None
 
 
 def resolve_device(requested: str) -> str:
@@ -310,6 +327,13 @@ def check_fits(memory: int, desc: str) -> None:
     log.warning("%s; its tasks wait until the cluster has such a node", what)
 
 
+def _physical_memory() -> int:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
 def run_tasks(
     fn: Callable,
     calls: Sequence[tuple],
@@ -325,23 +349,42 @@ def run_tasks(
     """Run fn(*call) for every call as Ray tasks; results in call order.
 
     `on_result(i, result)` runs in the driver as each finishes (journaling for resume).
-    The first failure cancels the rest and is re-raised.
+    The first failure cancels the rest and is re-raised. While the private runtime is still
+    starting in the background (workflows/prestart.py), the driver runs the first calls itself,
+    one at a time, so that Ray's start-up is not idle time; Ray takes the rest once it is up.
     """
-    opts: dict[str, Any] = {"num_cpus": 1}
-    if gpu:
-        opts["num_gpus"] = 0.5
-    if memory:
-        check_fits(memory, desc)
-        opts["memory"] = memory
-    ship_plugins()
-    refs = [_remote().options(**opts).remote(fn, *call) for call in calls]
-    index = {ref: i for i, ref in enumerate(refs)}
-    results: list[Any] = [None] * len(refs)
-    sizes = list(sizes) if sizes is not None else [1] * len(refs)
-    pending = list(refs)
+    results: list[Any] = [None] * len(calls)
+    sizes = list(sizes) if sizes is not None else [1] * len(calls)
     with tqdm(
         total=sum(sizes), desc=desc, unit=unit, unit_scale=unit == "B", disable=quiet, leave=False, smoothing=0
     ) as bar:
+        first, t0 = 0, time.perf_counter()
+        in_driver = not gpu and (memory or 0) <= _physical_memory() // 2  # what check_fits would refuse
+        while first < len(calls) and in_driver and prestart.in_flight():
+            results[first] = _in_worker(fn, *calls[first])
+            if on_result:
+                on_result(first, results[first])
+            bar.update(sizes[first])
+            first += 1
+        if first:
+            log.info(
+                "%s: the driver ran %d of %d while Ray started (%.1fs)",
+                desc,
+                first,
+                len(calls),
+                time.perf_counter() - t0,
+            )
+        prestart.wait()
+        opts: dict[str, Any] = {"num_cpus": 1}
+        if gpu:
+            opts["num_gpus"] = 0.5
+        if memory and first < len(calls):
+            check_fits(memory, desc)
+            opts["memory"] = memory
+        ship_plugins()
+        refs = [_remote().options(**opts).remote(fn, *call) for call in calls[first:]]
+        index = {ref: first + i for i, ref in enumerate(refs)}
+        pending = list(refs)
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
             i = index[done[0]]
