@@ -110,7 +110,7 @@ def _phases(stdout: str) -> dict[str, float]:
     return out | {"wall": float(total)}
 
 
-def overhead(config: str, repeats: int) -> None:
+def overhead(config: str, repeats: int, tracking: bool = True) -> None:
     import statistics
     import tempfile
 
@@ -123,7 +123,7 @@ def overhead(config: str, repeats: int) -> None:
                 t0 = time.perf_counter()
                 done = subprocess.run(
                     [sys.executable, "-m", "mergeflow.workflows.cli", "merge", config, "--overwrite", "--quiet"]
-                    + ["--tracking-uri", uri],
+                    + (["--tracking-uri", uri] if tracking else ["--no-tracking"]),
                     capture_output=True,
                     text=True,
                     cwd=ROOT,
@@ -158,13 +158,14 @@ def main() -> None:
     o = sub.add_parser("overhead")
     o.add_argument("config")
     o.add_argument("--repeats", type=int, default=3)
+    o.add_argument("--no-tracking", action="store_true", help="merge without MLflow tracking")
     args = ap.parse_args()
     if args.what == "ray":
         ray_idle()
     elif args.what == "exit":
         exit_cost(args.config, args.repeats)
     else:
-        overhead(args.config, args.repeats)
+        overhead(args.config, args.repeats, tracking=not args.no_tracking)
 
 
 if __name__ == "__main__":
