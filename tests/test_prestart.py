@@ -44,9 +44,12 @@ def test_the_driver_runs_the_first_calls_while_its_runtime_starts(ray_session, m
     order; once it is not, Ray runs the rest. Results in call order either way."""
     import os
 
+    import torch
+
     from mergeflow.workflows import runtime
 
-    checks = iter([True, True])  # in flight for two checks, then up
+    torch.set_num_threads(2)
+    checks = iter([True, True, True])  # in flight for three checks (one to begin), then up
     monkeypatch.setattr(prestart, "in_flight", lambda: next(checks, False))
     landed = []
     where = lambda i: (i, __import__("os").getpid())  # noqa: E731  (pickled by value for the workers)
@@ -57,6 +60,7 @@ def test_the_driver_runs_the_first_calls_while_its_runtime_starts(ray_session, m
     assert [pid == os.getpid() for _, pid in out] == [True, True, False, False, False]
     assert landed[:2] == [0, 1] and sorted(landed) == list(range(5))
     assert runtime.current_node()[0] != runtime.DRIVER  # Ray is up here: a real node id
+    assert torch.get_num_threads() == 2  # the driver's own thread count is back
 
 
 def test_device_known_without_ray():

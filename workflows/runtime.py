@@ -360,12 +360,19 @@ def run_tasks(
     ) as bar:
         first, t0 = 0, time.perf_counter()
         in_driver = not gpu and (memory or 0) <= _physical_memory() // 2  # what check_fits would refuse
-        while first < len(calls) and in_driver and prestart.in_flight():
-            results[first] = _in_worker(fn, *calls[first])
-            if on_result:
-                on_result(first, results[first])
-            bar.update(sizes[first])
-            first += 1
+        if in_driver and prestart.in_flight():
+            import torch
+
+            threads = torch.get_num_threads()  # _in_worker sets 1, as for a worker; the driver's own after
+            try:
+                while first < len(calls) and prestart.in_flight():
+                    results[first] = _in_worker(fn, *calls[first])
+                    if on_result:
+                        on_result(first, results[first])
+                    bar.update(sizes[first])
+                    first += 1
+            finally:
+                torch.set_num_threads(threads)
         if first:
             log.info(
                 "%s: the driver ran %d of %d while Ray started (%.1fs)",
