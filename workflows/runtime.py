@@ -334,6 +334,26 @@ def _physical_memory() -> int:
         return 0
 
 
+def _while_starting(fn: Callable, calls: Sequence[tuple], results: list, on_result, done, desc: str) -> int:
+    """Run calls in order in the driver while its private runtime is still starting (a GPU task
+    or one larger than half the machine never does); how many ran."""
+    import torch
+
+    t0, n = time.perf_counter(), 0
+    threads = torch.get_num_threads()  # _in_worker sets 1, as for a worker; the driver's own after
+    try:
+        while n < len(calls) and prestart.in_flight():
+            results[n] = _in_worker(fn, *calls[n])
+            if on_result:
+                on_result(n, results[n])
+            done(n)
+            n += 1
+    finally:
+        torch.set_num_threads(threads)
+    log.info("%s: the driver ran %d of %d while Ray started (%.1fs)", desc, n, len(calls), time.perf_counter() - t0)
+    return n
+
+
 def run_tasks(
     fn: Callable,
     calls: Sequence[tuple],
@@ -358,29 +378,9 @@ def run_tasks(
     with tqdm(
         total=sum(sizes), desc=desc, unit=unit, unit_scale=unit == "B", disable=quiet, leave=False, smoothing=0
     ) as bar:
-        first, t0 = 0, time.perf_counter()
-        in_driver = not gpu and (memory or 0) <= _physical_memory() // 2  # what check_fits would refuse
-        if in_driver and prestart.in_flight():
-            import torch
-
-            threads = torch.get_num_threads()  # _in_worker sets 1, as for a worker; the driver's own after
-            try:
-                while first < len(calls) and prestart.in_flight():
-                    results[first] = _in_worker(fn, *calls[first])
-                    if on_result:
-                        on_result(first, results[first])
-                    bar.update(sizes[first])
-                    first += 1
-            finally:
-                torch.set_num_threads(threads)
-        if first:
-            log.info(
-                "%s: the driver ran %d of %d while Ray started (%.1fs)",
-                desc,
-                first,
-                len(calls),
-                time.perf_counter() - t0,
-            )
+        first = 0
+        if not gpu and prestart.in_flight() and (memory or 0) <= _physical_memory() // 2:
+            first = _while_starting(fn, calls, results, on_result, lambda i: bar.update(sizes[i]), desc)
         prestart.wait()
         opts: dict[str, Any] = {"num_cpus": 1}
         if gpu:
