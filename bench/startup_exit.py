@@ -11,8 +11,8 @@ torch, ray.shutdown; busy and idle core-seconds of the whole machine from /proc/
 exits normally after main() or as workflows/cli.py `run` does, and prints the seconds from main()
 returning to the process end.
 `overhead`: `mergeflow merge CONFIG --overwrite --quiet` (tracking on, sqlite in a temp dir),
-alternating the Ray runtime started in the background as the command begins (the default) and
-started where the merge needs it (MERGEFLOW_PRESTART=0, the baseline); per phase of the `wall`
+alternating the defaults ("early") with a baseline environment (`--baseline VAR=VALUE`; default
+MERGEFLOW_PRESTART=0, Ray started where the merge needs it instead of as the command begins); per phase of the `wall`
 line the median, and the fixed overhead (process wall time less the merge stage) of both.
 """
 
@@ -110,7 +110,7 @@ def _phases(stdout: str) -> dict[str, float]:
     return out | {"wall": float(total)}
 
 
-def overhead(config: str, repeats: int, tracking: bool = True) -> None:
+def overhead(config: str, repeats: int, tracking: bool = True, baseline: str = "MERGEFLOW_PRESTART=0") -> None:
     import statistics
     import tempfile
 
@@ -119,7 +119,9 @@ def overhead(config: str, repeats: int, tracking: bool = True) -> None:
         uri = f"sqlite:///{tmp}/mlflow.db"
         for i in range(repeats):
             for how in ("baseline", "early"):
-                env = dict(os.environ, RAY_AUTH_MODE="disabled", MERGEFLOW_PRESTART="0" if how == "baseline" else "1")
+                env = dict(os.environ, RAY_AUTH_MODE="disabled")
+                if how == "baseline":
+                    env.update([baseline.split("=", 1)])
                 t0 = time.perf_counter()
                 done = subprocess.run(
                     [sys.executable, "-m", "mergeflow.workflows.cli", "merge", config, "--overwrite", "--quiet"]
@@ -159,13 +161,20 @@ def main() -> None:
     o.add_argument("config")
     o.add_argument("--repeats", type=int, default=3)
     o.add_argument("--no-tracking", action="store_true", help="merge without MLflow tracking")
+    o.add_argument(
+        "--baseline",
+        default="MERGEFLOW_PRESTART=0",
+        metavar="VAR=VALUE",
+        help="the environment of the baseline runs (default: Ray started where the merge needs it); "
+        "MERGEFLOW_TRACKING_CHILD=0: MLflow imported in a thread of the merging process",
+    )
     args = ap.parse_args()
     if args.what == "ray":
         ray_idle()
     elif args.what == "exit":
         exit_cost(args.config, args.repeats)
     else:
-        overhead(args.config, args.repeats, tracking=not args.no_tracking)
+        overhead(args.config, args.repeats, tracking=not args.no_tracking, baseline=args.baseline)
 
 
 if __name__ == "__main__":

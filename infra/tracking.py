@@ -34,7 +34,7 @@ if TYPE_CHECKING:  # mlflow takes seconds to import: only when a run is actually
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TrackingError", "TrackingOptions", "log_merge", "register_model"]
+__all__ = ["TrackingError", "TrackingOptions", "log_merge", "register_model", "use_child"]
 
 MAX_PARAM_LENGTH = 6000  # MLflow rejects longer param values (mlflow.utils.validation.MAX_PARAM_VAL_LENGTH)
 MAX_KEY_LENGTH = 250  # ... and longer param/metric/tag keys
@@ -104,6 +104,8 @@ def log_merge(
     """
     if not options.enabled:
         return None
+    if _child is not None:
+        return _in_child("log_merge", dict(locals(), options=_resolved(options)), options, output)
     uri = options.tracking_uri()
     _require_mlflow(uri, output)
     # Everything we send is built first, from the manifest alone: a malformed manifest is a bug and
@@ -170,6 +172,8 @@ def register_model(
     """A new version of registered model `name` for the tracked run `run_id`, its source the run's
     model/ where it lies (no copy of the weights unless copy_weights), tagged with the method, its
     parameters, the input digests and the run; `alias` moved to it. Returns the version."""
+    if _child is not None:
+        return _in_child("register_model", dict(locals(), options=_resolved(options)), options, output)
     uri = options.tracking_uri()
     model_uri = f"{output.rstrip('/')}/model"
     tags = {
@@ -350,20 +354,51 @@ def run_artifacts(manifest: dict, config_text: str | None, files: dict[str, byte
 # ------------------------------------------------------------------------------------ MLflow calls
 
 
+_child = None  # a tracking_child.Child that serves this process's log_merge and register_model
+
+
+def use_child() -> None:
+    """Serve this process's tracking calls from a child process started now, which imports MLflow
+    while the merge runs (the `mergeflow merge` command; infra/tracking_child.py says why)."""
+    global _child
+    from mergeflow.infra import tracking_child
+
+    _child = tracking_child.start()
+
+
+def _resolved(options: TrackingOptions) -> TrackingOptions:
+    return TrackingOptions(enabled=options.enabled, uri=options.tracking_uri(), experiment=options.experiment)
+
+
+def _in_child(name: str, kwargs: dict, options: TrackingOptions, output: str):
+    from mergeflow.infra.tracking_child import ChildGone
+
+    try:
+        return _child.call(name, kwargs)
+    except ChildGone as exc:
+        raise TrackingError(
+            f"MLflow tracking at {redact(options.tracking_uri())} failed ({exc}); "
+            f"the merge itself is committed at {redact(output)}"
+        ) from exc
+
+
+def import_mlflow() -> None:
+    """The MLflow modules a logged run needs, imported (a failure is reported where tracking runs)."""
+    try:
+        import mlflow  # noqa: F401
+        from mlflow.entities import RunStatus  # noqa: F401
+        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore  # noqa: F401
+    except Exception:  # noqa: BLE001
+        pass
+
+
 def preload() -> None:
     """Import MLflow in a background thread while the merge runs (~1.2 s of imports a run would
     otherwise pay after its commit, on the critical path). Nothing is connected or logged."""
     import threading
 
-    def work() -> None:
-        try:
-            import mlflow  # noqa: F401
-            from mlflow.entities import RunStatus  # noqa: F401
-            from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore  # noqa: F401
-        except Exception:  # a real failure is reported where tracking runs
-            pass
-
-    threading.Thread(target=work, name="mergeflow-preload-mlflow", daemon=True).start()
+    if _child is None:
+        threading.Thread(target=import_mlflow, name="mergeflow-preload-mlflow", daemon=True).start()
 
 
 def _require_mlflow(uri: str, output: str) -> None:
@@ -437,13 +472,19 @@ def _mark_failed(client: MlflowClient, run_id: str) -> None:
 @contextmanager
 def _fast_failing_http() -> Iterator[None]:
     """Set the HTTP settings above for the duration of one log_merge call, then restore the
-    environment exactly (MLflow reads these variables on every request)."""
+    environment exactly (MLflow reads these variables on every request). urllib3's warning per
+    retry is held back unless its debug log is on: a failure ends in one TrackingError line."""
     added = [k for k in _FAST_HTTP_ENV if k not in os.environ]
     for k in added:
         os.environ[k] = _FAST_HTTP_ENV[k]
+    retries = logging.getLogger("urllib3.connectionpool")
+    level = retries.level
+    if not retries.isEnabledFor(logging.DEBUG):
+        retries.setLevel(logging.ERROR)
     try:
         yield
     finally:
+        retries.setLevel(level)
         for k in added:
             os.environ.pop(k, None)
 

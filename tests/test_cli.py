@@ -91,7 +91,8 @@ def test_the_command_exits_quickly_with_its_output_and_tracking_complete(tmp_pat
     env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_ADDRESS="")
     t0 = time.perf_counter()
     done = subprocess.run(
-        [sys.executable, "-m", "mergeflow.workflows.cli", "merge", cfg, "--quiet", "--tracking-uri", uri],
+        [sys.executable, "-m", "mergeflow.workflows.cli", "merge", cfg, "--quiet", "--tracking-uri", uri]
+        + ["--register", "cli-model", "--alias", "champion"],
         env=env,
         capture_output=True,
         text=True,
@@ -113,7 +114,9 @@ def test_the_command_exits_quickly_with_its_output_and_tracking_complete(tmp_pat
     accounted = float(total) + float(exit_line.split()[1].removesuffix("s"))
     assert elapsed - 1.5 <= accounted <= elapsed + 0.1, (elapsed, wall_line, exit_line)
     tracked = json.loads((tmp_path / "out" / "tracking.json").read_text())
-    assert mlflow.MlflowClient(tracking_uri=uri).get_run(tracked["run_id"]).info.status == "FINISHED"
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    assert client.get_run(tracked["run_id"]).info.status == "FINISHED"
+    assert client.get_model_version_by_alias("cli-model", "champion").run_id == tracked["run_id"]
 
     # Ray started where the merge needs it, not early (so no shard computed in the driver): same bytes.
     late = subprocess.run(
@@ -128,6 +131,21 @@ def test_the_command_exits_quickly_with_its_output_and_tracking_complete(tmp_pat
     early, baseline = (json.loads((tmp_path / d / "manifest.json").read_text()) for d in ("out", "late"))
     assert early["outputs"] == baseline["outputs"]
     assert [n["ip"] for n in early["nodes"].values()] == ["127.0.0.1"], early["nodes"]  # driver and workers: one node
+
+    # Tracking runs in a child process of the command: a dead server is still exit 3, one line.
+    dead = f"http://127.0.0.1:{free_port()}"
+    untracked = subprocess.run(
+        [sys.executable, "-m", "mergeflow.workflows.cli", "merge", cfg, "--quiet", "--tracking-uri", dead]
+        + ["--output", str(tmp_path / "untracked")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert untracked.returncode == 3, untracked.stderr[-2000:]
+    err = untracked.stderr.strip().splitlines()
+    assert len(err) == 1 and dead in err[0] and "committed" in err[0], untracked.stderr[-2000:]
+    assert (tmp_path / "untracked" / "manifest.json").exists()
 
     bad = subprocess.run(
         [sys.executable, "-m", "mergeflow.workflows.cli", "inspect", str(tmp_path / "nothing")],

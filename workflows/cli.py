@@ -274,6 +274,10 @@ def _merge(args) -> int:
         from mergeflow.workflows import prestart
 
         prestart.begin(args.ray_address, args.config)  # Ray's start-up overlaps the imports below
+        if not args.no_tracking and os.environ.get("MERGEFLOW_TRACKING_CHILD", "1") != "0":
+            from mergeflow.infra import tracking
+
+            tracking.use_child()  # MLflow imports in a child process while the merge runs
 
     from mergeflow.workflows import timings
 
